@@ -71,9 +71,9 @@ class ModelSpec(BaseModel):
         gpt2 = data.get("model_type") == "gpt2"
         if data.get("num_key_value_heads") is None and isinstance(heads, int):
             data["num_key_value_heads"] = heads
-        if data.get("head_dim") is None and isinstance(heads, int) and isinstance(hidden, int):
-            if heads > 0 and hidden % heads == 0:
-                data["head_dim"] = hidden // heads
+        if (data.get("head_dim") is None and isinstance(heads, int) and isinstance(hidden, int)
+                and heads > 0 and hidden % heads == 0):
+            data["head_dim"] = hidden // heads
         if data.get("intermediate_size") is None and isinstance(hidden, int):
             data["intermediate_size"] = 4 * hidden if gpt2 else _llama_ffn(hidden)
         return data

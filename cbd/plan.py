@@ -1,0 +1,171 @@
+"""Plan, then execute: a request becomes a small serialisable plan. Torch-free.
+
+The plan names the anchors, alpha, the Trans options and whether a bridge is needed; its hash
+is the job id, the artifact folder name and the cache key (STYLE.md, guideline 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cbd import __version__
+from cbd.errors import ChainIncompatibleError, ShapeError
+from cbd.manifest import AnchorEntry, ChainManifest, canonical_json
+from cbd.request import Architecture, Dtype, InitRequest
+from cbd.spec import ModelSpec, make_spec
+
+# Bump when the bytes a plan produces change for the same request: old artifacts stay valid
+# under their old ids and new requests get new ids.
+FORMAT_VERSION = 1
+# Largest target relative to the chain's largest anchor (non-embedding parameters).
+MAX_GROWTH = 4.0
+
+AlphaSource = Literal["request", "distance", "calibrate", "single-anchor"]
+
+
+class TransOptions(BaseModel):
+    """How anchors are mapped onto the target shape (METHOD.md section 2)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    depth_subset: Literal["importance", "even"] = "importance"
+    depth_expand: Literal["identity", "copy"] = "identity"
+    width_subset: Literal["importance", "prefix"] = "importance"
+    width_expand: Literal["clone", "zero"] = "clone"
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    chain: str
+    manifest_sha256: str
+    target: ModelSpec
+    small: str | None = Field(description="smaller adjacent anchor (weight alpha)")
+    big: str | None = Field(description="bigger adjacent anchor (weight 1 - alpha)")
+    alpha: float
+    alpha_source: AlphaSource
+    calibrate: bool = False
+    dtype: Dtype = "float32"
+    tokenizer: str
+    bridge: bool = False
+    trans: TransOptions = TransOptions()
+    warnings: list[str] = Field(default_factory=list)
+    code_version: str = __version__
+
+    @property
+    def queue(self) -> str:
+        """Interpolation is fast; bridge distillation is slow and goes to its own queue."""
+        return "slow" if self.bridge else "fast"
+
+
+def target_spec(arch: Architecture, base: ModelSpec) -> ModelSpec:
+    """The chain's base spec with the requested shape; head dim must stay the chain's."""
+    h = arch.num_attention_heads
+    head_dim = arch.head_dim
+    if head_dim is None:
+        if arch.hidden_size % h:
+            raise ShapeError(
+                f"hidden_size {arch.hidden_size} is not divisible by num_attention_heads {h}",
+                allowed={"hidden_size": f"a multiple of num_attention_heads ({h})"})
+        head_dim = arch.hidden_size // h
+    if head_dim != base.head_dim:
+        raise ChainIncompatibleError(
+            f"head dim {head_dim} (hidden_size {arch.hidden_size} / heads {h}) differs from the "
+            f"chain's head dim {base.head_dim}: width changes are head-count changes, so use "
+            f"hidden_size = num_attention_heads * {base.head_dim}",
+            allowed={"head_dim": base.head_dim})
+    kv = arch.num_key_value_heads or _default_kv(h, base)
+    ffn = arch.intermediate_size or _default_ffn(arch.hidden_size, base)
+    return base.with_shape(num_hidden_layers=arch.num_hidden_layers, hidden_size=arch.hidden_size,
+                           num_attention_heads=h, num_key_value_heads=kv,
+                           head_dim=head_dim, intermediate_size=ffn)
+
+
+def make_plan(req: InitRequest, manifest: ChainManifest, *, tokenizer: str | None = None) -> Plan:
+    """Resolve a request against a built chain."""
+    target = target_spec(req.architecture, manifest.base)
+    size = target.non_embedding_params()
+    top = manifest.anchors[0].size
+    if size > MAX_GROWTH * top:
+        raise ShapeError(
+            f"target has {size:,} non-embedding parameters, more than {MAX_GROWTH:g}x the chain's "
+            f"largest anchor ({top:,})", allowed={"max_non_embedding_params": int(MAX_GROWTH * top)})
+    small, big, warnings = adjacent_anchors(manifest, target)
+    if small is not None and big is not None and small.name != big.name:
+        alpha, source = (req.alpha, "request") if req.alpha is not None else (
+            alpha0(small.size, big.size, size), "distance")
+    else:
+        alpha, source = 1.0 if small is not None else 0.0, "single-anchor"
+        if req.alpha is not None and req.alpha not in (0.0, 1.0):
+            warnings.append("alpha ignored: the target has a single adjacent anchor")
+    tok = req.tokenizer or manifest.tokenizer
+    bridge = tok != manifest.tokenizer
+    body = {
+        "v": FORMAT_VERSION, "chain": manifest.name, "manifest": manifest.sha256,
+        "target": target.model_dump(mode="json"), "small": small and small.name,
+        "big": big and big.name, "alpha": round(alpha, 6), "calibrate": req.calibrate,
+        "dtype": req.dtype, "tokenizer": tok, "trans": TransOptions().model_dump(),
+    }
+    pid = hashlib.sha256(canonical_json(body).encode()).hexdigest()[:32]
+    return Plan(id=pid, chain=manifest.name, manifest_sha256=manifest.sha256, target=target,
+                small=small and small.name, big=big and big.name, alpha=round(alpha, 6),
+                alpha_source=source, calibrate=req.calibrate and small is not big and
+                small is not None and big is not None, dtype=req.dtype, tokenizer=tok,
+                bridge=bridge, warnings=warnings)
+
+
+def adjacent_anchors(manifest: ChainManifest, target: ModelSpec
+                     ) -> tuple[AnchorEntry | None, AnchorEntry | None, list[str]]:
+    """(S, B): the anchors just below and above the target in non-embedding parameters.
+
+    An anchor of exactly the target's shape is returned as both. Outside the chain's range one
+    side is None and the plan extrapolates from the nearest anchor (with a warning).
+    """
+    for a in manifest.anchors:
+        if a.spec.shape == target.shape:
+            return a, a, []
+    size = target.non_embedding_params()
+    ordered = sorted(manifest.anchors, key=lambda a: a.size)
+    below = [a for a in ordered if a.size <= size]
+    above = [a for a in ordered if a.size > size]
+    if not below:
+        return ordered[0], None, [
+            f"extrapolated: the target ({size:,} non-embedding parameters) is smaller than the "
+            f"chain's smallest anchor {ordered[0].name} ({ordered[0].size:,}); it is a subset of "
+            "that anchor alone"]
+    if not above:
+        return None, ordered[-1], [
+            f"extrapolated: the target ({size:,} non-embedding parameters) is larger than the "
+            f"chain's largest anchor {ordered[-1].name} ({ordered[-1].size:,}); it is that anchor "
+            "grown function-preservingly"]
+    return below[-1], above[0], []
+
+
+def alpha0(n_small: int, n_big: int, n_target: int) -> float:
+    """Relative distance in log-parameters (METHOD.md 1.3): 1 at S, 0 at B.
+
+    >>> round(alpha0(10, 1000, 100), 3)
+    0.5
+    """
+    return (math.log(n_big) - math.log(n_target)) / (math.log(n_big) - math.log(n_small))
+
+
+def _default_kv(heads: int, base: ModelSpec) -> int:
+    """Keep the chain's query-per-kv ratio where it divides; else the nearest divisor below."""
+    want = max(1, round(heads / base.kv_group_size))
+    return max(g for g in range(1, want + 1) if heads % g == 0)
+
+
+def _default_ffn(hidden: int, base: ModelSpec) -> int:
+    """The chain's FFN ratio, rounded to a multiple of 64 (at least 64)."""
+    return max(64, round(hidden * base.ffn / base.hidden_size / 64) * 64)
+
+
+def spec_for(arch: dict, base: ModelSpec) -> ModelSpec:
+    """Convenience for tests and the CLI: a dict of architecture fields to a target spec."""
+    return target_spec(Architecture.model_validate(arch), base) if arch else make_spec(base.model_dump())
