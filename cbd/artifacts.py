@@ -1,0 +1,136 @@
+"""The artifact store: one folder per plan id, published by an atomic directory rename.
+
+Torch-free (the web process serves from it). A folder ``$CBD_ARTIFACTS/<id>/`` exists only
+once every file in it is complete and ``artifact.json`` lists their sizes and sha256s; work in
+progress lives in ``.tmp-<id>-<pid>`` beside it and is never served.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cbd import paths
+from cbd.errors import IntegrityError, UnknownNameError
+from cbd.manifest import atomic_write_bytes, sha256_file
+
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
+FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+INDEX = "artifact.json"
+
+
+class FileInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    size: int
+    sha256: str
+
+
+class ArtifactInfo(BaseModel):
+    """What ``artifact.json`` holds: the files and the recipe that made them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    files: dict[str, FileInfo]
+    alpha: float
+    anchors: list[dict[str, Any]] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+    plan: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    created: str = ""
+
+
+def check_id(aid: str) -> str:
+    if not isinstance(aid, str) or not ID_RE.match(aid):
+        raise UnknownNameError(f"invalid checkpoint id {aid!r}: 32 lowercase hex characters expected")
+    return aid
+
+
+def check_file_name(name: str) -> str:
+    if not isinstance(name, str) or not FILE_RE.match(name) or ".." in name:
+        raise UnknownNameError(f"invalid file name {name!r}")
+    return name
+
+
+def artifact_dir(aid: str, root: Path | None = None) -> Path:
+    return (root or paths.artifacts_dir()) / check_id(aid)
+
+
+def load_artifact(aid: str, root: Path | None = None) -> ArtifactInfo | None:
+    """The finished artifact, or None when it does not exist (yet)."""
+    index = artifact_dir(aid, root) / INDEX
+    if not index.is_file():
+        return None
+    try:
+        return ArtifactInfo.model_validate_json(index.read_bytes())
+    except ValueError as exc:
+        raise IntegrityError(f"artifact index {index} is corrupt: {exc}") from None
+
+
+def file_path(aid: str, name: str, root: Path | None = None) -> Path | None:
+    """Path of a listed file of a finished artifact, else None (never a path outside it)."""
+    info = load_artifact(aid, root)
+    if info is None or check_file_name(name) not in info.files:
+        return None
+    return artifact_dir(aid, root) / name
+
+
+def staging_dir(aid: str, root: Path | None = None) -> Path:
+    root = root or paths.artifacts_dir()
+    tmp = root / f".tmp-{check_id(aid)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, aid: str, fields: dict[str, Any], root: Path | None = None) -> ArtifactInfo:
+    """Hash every file, write the index, fsync, and rename the folder into place.
+
+    If another worker published the same id first, ours is discarded: ids are content
+    addresses, so both folders hold the same bytes.
+    """
+    files = {p.name: FileInfo(size=p.stat().st_size, sha256=sha256_file(p))
+             for p in sorted(tmp.iterdir()) if p.is_file()}
+    info = ArtifactInfo(id=aid, files=files, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        **fields)
+    atomic_write_bytes(tmp / INDEX, info.model_dump_json(indent=2).encode())
+    _fsync_dir(tmp)
+    final = artifact_dir(aid, root)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if load_artifact(aid, root) is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(final.parent)
+    return load_artifact(aid, root) or info
+
+
+def cleanup_orphans(root: Path | None = None, *, older_than_s: float = 3600.0) -> list[Path]:
+    """Remove staging folders left by killed workers (older than ``older_than_s``)."""
+    root = root or paths.artifacts_dir()
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    now = time.time()
+    for p in root.iterdir():
+        if p.name.startswith(".tmp-") and now - p.stat().st_mtime > older_than_s:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
