@@ -186,13 +186,15 @@ def compose(maps_b: Maps, align: Alignment, s_spec: ModelSpec, s_imp: Importance
     s_of_b = {b: s for s, b in enumerate(align.layers)}
     l_idx: list[int] = []
     l_new: list[bool] = []
+    real: list[int] = []
     for b, b_new in zip(maps_b.layers.idx, maps_b.layers.new, strict=True):
         s = s_of_b.get(b)
-        if s is not None and not b_new and s not in l_idx:
+        if s is not None and not b_new and s not in real:
+            real.append(s)
             l_idx.append(s)
             l_new.append(False)
         else:  # identity block copying the last real S layer so far (or S's first layer)
-            l_idx.append(next((x for x, n in zip(reversed(l_idx), reversed(l_new), strict=True) if not n), 0))
+            l_idx.append(real[-1] if real else 0)
             l_new.append(True)
     q, kv, ffn = [], [], []
     tgt_like = _spec_like(s_spec, maps_b)
@@ -215,15 +217,17 @@ def compose(maps_b: Maps, align: Alignment, s_spec: ModelSpec, s_imp: Importance
 
 def _through(m_b: AxisMap, align: Sequence[int], s_scores: torch.Tensor | None) -> AxisMap:
     """Map target units given as B units onto S units; units S lacks become new duplicates."""
-    s_of_b = {b: s for s, b in enumerate(align)}
+    s_of_b: dict[int, int] = {}
+    for s, b in enumerate(align):
+        s_of_b.setdefault(b, s)
     ranked = _rank(len(align), s_scores, "importance")
     idx, new, seen = [], [], set()
     k = 0
     for b, b_new in zip(m_b.idx, m_b.new, strict=True):
         s = s_of_b.get(b)
-        if s is not None and not b_new and s not in seen:
+        if s is not None:  # S has this unit: take it (a repeat of it is S's own duplicate)
             idx.append(s)
-            new.append(False)
+            new.append(b_new or s in seen)
             seen.add(s)
         else:
             idx.append(ranked[k % len(ranked)])
@@ -243,9 +247,9 @@ def _heads_through(q_b: AxisMap, align_q: Sequence[int], kv_s: AxisMap, s_spec: 
         spare = 0
         for b, b_new in zip(q_b.idx[g * r_t:(g + 1) * r_t], q_b.new[g * r_t:(g + 1) * r_t], strict=True):
             s = s_of_b.get(b)
-            if s is not None and not b_new and s // r_s == k and s not in idx:
+            if s is not None and s // r_s == k:
+                new.append(b_new or s in idx)
                 idx.append(s)
-                new.append(False)
             else:
                 idx.append(group[spare % r_s])
                 new.append(True)

@@ -1,0 +1,94 @@
+"""A Hugging Face checkpoint folder: weights, config, generation config, tokenizer, model card.
+
+Every artifact carries its recipe: ``recipe.json`` beside the weights and the same JSON in the
+safetensors ``__metadata__`` (STYLE.md, guideline 5). Nothing time- or host-dependent is
+written, so the same plan on the same chain gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from cbd import __version__, arch
+from cbd.io import StreamingWriter
+from cbd.manifest import canonical_json
+from cbd.model import DTYPES
+from cbd.spec import ModelSpec
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "chat_template.jinja")
+
+
+def write_weights(folder: Path, spec: ModelSpec, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                  dtype: str, recipe: dict) -> None:
+    """Stream ``tensors`` (in ``arch.param_names`` order) into ``model.safetensors``."""
+    tdtype = DTYPES[dtype]
+    layout = [(n, tdtype, arch.tensor_shape(spec, n)) for n in arch.param_names(spec)]
+    meta = {"format": "pt", "cbd_recipe": canonical_json(recipe), "cbd_version": __version__}
+    with StreamingWriter(folder / "model.safetensors", layout, meta) as w:
+        for name, t in tensors:
+            w.write(name, t.to(tdtype))
+
+
+def write_config_files(folder: Path, spec: ModelSpec, *, dtype: str, recipe: dict, tokenizer_src: Path | None,
+                       card: str) -> None:
+    _dump(folder / "config.json", spec.to_hf_config(dtype=dtype))
+    gen = {"bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id,
+           "pad_token_id": spec.pad_token_id, "do_sample": False}
+    _dump(folder / "generation_config.json", {k: v for k, v in gen.items() if v is not None} | {"_from_model_config": True})
+    _dump(folder / "recipe.json", recipe)
+    if tokenizer_src is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_src / name).is_file():
+                shutil.copyfile(tokenizer_src / name, folder / name)
+    (folder / "README.md").write_text(card)
+
+
+def model_card(*, repo_name: str, recipe: dict, base_model: str, license: str = "apache-2.0") -> str:
+    """README.md with the YAML front matter the Hub reads and the recipe in the body."""
+    t = recipe["target"]
+    anchors = "\n".join(f"| `{a['name']}` | {a['shape']} | {a['non_embedding_params']:,} | `{a['sha256'][:16]}` |"
+                        for a in recipe["anchors"])
+    warnings = "".join(f"\n> **Note:** {w}\n" for w in recipe.get("warnings", []))
+    return f"""---
+library_name: transformers
+license: {license}
+base_model: {base_model}
+pipeline_tag: text-generation
+tags:
+- cbd
+- linit
+- chain-based-distillation
+- initialization
+---
+
+# {repo_name}
+
+An **initialisation** (not a trained model) of a {t['model_type']} decoder with
+{t['num_hidden_layers']} layers, hidden size {t['hidden_size']}, {t['num_attention_heads']} query heads /
+{t['num_key_value_heads']} kv heads, FFN {t['intermediate_size']}, vocabulary {t['vocab_size']}
+({recipe['num_params']:,} parameters), made by chain-based distillation (CBD, arXiv 2605.07783):
+LInit interpolation of the two adjacent anchors of chain `{recipe['chain']}`,
+`theta = alpha * Trans(S) + (1 - alpha) * Trans(B)` with **alpha = {recipe['alpha']:.4f}**
+({recipe['alpha_source']}). Train it further; its loss at step 0 is far below a random init's.
+{warnings}
+| anchor | shape (L, d, H, G, d_h, f) | non-embedding params | sha256 |
+|---|---|---|---|
+{anchors}
+
+Chain source: `{base_model}` (weights de-quantised from its Q4_1 GGUF). Code: cbd {recipe['code_version']}.
+The full recipe is in `recipe.json` and in the safetensors metadata (`cbd_recipe`).
+
+```json
+{json.dumps(recipe['request'], indent=2, sort_keys=True)}
+```
+"""
+
+
+def _dump(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,96 @@
+"""LInit invariants on a tiny random chain (real files, real alignments)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cbd import arch
+from cbd.chainstore import load_alignment, load_anchor
+from cbd.linit import make_linit
+from cbd.maps import choose_maps
+from cbd.model import build_model
+from cbd.testing import tiny_spec
+from cbd.trans import trans_state
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pair(random_chain):
+    m = random_chain
+    small, big = load_anchor(m, "a1"), load_anchor(m, "a0")
+    return m, small, big, load_alignment(m, "a1", "a0")
+
+
+def _logits(spec, state, batch):
+    with torch.no_grad():
+        return build_model(spec, state)(batch).logits
+
+
+BETWEEN = [  # between a1 (3x64, 4/2 heads, f64) and a0 (4x96, 6/2 heads, f96)
+    dict(num_hidden_layers=3, hidden_size=96, num_attention_heads=6, num_key_value_heads=2, intermediate_size=80),
+    dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
+    dict(num_hidden_layers=4, hidden_size=80, num_attention_heads=5, num_key_value_heads=5, intermediate_size=70),
+    dict(num_hidden_layers=4, hidden_size=96, num_attention_heads=6, num_key_value_heads=2, intermediate_size=72),
+]
+
+
+@pytest.mark.parametrize("shape", BETWEEN)
+def test_alpha_one_is_trans_of_small_and_keeps_its_function(pair, shape):
+    """alpha = 1 gives exactly Trans(S); a target containing S keeps S's logits."""
+    m, small, big, align = pair
+    tgt = tiny_spec(**shape)
+    li = make_linit(tgt, small, big, alpha=0.5, alignment=align)
+    one = li.state(1.0)
+    direct = trans_state(small.read, small.spec, tgt, li.maps_small)
+    for k in one:
+        assert torch.equal(one[k], direct[k]), k
+    batch = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    s_state = {n: small.read(n) for n in arch.param_names(small.spec)}
+    assert (_logits(small.spec, s_state, batch) - _logits(tgt, one, batch)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("shape", BETWEEN)
+def test_alpha_zero_is_trans_of_big(pair, shape):
+    m, small, big, align = pair
+    tgt = tiny_spec(**shape)
+    li = make_linit(tgt, small, big, alpha=0.3, alignment=align)
+    zero = li.state(0.0)
+    direct = trans_state(big.read, big.spec, tgt, choose_maps(big.spec, tgt, big.importance, prefer=align))
+    assert all(torch.equal(zero[k], direct[k]) for k in zero)
+
+
+def test_interpolation_is_convex_combination(pair):
+    m, small, big, align = pair
+    tgt = tiny_spec(**BETWEEN[0])
+    li = make_linit(tgt, small, big, alpha=0.25, alignment=align)
+    mid, s, b = li.state(0.25), li.state(1.0), li.state(0.0)
+    for k in mid:
+        assert torch.allclose(mid[k], 0.25 * s[k] + 0.75 * b[k], atol=1e-6)
+
+
+def test_same_shape_as_anchor_is_that_anchor(pair):
+    m, small, big, align = pair
+    li = make_linit(big.spec, None, big, alpha=0.0)
+    out = li.state()
+    for n in arch.param_names(big.spec):
+        assert torch.equal(out[n], big.read(n))
+
+
+def test_alignment_points_into_parent(pair):
+    m, small, big, align = pair
+    L, d, H, G, _, f = small.spec.shape
+    assert len(align.layers) == L and len(set(align.layers)) == L
+    assert len(align.resid) == d and max(align.resid) < big.spec.hidden_size
+    for s in range(L):
+        r_b, r_s = big.spec.kv_group_size, small.spec.kv_group_size
+        for h, b_head in enumerate(align.q[s]):
+            assert b_head // r_b == align.kv[s][h // r_s]
+
+
+def test_composed_alignment_two_steps(random_chain):
+    a2_in_a0 = load_alignment(random_chain, "a2", "a0")
+    a2_in_a1 = load_alignment(random_chain, "a2", "a1")
+    a1_in_a0 = load_alignment(random_chain, "a1", "a0")
+    assert a2_in_a0.resid == [a1_in_a0.resid[i] for i in a2_in_a1.resid]
