@@ -56,7 +56,7 @@ def test_requested_dtype_is_written(random_chain, tmp_path, dtype):
     run_plan(plan, artifacts_root=tmp_path)
     folder = artifact_dir(plan.id, tmp_path)
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}  # noqa: SIM118
     assert json.loads((folder / "config.json").read_text())["torch_dtype"] == dtype
 
 
