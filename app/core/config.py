@@ -1,0 +1,83 @@
+"""Service settings: one frozen object read from the environment once per app.
+
+pydantic-settings is not installed, so ``Settings.from_env`` reads the variables itself; the
+pydantic model still validates every value (a bad ``CBD_SYNC_WAIT_S`` fails at start-up).
+
+| variable              | default                    | meaning                                              |
+|-----------------------|----------------------------|------------------------------------------------------|
+| REDIS_URL             | redis://127.0.0.1:6379/0   | queue (``unix:///path.sock`` for the embedded one)   |
+| CBD_DEFAULT_CHAIN     | default                    | chain used when a request names none                 |
+| CBD_SYNC_WAIT_S       | 20                         | how long POST /initialize waits for a fast job       |
+| CBD_RETRY_AFTER_S     | 2                          | Retry-After on 202 and 503                           |
+| CBD_API_KEYS          | (unset: open)              | comma-separated keys required in X-API-Key on POST   |
+| CBD_SECRET_KEY        | (unset: no push_to_hub)    | seals Hub tokens; the workers need the same value    |
+| CBD_TOKEN_TTL_S       | 1800                       | how long a sealed Hub token waits in Redis           |
+| CBD_FAST_TIMEOUT_S    | 900                        | job timeout on the fast queue                        |
+| CBD_SLOW_TIMEOUT_S    | 21600                      | job timeout on the slow queue (chain builds, bridge) |
+| CBD_RESULT_TTL_S      | 604800                     | how long rq keeps finished job records               |
+| CBD_PUBLIC_URL        | (from the request)         | base of the file URLs in responses                   |
+
+Chains and artifacts live where ``cbd.paths`` says (CBD_HOME, CBD_CHAINS, CBD_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from cbd import paths
+from worker import queue, tokens
+
+ENV = {
+    "redis_url": "REDIS_URL", "default_chain": "CBD_DEFAULT_CHAIN", "sync_wait_s": "CBD_SYNC_WAIT_S",
+    "retry_after_s": "CBD_RETRY_AFTER_S", "api_keys": "CBD_API_KEYS", "secret_key": "CBD_SECRET_KEY",
+    "token_ttl_s": "CBD_TOKEN_TTL_S", "fast_timeout_s": "CBD_FAST_TIMEOUT_S",
+    "slow_timeout_s": "CBD_SLOW_TIMEOUT_S", "result_ttl_s": "CBD_RESULT_TTL_S",
+    "public_url": "CBD_PUBLIC_URL",
+}
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    redis_url: str = queue.DEFAULT_REDIS_URL
+    default_chain: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    sync_wait_s: float = Field(default=20.0, ge=0, le=600)
+    poll_interval_s: float = Field(default=0.1, gt=0, le=5)
+    retry_after_s: int = Field(default=2, ge=1, le=3600)
+    api_keys: tuple[SecretStr, ...] = ()
+    secret_key: SecretStr | None = None
+    token_ttl_s: int = Field(default=1800, ge=10, le=86400)
+    fast_timeout_s: int = Field(default=900, ge=10)
+    slow_timeout_s: int = Field(default=6 * 3600, ge=10)
+    result_ttl_s: int = Field(default=7 * 86400, ge=60)
+    recipes_dir: Path = paths.RECIPES_DIR  # not from the environment: cbd.recipe reads the same folder
+    public_url: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if env is None else env
+        data: dict[str, object] = {k: env[v] for k, v in ENV.items() if env.get(v)}
+        if "api_keys" in data:
+            data["api_keys"] = tuple(k.strip() for k in str(data["api_keys"]).split(",") if k.strip())
+        data.update(overrides)
+        secret = data.get("secret_key")
+        if isinstance(secret, str) and len(secret) < tokens.MIN_KEY_CHARS:  # checked here: pydantic would echo it
+            raise ValueError(f"CBD_SECRET_KEY must have at least {tokens.MIN_KEY_CHARS} characters")
+        return cls.model_validate(data)
+
+    @property
+    def limits(self) -> queue.Limits:
+        return queue.Limits(fast_timeout_s=self.fast_timeout_s, slow_timeout_s=self.slow_timeout_s,
+                            result_ttl_s=self.result_ttl_s)
+
+    def recipe_exists(self, name: str) -> bool:
+        return (self.recipes_dir / f"{name}.toml").is_file()
+
+    def recipes(self) -> list[str]:
+        if not self.recipes_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.recipes_dir.glob("*.toml"))

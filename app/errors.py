@@ -1,0 +1,113 @@
+"""One place that turns exceptions into HTTP answers.
+
+Every ``cbd.errors.CBDError`` (and the service's own subclasses below) answers with its
+``.status`` and ``.to_dict()``; Redis being unreachable is 503 with ``Retry-After`` (never 500);
+a full disk is 507. pydantic's ``RequestValidationError`` keeps FastAPI's 422.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from cbd import errors as cbd_errors
+from cbd.errors import CBDError
+
+log = logging.getLogger("cbd.app")
+
+
+class UnauthorizedError(CBDError):
+    """A POST without a valid ``X-API-Key`` while ``CBD_API_KEYS`` is set."""
+
+    status = 401
+
+
+class InvalidHeaderError(CBDError):
+    """A header that is present but malformed (its value is never echoed)."""
+
+    status = 422
+
+
+class NotFoundError(CBDError):
+    """No such job, checkpoint or file."""
+
+    status = 404
+
+
+class PushNotConfiguredError(CBDError):
+    """push_to_hub asked for, but the service has no CBD_SECRET_KEY to seal the token with."""
+
+    status = 503
+
+
+class QueueUnavailableError(CBDError):
+    """Redis cannot be reached."""
+
+    status = 503
+
+
+class JobFailedError(CBDError):
+    """The job behind a request failed; ``status`` follows the error the job raised."""
+
+    def __init__(self, job_id: str, error: dict, status: int) -> None:
+        super().__init__(f"job {job_id} failed: {error.get('type')}: {error.get('message')}")
+        self.status = status
+        self.job_id = job_id
+        self.error = error
+
+    def to_dict(self) -> dict:
+        return {"error": "JobFailedError", "message": self.message, "job_id": self.job_id,
+                "cause": self.error}
+
+
+def status_of(error_type: str, default: int = 500) -> int:
+    """The HTTP status of a cbd error class, by name (jobs report errors as names)."""
+    cls = getattr(cbd_errors, error_type, None)
+    if isinstance(cls, type) and issubclass(cls, CBDError):
+        return cls.status
+    for sub in _subclasses(CBDError):
+        if sub.__name__ == error_type:
+            return sub.status
+    return default
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def _retry_after(request: Request) -> str:
+    return str(request.app.state.settings.retry_after_s)
+
+
+async def cbd_error(request: Request, exc: CBDError) -> JSONResponse:
+    headers = {"Retry-After": _retry_after(request)} if exc.status == 503 else None
+    if exc.status == 401:
+        headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+
+async def redis_error(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis unavailable: %s", type(exc).__name__)
+    body = QueueUnavailableError("the job queue (Redis) is unreachable; retry later").to_dict()
+    return JSONResponse(body, status_code=503, headers={"Retry-After": _retry_after(request)})
+
+
+async def os_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        body = cbd_errors.StorageFullError("the artifact store is full; free space and retry").to_dict()
+        return JSONResponse(body, status_code=507)
+    log.exception("unexpected OSError", exc_info=exc)
+    return JSONResponse({"error": "InternalError", "message": "internal error"}, status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(CBDError, cbd_error)
+    app.add_exception_handler(RedisError, redis_error)
+    app.add_exception_handler(OSError, os_error)

@@ -1,0 +1,42 @@
+"""The app factory: ``uvicorn app.main:create_app --factory``.
+
+The web process imports only torch-free modules (``cbd.plan``, ``cbd.artifacts``, ``worker.queue``,
+...); jobs are enqueued by dotted path and run in the workers. tests/test_api.py checks that a
+POST leaves ``torch`` out of ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import errors
+from app.core.config import Settings
+from app.metrics import Metrics
+from app.routes import chains, checkpoints, health, initialize, jobs
+from cbd import __version__
+from worker import queue
+
+DESCRIPTION = """Initialisations for small language models of any shape, interpolated from a chain
+of distilled anchors (chain-based distillation). POST a target architecture to /initialize; the
+answer lists downloadable files (200) or a job to poll (202 + Location)."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.redis.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    app = FastAPI(title="cbd", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.redis = queue.connect(settings.redis_url)
+    errors.install(app)
+    for module in (initialize, jobs, checkpoints, chains, health):
+        app.include_router(module.router)
+    app.state.metrics = Metrics(app)
+    return app

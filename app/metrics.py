@@ -1,0 +1,67 @@
+"""``GET /metrics``: request counts and latency (prometheus-fastapi-instrumentator) plus the
+service's own: cache hits/misses (this process), queue depths and job durations (read from
+Redis at scrape time, so every API replica reports what all workers recorded)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+from prometheus_fastapi_instrumentator import Instrumentator
+from redis import Redis
+from redis.exceptions import RedisError
+
+from worker import queue
+
+
+class QueueCollector(Collector):
+    def __init__(self, redis: Callable[[], Redis]) -> None:
+        self.redis = redis
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("cbd_redis_up", "1 when the scrape could read Redis")
+        try:
+            depths = queue.queue_depths(self.redis())
+            jobs = queue.read_jobs_metrics(self.redis())
+        except RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        gauge = GaugeMetricFamily("cbd_queue_jobs", "jobs per queue and state", labels=["queue", "state"])
+        for name, states in depths.items():
+            for state, n in states.items():
+                gauge.add_metric([name, state], n)
+        yield gauge
+        hist = HistogramMetricFamily("cbd_job_duration_seconds", "job run time", labels=["job"])
+        outcomes = CounterMetricFamily("cbd_jobs", "jobs run by the workers", labels=["job", "outcome"])
+        for func, fields in sorted(jobs.items()):
+            buckets = [(floatToGoString(b), fields.get(f"le:{b}", 0.0)) for b in queue.DURATION_BUCKETS]
+            hist.add_metric([func], buckets, sum_value=fields.get("sum", 0.0))
+            for outcome in ("ok", "failed"):
+                outcomes.add_metric([func, outcome], fields.get(outcome, 0.0))
+        yield hist
+        yield outcomes
+
+
+class Metrics:
+    """One registry per app (tests build many apps in one process)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.registry = CollectorRegistry()
+        self.cache_requests = Counter("cbd_cache_requests", "POST /initialize answered from an existing "
+                                      "checkpoint (hit) or needing a job (miss)", ["result"],
+                                      registry=self.registry)
+        self.registry.register(QueueCollector(lambda: app.state.redis))
+        Instrumentator(registry=self.registry, excluded_handlers=["/metrics"]).instrument(app).expose(
+            app, endpoint="/metrics", include_in_schema=True, tags=["health"],
+            response_class=PlainTextResponse, summary="Prometheus metrics")
+
+    def cache(self, *, hit: bool) -> None:
+        self.cache_requests.labels("hit" if hit else "miss").inc()

@@ -1,0 +1,62 @@
+"""``GET|HEAD /checkpoints/{id}/{file}``: immutable files, streamed, with a strong ETag.
+
+Starlette's FileResponse does HEAD, Range (206, multipart, 416) and If-Range; the ETag is the
+file's sha256 from ``artifact.json`` (so If-Range and If-None-Match compare content, not mtime)
+and If-None-Match -> 304 is added here. Content-addressed, so cacheable forever.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from app import schemas
+from app.errors import NotFoundError
+from cbd import artifacts
+
+router = APIRouter(tags=["checkpoints"])
+CACHE = "public, max-age=31536000, immutable"
+ArtifactId = Annotated[str, Path(pattern=artifacts.ID_RE.pattern, description="32 hex characters")]
+FileName = Annotated[str, Path(pattern=artifacts.FILE_RE.pattern, description="e.g. model.safetensors")]
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+RESPONSES: dict = {
+    200: {"content": {"application/octet-stream": BINARY}, "description": "the file"},
+    206: {"content": {"application/octet-stream": BINARY}, "description": "the requested Range"},
+    304: {"description": "If-None-Match matched the ETag"},
+    404: {"model": schemas.ErrorBody, "description": "no such checkpoint or file"},
+    416: {"description": "Range not satisfiable"},
+    422: {"model": schemas.ValidationProblem, "description": "invalid id or file name"},
+    500: schemas.CORRUPT,
+}
+
+
+@router.get("/checkpoints/{artifact_id}/{name}", response_class=FileResponse, responses=RESPONSES,
+            operation_id="get_checkpoint_file")
+@router.head("/checkpoints/{artifact_id}/{name}", response_class=FileResponse, responses=RESPONSES,
+             operation_id="head_checkpoint_file")
+async def get_file(artifact_id: ArtifactId, name: FileName, request: Request) -> Response:
+    artifacts.check_file_name(name)  # rejects '..' inside names the pattern lets through
+    info = await run_in_threadpool(artifacts.load_artifact, artifact_id)
+    if info is None or name not in info.files:
+        raise NotFoundError(f"checkpoint {artifact_id} has no file {name!r}" if info else
+                            f"no checkpoint {artifact_id}")
+    etag = f'"{info.files[name].sha256}"'
+    headers = {"ETag": etag, "Cache-Control": CACHE}
+    if _matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return FileResponse(artifacts.artifact_dir(artifact_id) / name, media_type=media, headers=headers)
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 13.1.2: weak comparison, a list of tags or '*'."""
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags

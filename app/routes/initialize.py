@@ -1,0 +1,183 @@
+"""``POST /initialize``: resolve the chain, plan (torch-free), then serve, wait briefly or enqueue.
+
+Chain resolution, documented in the OpenAPI description as well:
+1. a request naming a chain gets that chain; if it is not built but ``anchors/<name>.toml``
+   exists, a build job (``chain-<name>``, slow queue) is enqueued and the answer is 202 pointing
+   at it; otherwise 422 listing the built chains and recipes;
+2. a request naming none gets ``CBD_DEFAULT_CHAIN`` when built, else the first built chain (by
+   name, with a warning: its checkpoints differ from the default chain's), else a build of the
+   default chain's recipe (202), else 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from redis import Redis
+from rq.job import Job as RQJob
+from rq.job import JobStatus
+
+from app import schemas, views
+from app.core.config import Settings
+from app.deps import ApiKeyDep, HubTokenDep, RedisDep, SettingsDep
+from app.errors import InvalidHeaderError, JobFailedError, PushNotConfiguredError, status_of
+from app.metrics import Metrics
+from cbd import artifacts, manifest
+from cbd.assets import list_tokenizers
+from cbd.errors import UnknownNameError
+from cbd.manifest import ChainManifest
+from cbd.plan import make_plan
+from cbd.request import InitRequest
+from worker import queue, tokens
+
+router = APIRouter(tags=["initialize"])
+FAILURE_CODES = (409, 500, 502, 503, 507)
+DONE = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+
+RESPONSES: dict = {
+    200: {"description": "the checkpoint exists: `files` lists its URLs, sizes and sha256s"},
+    202: {"model": schemas.Job, "description": "queued (or a chain is being built): poll `Location`",
+          "headers": {"Location": {"schema": {"type": "string"}, "description": "/jobs/{id}"},
+                      "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+    400: {"model": schemas.ValidationProblem, "description": "the body is not decodable JSON"},
+    401: {"model": schemas.ErrorBody, "description": "X-API-Key missing or wrong (CBD_API_KEYS is set)"},
+    409: {"model": schemas.ErrorBody, "description": "the chain changed while the job waited: POST again"},
+    422: {"model": schemas.ValidationProblem, "description": "bad shape, unknown field, chain or tokenizer"},
+    500: {"model": schemas.ErrorBody, "description": "the job failed while the request waited"},
+    502: {"model": schemas.ErrorBody, "description": "the push to the Hub failed while the request waited"},
+    503: {"model": schemas.ErrorBody, "description": "Redis unreachable, or push_to_hub not configured",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+    507: {"model": schemas.ErrorBody, "description": "the artifact store is full"},
+}
+
+
+@dataclass
+class Submitted:
+    view: schemas.Job
+    job: RQJob | None = None
+    wait: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+@router.post("/initialize", response_model=schemas.Job, response_model_exclude_none=True, responses=RESPONSES,
+             dependencies=[ApiKeyDep],
+             summary="An initialisation for a target shape", description=__doc__)
+async def initialize(body: InitRequest, request: Request, response: Response, settings: SettingsDep,
+                     redis: RedisDep, token: HubTokenDep) -> schemas.Job:
+    if body.push_to_hub is not None:
+        _check_push(token, settings)
+    base = views.base_url(request)
+    sub = await run_in_threadpool(submit, body, token, settings, redis, base, request.app.state.metrics)
+    view = sub.view
+    if sub.job is not None and sub.wait and settings.sync_wait_s > 0 and view.status in ("queued", "started"):
+        job = await wait_for(sub.job, settings)
+        view = await run_in_threadpool(views.job_view, job, base, warnings=sub.warnings)
+    return answer(view, request, response, settings)
+
+
+def answer(view: schemas.Job, request: Request, response: Response, settings: Settings) -> schemas.Job:
+    if view.status == "finished":
+        return view
+    if view.status == "failed" and view.error is not None:
+        status = view.error.status or status_of(view.error.type)
+        raise JobFailedError(view.id, view.error.model_dump(), status if status in FAILURE_CODES else 500)
+    response.status_code = 202
+    response.headers["Location"] = views.job_path(request, view.id)
+    response.headers["Retry-After"] = str(settings.retry_after_s)
+    return view
+
+
+def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redis, base: str,
+           metrics: Metrics) -> Submitted:
+    """Everything blocking (disk, Redis) of one request, run in the threadpool."""
+    name, chain, warnings = resolve_chain(body.chain, settings)
+    if chain is None:
+        job, _ = queue.enqueue_build_chain(redis, name, limits=settings.limits)
+        message = (f"chain {name!r} is not built yet; it is being built from its recipe by job {job.id}. "
+                   "POST /initialize again when that job has finished.")
+        return Submitted(views.job_view(job, base).model_copy(update={"message": message}), job)
+    check_tokenizer(body.tokenizer, chain)
+    plan = make_plan(body, chain)
+    warnings = [*warnings, *plan.warnings]
+    info = artifacts.load_artifact(plan.id)
+    metrics.cache(hit=info is not None)
+    if info is not None and body.push_to_hub is None:
+        return Submitted(views.artifact_view(info, base, chain=chain.name, warnings=warnings))
+    push = body.push_to_hub.model_dump() if body.push_to_hub is not None else None
+    token_ref = _stash(redis, token, settings) if push is not None else None
+
+    def stale(job: RQJob) -> bool:  # finished, yet its artifact is gone (deleted by an operator)
+        return job.get_status(refresh=False) == JobStatus.FINISHED and artifacts.load_artifact(plan.id) is None
+
+    job, _ = queue.enqueue_initialize(redis, plan.model_dump(mode="json"), plan.queue, push=push,
+                                      token_ref=token_ref, limits=settings.limits, stale=stale)
+    return Submitted(views.job_view(job, base, warnings=warnings), job, wait=plan.queue == queue.FAST,
+                     warnings=warnings)
+
+
+async def wait_for(job: RQJob, settings: Settings) -> RQJob:
+    """Poll the job's status until it ends or ``CBD_SYNC_WAIT_S`` passes, without holding a thread."""
+    deadline = time.monotonic() + settings.sync_wait_s
+    while time.monotonic() < deadline:
+        fresh = await run_in_threadpool(queue.fetch_job, job.connection, job.id)
+        if fresh is None:
+            return job
+        job = fresh
+        if job.get_status(refresh=False) in DONE:
+            break
+        await asyncio.sleep(settings.poll_interval_s)
+    return job
+
+
+def resolve_chain(requested: str | None, settings: Settings) -> tuple[str, ChainManifest | None, list[str]]:
+    """(name, manifest or None when it must be built first, warnings). See the module docstring."""
+    built = manifest.list_chains()
+    if requested is not None:
+        if requested in built:
+            return requested, manifest.load_manifest(requested), []
+        if settings.recipe_exists(requested):
+            return requested, None, []
+        raise _no_chain(f"chain {requested!r} is not built and has no recipe", built, settings)
+    default = settings.default_chain
+    if default in built:
+        return default, manifest.load_manifest(default), []
+    if built:
+        return built[0], manifest.load_manifest(built[0]), [
+            f"the default chain {default!r} is not built; used chain {built[0]!r} instead"]
+    if settings.recipe_exists(default):
+        return default, None, []
+    raise _no_chain(f"no chain is built and the default chain {default!r} has no recipe", built, settings)
+
+
+def _no_chain(what: str, built: list[str], settings: Settings) -> UnknownNameError:
+    recipes = settings.recipes()
+    hint = f"`cbd chain build {recipes[0]}`" if recipes else "`cbd chain build <recipe>`"
+    return UnknownNameError(f"{what}; built chains: {built or 'none'}; build one with {hint}",
+                            allowed={"chains": built, "recipes": recipes})
+
+
+def check_tokenizer(name: str | None, chain: ChainManifest) -> None:
+    if name is None or name == chain.tokenizer:
+        return
+    known = list_tokenizers()
+    if name not in known:
+        raise UnknownNameError(f"unknown tokenizer {name!r}; use the chain's ({chain.tokenizer!r}) or one of "
+                               f"{known}", allowed=[chain.tokenizer, *known])
+
+
+def _check_push(token: str | None, settings: Settings) -> None:
+    if token is None:
+        raise InvalidHeaderError("push_to_hub needs a Hugging Face token in the X-HF-Token header")
+    if settings.secret_key is None:
+        raise PushNotConfiguredError("push_to_hub is not configured on this service: set CBD_SECRET_KEY "
+                                     "(the same value for the API and the workers)")
+
+
+def _stash(redis: Redis, token: str | None, settings: Settings) -> str:
+    key = settings.secret_key.get_secret_value() if settings.secret_key else ""
+    return queue.stash_token(redis, lambda ref: tokens.seal(token or "", key, aad=ref),
+                             ttl_s=settings.token_ttl_s)

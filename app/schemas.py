@@ -1,0 +1,127 @@
+"""Response models (the request model is ``cbd.request.InitRequest``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Status = Literal["queued", "started", "finished", "failed"]
+Kind = Literal["initialize", "build_chain"]
+
+
+class ErrorBody(BaseModel):
+    """Every error except request validation (which is FastAPI's ``{"detail": [...]}``)."""
+
+    error: str = Field(description="exception class, e.g. ShapeError")
+    message: str
+    allowed: Any | None = Field(default=None, description="what would have been accepted")
+
+
+CORRUPT = {"model": ErrorBody, "description": "a stored manifest or artifact index is corrupt (IntegrityError)"}
+
+
+class ValidationProblem(BaseModel):
+    """400/422: FastAPI's ``{"detail": ...}`` for malformed requests, or an ``ErrorBody`` for
+    well-formed requests the library refuses (impossible shape, unknown chain or tokenizer)."""
+
+    detail: list[dict[str, Any]] | str | None = None
+    error: str | None = None
+    message: str | None = None
+    allowed: Any | None = None
+
+
+class FileLink(BaseModel):
+    url: str
+    size: int
+    sha256: str
+
+
+class JobError(BaseModel):
+    type: str = Field(description="exception class name")
+    message: str
+    status: int | None = Field(default=None, description="the HTTP status this error maps to")
+
+
+class PushInfo(BaseModel):
+    repo_id: str
+    revision: str
+    commit_sha: str
+    commit_url: str
+    no_op: bool = Field(description="every file already matched: no commit was made")
+
+
+class Job(BaseModel):
+    """The answer of ``POST /initialize`` and ``GET /jobs/{id}``.
+
+    ``id`` is what ``/jobs/{id}`` knows: the artifact id for a plain request, ``<artifact
+    id>-push-<hex>`` for one that pushes to the Hub, ``chain-<name>`` for a chain build.
+    ``files``, ``alpha`` and ``anchors`` appear once the checkpoint exists.
+    """
+
+    id: str
+    kind: Kind = "initialize"
+    status: Status
+    rq_status: str | None = Field(default=None, description="rq's own status (deferred, scheduled...)")
+    queue: str | None = None
+    artifact_id: str | None = None
+    chain: str | None = None
+    message: str | None = None
+    progress: dict[str, Any] | None = Field(default=None, description='e.g. {"stage": "interpolate", "fraction": 0.5}')
+    error: JobError | None = None
+    files: dict[str, FileLink] | None = None
+    alpha: float | None = None
+    alpha_source: str | None = None
+    anchors: list[dict[str, Any]] | None = None
+    target: dict[str, Any] | None = None
+    warnings: list[str] = Field(default_factory=list)
+    push: PushInfo | None = None
+    result: dict[str, Any] | None = Field(default=None, description="the job's return value")
+    enqueued_at: datetime | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class AnchorInfo(BaseModel):
+    name: str
+    parent: str | None
+    spec: dict[str, Any]
+    num_params: int
+    non_embedding_params: int
+    sha256: str
+
+
+class ServableRange(BaseModel):
+    family: str
+    model_type: str
+    vocab_size: int
+    head_dim: int = Field(description="fixed: hidden_size must be num_attention_heads * head_dim")
+    min_non_embedding_params_interpolated: int = Field(description="below: a subset of the smallest anchor")
+    max_non_embedding_params_interpolated: int = Field(description="above: the largest anchor grown")
+    max_non_embedding_params: int = Field(description="hard limit (a multiple of the largest anchor)")
+
+
+class ChainInfo(BaseModel):
+    name: str
+    source: str
+    tokenizer: str
+    manifest_sha256: str
+    anchors: list[AnchorInfo]
+    servable: ServableRange
+
+
+class ChainsResponse(BaseModel):
+    default_chain: str
+    chains: list[ChainInfo]
+    recipes: list[str] = Field(description="recipes that can be built (anchors/<name>.toml)")
+    tokenizers: list[str] = Field(description="target tokenizers accepted besides each chain's own")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    redis: str
+    store: str
+    chains: list[str]
+    workers: int | None = None
+    queues: dict[str, dict[str, int]] | None = None

@@ -1,0 +1,51 @@
+"""``cbd serve`` and ``cbd worker``: registered on the main CLI by ``cbd.cli``.
+
+    cbd serve                       # embedded Redis + 1 worker + API on 127.0.0.1:8000
+    cbd serve --redis-url redis://redis:6379/0 --workers 2
+    cbd worker --queues fast,slow   # one long-lived worker (REDIS_URL from the environment)
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.command("worker")(worker)
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    redis_url: Annotated[str | None, typer.Option(help="external Redis; default $REDIS_URL, else embedded")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="worker processes (each serves fast, then slow)")] = 1,
+    limit_concurrency: Annotated[int, typer.Option(help="requests in flight before the API answers 503")] = 64,
+) -> None:
+    """Run the service: Redis (embedded unless given), workers and the HTTP API."""
+    from cbd.serve import serve as run
+
+    raise typer.Exit(run(host=host, port=port, redis_url=redis_url, workers=workers,
+                         limit_concurrency=limit_concurrency))
+
+
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated queues, in priority order")] = "fast,slow",
+    redis_url: Annotated[str | None, typer.Option(help="default $REDIS_URL")] = None,
+    burst: Annotated[bool, typer.Option(help="exit once the queues are empty")] = False,
+) -> None:
+    """Run one worker (rq SimpleWorker: no fork, anchors stay loaded between jobs)."""
+    import logging
+    import os
+
+    from worker.main import parse_queues, run_worker
+
+    logging.basicConfig(level=os.environ.get("CBD_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        names = parse_queues(queues)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--queues") from None
+    run_worker(names, redis_url, burst=burst)

@@ -1,0 +1,1 @@
+"""RQ side of the service: the queue contract (``queue``), thin jobs (``jobs``), the worker loop (``main``)."""

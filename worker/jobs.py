@@ -1,0 +1,150 @@
+"""Thin RQ jobs: importable, JSON arguments and results, progress in ``job.meta``.
+
+torch is imported inside the jobs (via ``cbd.execute`` / ``cbd.chain``), never at module import,
+so the API can enqueue these by dotted path without loading them. Failures leave a clean
+``job.meta["error"] = {"type", "message"}`` (no traceback) for ``GET /jobs/{id}``, then re-raise
+so rq records the failure and retries (``Retry(max=2)``; the outputs are content-addressed and
+published atomically, so a retry is harmless).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rq import get_current_job
+from rq.job import Job
+
+from cbd.errors import HubError, StorageFullError
+from worker import queue, tokens
+
+PROGRESS_EVERY_S = 0.25
+
+
+def initialize(plan: dict, push: dict | None = None, token_ref: str | None = None) -> dict:
+    """Run a plan (``cbd.plan.Plan`` as JSON); then push the artifact when ``push`` is given."""
+    from cbd.execute import run_plan
+    from cbd.plan import Plan
+
+    with _tracked("initialize") as job:
+        info = run_plan(Plan.model_validate(plan), progress=_reporter(job))
+        out = {"artifact_id": info.id, "alpha": info.alpha,
+               "files": {n: f.model_dump() for n, f in info.files.items()}}
+        if push is not None:
+            out["push"] = _push(job, info.id, push, token_ref)
+        return out
+
+
+def build_chain(name: str) -> dict:
+    """Build the chain of recipe ``anchors/<name>.toml`` (distillation: the slow queue)."""
+    from cbd.chain import build_chain as build
+
+    with _tracked("build_chain") as job:
+        manifest = build(name, progress=_reporter(job))
+        return {"chain": manifest.name, "anchors": [a.name for a in manifest.anchors],
+                "manifest_sha256": manifest.sha256}
+
+
+def _push(job: Job | None, artifact_id: str, push: dict, token_ref: str | None) -> dict:
+    from cbd import artifacts, hub
+
+    token = _open_token(job, token_ref)
+    _save_progress(job, {"stage": "push", "fraction": 0.0})
+    try:
+        result = hub.push_folder(artifacts.artifact_dir(artifact_id), push["repo_id"], token=token,
+                                 private=bool(push.get("private", False)),
+                                 revision=push.get("revision") or "main")
+    except HubError:
+        _drop_token_if_last_try(job, token_ref)
+        raise
+    except Exception as exc:  # anything else leaves as a HubError with the token masked
+        _drop_token_if_last_try(job, token_ref)
+        raise HubError(hub.scrub(f"{type(exc).__name__}: {exc}", token)) from None
+    if job is not None and token_ref:
+        queue.drop_token(job.connection, token_ref)
+    return dataclasses.asdict(result)
+
+
+def _open_token(job: Job | None, token_ref: str | None) -> str:
+    if job is None or not token_ref:
+        raise HubError("push_to_hub needs a Hub token (header X-HF-Token); none came with this job")
+    sealed = queue.read_token(job.connection, token_ref)
+    if sealed is None:
+        raise HubError("the Hub token of this job expired before the push ran (CBD_TOKEN_TTL_S); "
+                       "POST /initialize again with X-HF-Token")
+    key = tokens.secret_key_from_env()
+    if key is None:
+        raise HubError("this worker has no CBD_SECRET_KEY (at least 16 characters), so it cannot "
+                       "open Hub tokens; give the workers the API's CBD_SECRET_KEY")
+    try:
+        return tokens.unseal(sealed, key, aad=token_ref)
+    except tokens.SealError:
+        raise HubError("the Hub token could not be opened: the worker's CBD_SECRET_KEY differs "
+                       "from the API's") from None
+
+
+def _drop_token_if_last_try(job: Job | None, token_ref: str | None) -> None:
+    if job is not None and token_ref and not job.retries_left:
+        queue.drop_token(job.connection, token_ref)
+
+
+@contextmanager
+def _tracked(func: str) -> Iterator[Job | None]:
+    """Clear a previous try's error, time the job, leave a clean error and metrics behind."""
+    job = get_current_job()
+    if job is not None:
+        job.meta.pop("error", None)
+        _save_progress(job, {"stage": "start", "fraction": 0.0})
+    start = time.monotonic()
+    try:
+        yield job
+    except Exception as exc:
+        exc = _storage_full(exc) or exc
+        if job is not None:
+            job.meta["error"] = {"type": type(exc).__name__, "message": _message(exc),
+                                 "status": getattr(exc, "status", 500)}
+            job.save_meta()
+            queue.record_job(job.connection, func, time.monotonic() - start, ok=False)
+        raise exc from None
+    if job is not None:
+        _save_progress(job, {"stage": "done", "fraction": 1.0})
+        queue.record_job(job.connection, func, time.monotonic() - start, ok=True)
+
+
+def _storage_full(exc: Exception) -> StorageFullError | None:
+    """ENOSPC (OSError, or safetensors' SafetensorError that only says so in words) -> 507."""
+    if isinstance(exc, StorageFullError):
+        return None
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in str(exc):
+        return StorageFullError("the artifact store is full; free space under CBD_ARTIFACTS and retry")
+    return None
+
+
+def _message(exc: Exception) -> str:
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__
+
+
+def _reporter(job: Job | None) -> Callable[[dict], None]:
+    """A progress callback writing at most every PROGRESS_EVERY_S (the last event always wins
+    once the job ends with ``stage: done``)."""
+    last = 0.0
+
+    def report(event: dict) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY_S:
+            last = now
+            _save_progress(job, event)
+
+    return report
+
+
+def _save_progress(job: Job | None, event: dict) -> None:
+    """``job.meta["progress"]``, e.g. {"stage": "interpolate", "fraction": 0.4}: JSON scalars only."""
+    if job is None:
+        return
+    job.meta["progress"] = {k: v for k, v in event.items() if isinstance(v, str | int | float | bool)}
+    job.save_meta()

@@ -1,0 +1,194 @@
+"""The queue contract between the API and the workers. Torch-free: the web process imports it.
+
+Two queues: ``fast`` (interpolation, seconds) and ``slow`` (chain builds and bridge
+distillation, minutes to hours). Jobs are enqueued by dotted path with JSON-only arguments and
+the JSON serializer (pickle would run code from whoever can write to Redis). The job id of an
+initialisation is the plan id, so ``unique=True`` turns identical concurrent requests into one
+job (rq's atomic Lua check). This is the one module that knows Redis key names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from redis import Redis
+from rq import Queue, Retry
+from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+FAST, SLOW = "fast", "slow"
+QUEUES = (FAST, SLOW)
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+INITIALIZE = "worker.jobs.initialize"
+BUILD_CHAIN = "worker.jobs.build_chain"
+RETRIES = 2
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # rq's own rule for custom job ids
+TOKEN_PREFIX = "cbd:token:"
+DURATION_PREFIX = "cbd:metrics:job:"
+DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, math.inf)
+# A job in one of these states will not produce anything: a new identical request replaces it.
+DEAD = frozenset({JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-queue job timeouts and how long rq keeps job records (artifacts live on disk)."""
+
+    fast_timeout_s: int = 900
+    slow_timeout_s: int = 6 * 3600
+    result_ttl_s: int = 7 * 86400
+    failure_ttl_s: int = 86400
+
+    def timeout(self, queue: str) -> int:
+        return self.slow_timeout_s if queue == SLOW else self.fast_timeout_s
+
+
+def redis_url(url: str | None = None) -> str:
+    return url or os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def connect(url: str | None = None, *, blocking: bool = False) -> Redis:
+    """A client for the API (short socket timeout) or a worker (``blocking``: rq sets its own)."""
+    timeout = None if blocking else 5.0
+    return Redis.from_url(redis_url(url), socket_connect_timeout=2.0, socket_timeout=timeout,
+                          health_check_interval=30)
+
+
+def get_queue(name: str, connection: Redis) -> Queue:
+    if name not in QUEUES:
+        raise ValueError(f"unknown queue {name!r}; queues are {', '.join(QUEUES)}")
+    return Queue(name, connection=connection, serializer=JSONSerializer)
+
+
+def fetch_job(connection: Redis, job_id: str) -> Job | None:
+    if not JOB_ID_RE.match(job_id):
+        return None
+    try:
+        return Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    except NoSuchJobError:
+        return None
+
+
+# ---- job ids -------------------------------------------------------------------------------------
+def chain_job_id(name: str) -> str:
+    """``chain-<name>``; rq ids allow no '.', so such names get a hash suffix to stay distinct."""
+    if "." not in name:
+        return f"chain-{name}"
+    return f"chain-{name.replace('.', '_')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def push_job_id(plan_id: str) -> str:
+    """Pushes are per request (each has its own token and target): a fresh id every time."""
+    return f"{plan_id}-push-{secrets.token_hex(6)}"
+
+
+# ---- enqueue -------------------------------------------------------------------------------------
+def enqueue_initialize(connection: Redis, plan: dict, queue: str, *, push: dict | None = None,
+                       token_ref: str | None = None, limits: Limits = Limits(),
+                       stale: Callable[[Job], bool] | None = None) -> tuple[Job, bool]:
+    """Enqueue ``worker.jobs.initialize``; returns ``(job, created)``.
+
+    Without a push the job id is the plan id and identical requests share one job; an existing
+    job for which ``stale(job)`` holds (failed, or finished but its artifact is gone) is replaced.
+    """
+    meta = {"kind": "initialize", "artifact_id": plan["id"], "chain": plan["chain"]}
+    kwargs = {"plan": plan, "push": push, "token_ref": token_ref}
+    if push is not None:
+        meta["push_repo"] = push["repo_id"]
+        job = _enqueue(connection, queue, INITIALIZE, push_job_id(plan["id"]), kwargs, meta, limits,
+                       unique=False)
+        return job, True
+    return _enqueue_unique(connection, queue, INITIALIZE, plan["id"], kwargs, meta, limits, stale)
+
+
+def enqueue_build_chain(connection: Redis, name: str, *, limits: Limits = Limits()) -> tuple[Job, bool]:
+    meta = {"kind": "build_chain", "chain": name}
+    return _enqueue_unique(connection, SLOW, BUILD_CHAIN, chain_job_id(name), {"name": name}, meta,
+                           limits, None)
+
+
+def _enqueue_unique(connection: Redis, queue: str, func: str, job_id: str, kwargs: dict, meta: dict,
+                    limits: Limits, stale: Callable[[Job], bool] | None) -> tuple[Job, bool]:
+    for _ in range(3):
+        try:
+            return _enqueue(connection, queue, func, job_id, kwargs, meta, limits, unique=True), True
+        except DuplicateJobError:
+            job = fetch_job(connection, job_id)
+            if job is None:  # expired between the check and the fetch: try again
+                continue
+            if job.get_status(refresh=False) not in DEAD and not (stale and stale(job)):
+                return job, False
+            job.delete()
+    job = fetch_job(connection, job_id)
+    if job is None:
+        raise RuntimeError(f"could not enqueue job {job_id}: it keeps appearing and vanishing")
+    return job, False
+
+
+def _enqueue(connection: Redis, queue: str, func: str, job_id: str, kwargs: dict, meta: dict,
+             limits: Limits, *, unique: bool) -> Job:
+    return get_queue(queue, connection).enqueue(
+        func, kwargs=kwargs, job_id=job_id, unique=unique, retry=Retry(max=RETRIES),
+        job_timeout=limits.timeout(queue), result_ttl=limits.result_ttl_s,
+        failure_ttl=limits.failure_ttl_s, meta=meta, description=f"{func.rsplit('.', 1)[-1]} {job_id}")
+
+
+# ---- sealed Hub tokens ---------------------------------------------------------------------------
+def stash_token(connection: Redis, seal: Callable[[str], str], *, ttl_s: int) -> str:
+    """Store a sealed token under a fresh key with a TTL; return the key name (the job's arg).
+
+    ``seal(key_name)`` returns the ciphertext bound to that key name (see worker.tokens).
+    """
+    ref = TOKEN_PREFIX + secrets.token_hex(16)
+    connection.set(ref, seal(ref), ex=ttl_s)
+    return ref
+
+
+def read_token(connection: Redis, ref: str) -> str | None:
+    if not ref.startswith(TOKEN_PREFIX):
+        return None
+    value = connection.get(ref)
+    return value.decode() if value is not None else None
+
+
+def drop_token(connection: Redis, ref: str) -> None:
+    if ref.startswith(TOKEN_PREFIX):
+        connection.delete(ref)
+
+
+# ---- metrics kept in Redis (workers write, the API exposes) ---------------------------------------
+def record_job(connection: Redis, func: str, seconds: float, *, ok: bool) -> None:
+    """Cumulative histogram buckets, sum and count per job function, plus outcome counts."""
+    key = DURATION_PREFIX + func
+    pipe = connection.pipeline(transaction=False)
+    for bound in DURATION_BUCKETS:
+        if seconds <= bound:
+            pipe.hincrby(key, f"le:{bound}", 1)
+    pipe.hincrbyfloat(key, "sum", seconds)
+    pipe.hincrby(key, "count", 1)
+    pipe.hincrby(key, "ok" if ok else "failed", 1)
+    pipe.execute()
+
+
+def read_jobs_metrics(connection: Redis) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for key in connection.scan_iter(match=DURATION_PREFIX + "*", count=100):
+        name = key.decode()[len(DURATION_PREFIX):]
+        out[name] = {k.decode(): float(v) for k, v in connection.hgetall(key).items()}
+    return out
+
+
+def queue_depths(connection: Redis) -> dict[str, dict[str, int]]:
+    """Per queue: jobs waiting and jobs running."""
+    out = {}
+    for name in QUEUES:
+        q = get_queue(name, connection)
+        out[name] = {"queued": q.count, "started": q.started_job_registry.count}
+    return out
