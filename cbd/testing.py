@@ -44,7 +44,7 @@ def tiny_tokenizer(folder: Path) -> int:
 def tiny_spec(**kw) -> ModelSpec:
     base = dict(num_hidden_layers=4, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
                 head_dim=16, intermediate_size=96, vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                norm_eps=1e-6)
+                norm_eps=1e-6, rope_theta=100000.0)  # not transformers' default: config round trips must keep it
     return ModelSpec(**(base | kw))
 
 

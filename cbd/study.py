@@ -1,0 +1,182 @@
+"""Evidence: what CBD buys, measured on held-out text (METHOD.md section 3, issue 7).
+
+Every initialiser is a pure function of (chain, target, seed) -> state dict; every score is the
+mean next-token cross-entropy (nats/token) on held-out windows the chain never saw (the held-out
+novel of the recipe's corpus). Seeds vary the evaluation windows, and for random inits the
+init itself. ``cbd eval`` runs the studies and writes JSON, Markdown tables and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cbd.chainstore import load_alignment, load_anchor
+from cbd.linit import Anchor, make_linit
+from cbd.manifest import ChainManifest
+from cbd.model import build_model, eval_loss, random_state
+from cbd.plan import TransOptions, adjacent_anchors, alpha0, target_spec
+from cbd.request import Architecture
+from cbd.spec import ModelSpec
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class Context:
+    manifest: ChainManifest
+    corpus: str
+    tokenizer: str
+
+    def heldout(self, seed: int, *, batches: int = 4, batch_size: int = 4, seq_len: int = 256) -> list[torch.Tensor]:
+        from cbd import data
+
+        tokens = data.token_file(self.corpus, self.tokenizer, "heldout")
+        return data.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, num_batches=batches, seed=seed)
+
+    def validation(self) -> list[torch.Tensor]:
+        from cbd.execute import validation_batches
+
+        return validation_batches(self.manifest)
+
+    def anchor(self, name: str) -> Anchor:
+        return load_anchor(self.manifest, name)
+
+
+def context(manifest: ChainManifest) -> Context:
+    return Context(manifest, manifest.recipe.get("data", {}).get("corpus", "austen"),
+                   manifest.tokenizer)
+
+
+def spec_of(ctx: Context, arch: dict) -> ModelSpec:
+    return target_spec(Architecture.model_validate(arch), ctx.manifest.base)
+
+
+def pair(ctx: Context, target: ModelSpec, small: str | None = None, big: str | None = None):
+    s, b, _ = adjacent_anchors(ctx.manifest, target)
+    small = small or (s.name if s else None)
+    big = big or (b.name if b else None)
+    return small, big
+
+
+def linit_state(ctx: Context, target: ModelSpec, *, alpha: float | None = None, small: str | None = None,
+                big: str | None = None, opts: TransOptions | None = None, aligned: bool = True) -> tuple[State, float]:
+    small, big = pair(ctx, target, small, big)
+    S = ctx.anchor(small) if small else None
+    B = ctx.anchor(big) if big else None
+    if alpha is None:
+        alpha = alpha0(S.spec.non_embedding_params(), B.spec.non_embedding_params(), target.non_embedding_params()) \
+            if S and B else (1.0 if S else 0.0)
+    align = load_alignment(ctx.manifest, small, big) if S and B and aligned else None
+    li = make_linit(target, S, B, alpha=alpha, alignment=align, opts=opts)
+    return li.state(alpha), alpha
+
+
+def pruned_source_state(ctx: Context, target: ModelSpec) -> State:
+    """The source pruned straight to the target by importance, no distillation."""
+    src = ctx.manifest.anchors[0].name
+    return make_linit(target, None, ctx.anchor(src), alpha=0.0).state()
+
+
+def initialisers(ctx: Context, target: ModelSpec) -> dict[str, Callable[[int], State]]:
+    """name -> (seed -> state). Only ``random`` depends on the seed."""
+    small, big = pair(ctx, target)
+    out: dict[str, Callable[[int], State]] = {}
+    cache: dict[str, State] = {}
+
+    def once(key, fn):
+        def get(_seed):
+            if key not in cache:
+                cache[key] = fn()
+            return cache[key]
+        return get
+
+    out["cbd"] = once("cbd", lambda: linit_state(ctx, target)[0])
+    if small and big:
+        out["single-small (alpha=1)"] = once("s", lambda: linit_state(ctx, target, alpha=1.0)[0])
+        out["single-big (alpha=0)"] = once("b", lambda: linit_state(ctx, target, alpha=0.0)[0])
+    out["pruned source"] = once("p", lambda: pruned_source_state(ctx, target))
+    out["random"] = lambda seed: random_state(target, seed)
+    return out
+
+
+def step0(ctx: Context, targets: dict[str, dict], *, seeds=(0, 1, 2), log=print) -> list[dict]:
+    """Held-out loss at step 0 of every initialiser on every target, mean and spread over seeds."""
+    rows = []
+    for tname, arch in targets.items():
+        target = spec_of(ctx, arch)
+        small, big = pair(ctx, target)
+        for method, fn in initialisers(ctx, target).items():
+            losses = []
+            for seed in seeds:
+                model = build_model(target, fn(seed))
+                losses.append(eval_loss(model, ctx.heldout(seed)))
+            row = {"target": tname, "shape": list(target.shape), "non_embedding_params": target.non_embedding_params(),
+                   "small": small, "big": big, "method": method, "mean": statistics.mean(losses),
+                   "std": statistics.stdev(losses) if len(losses) > 1 else 0.0, "losses": losses}
+            log(f"{tname:24s} {method:24s} {row['mean']:.3f} ± {row['std']:.3f}")
+            rows.append(row)
+    return rows
+
+
+def alpha_sweep(ctx: Context, target: ModelSpec, *, grid: int = 11, seed: int = 0) -> dict:
+    """Loss at step 0 for alpha in [0, 1], against alpha0 and the calibrated alpha."""
+    from cbd.execute import calibrate
+
+    small, big = pair(ctx, target)
+    S, B = ctx.anchor(small), ctx.anchor(big)
+    a0 = alpha0(S.spec.non_embedding_params(), B.spec.non_embedding_params(), target.non_embedding_params())
+    li = make_linit(target, S, B, alpha=a0, alignment=load_alignment(ctx.manifest, small, big))
+    batches = ctx.heldout(seed)
+    alphas = [round(k / (grid - 1), 4) for k in range(grid)]
+    losses = [eval_loss(build_model(target, li.state(a)), batches) for a in alphas + [a0]]
+    calibrated, _ = calibrate(li, ctx.validation())
+    cal_loss = eval_loss(build_model(target, li.state(calibrated)), batches)
+    return {"alphas": alphas, "losses": losses[:-1], "alpha0": a0, "alpha0_loss": losses[-1],
+            "calibrated": calibrated, "calibrated_loss": cal_loss, "small": small, "big": big}
+
+
+def recovery(ctx: Context, target: ModelSpec, state: State, *, tokens: int, eval_every_tokens: int, seed: int = 0,
+             batch_size: int = 4, seq_len: int = 128, lr: float = 1e-3, label: str = "") -> list[tuple[int, float]]:
+    """Continued pretraining (cross-entropy only) from ``state``; held-out loss every N tokens.
+
+    Every method gets the same optimiser (AdamW), schedule (warmup 10 steps, cosine), batches
+    and evaluation windows.
+    """
+    from cbd import data
+    from cbd.distill import DistillConfig, distill
+
+    tok = batch_size * seq_len
+    steps = max(1, tokens // tok)
+    cfg = DistillConfig(kl_weight=0.0, ce_weight=1.0, lr=lr, warmup_steps=min(10, steps), batch_size=batch_size,
+                        seq_len=seq_len, total_steps=steps, eval_every=max(1, eval_every_tokens // tok),
+                        ckpt_every=0, seed=seed)
+    train = data.token_file(ctx.corpus, ctx.tokenizer, "train")
+    model = build_model(target, state).train()
+    fn = lambda step: next(data.train_batches(train, batch_size=batch_size, seq_len=seq_len, seed=seed + 99,  # noqa: E731
+                                              start_step=step))
+    t0 = time.perf_counter()
+    res = distill(model, None, fn, ctx.heldout(seed, batches=2), cfg, progress=False)
+    print(f"recovery {label}: {steps} steps in {time.perf_counter() - t0:.0f} s, final {res.final_eval_loss:.3f}")
+    return [(int(t), float(v)) for t, v in res.eval_loss]
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], level: float) -> float | None:
+    """First token count at which ``curve`` reaches ``level`` (linear interpolation), else None."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:], strict=False):
+        if l1 <= level:
+            return t0 + (t1 - t0) * (l0 - level) / (l0 - l1) if l0 != l1 else t1
+    return 0.0 if curve and curve[0][1] <= level else None
+
+
+def save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=lambda o: o if not isinstance(o, float) or math.isfinite(o)
+                               else None))
