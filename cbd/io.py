@@ -44,10 +44,10 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
         if n > MAX_HEADER or 8 + n > size:
             raise IntegrityError(f"{path}: header length {n} exceeds the file ({size} bytes) or the {MAX_HEADER} cap")
         text = f.read(n)
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IntegrityError(f"{path}: header is not valid JSON ({exc})") from None
+    try:  # UTF-8 only (json.loads would guess UTF-16/32 from bytes); deep nesting is RecursionError
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        raise IntegrityError(f"{path}: header is not valid UTF-8 JSON ({str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise IntegrityError(f"{path}: header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -70,11 +70,11 @@ def _check_entries(path: Path, header: dict, data_len: int) -> None:
         if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise IntegrityError(f"{path}: tensor {name!r} has a malformed entry")
         dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if dtype not in DTYPE_SIZES or not isinstance(shape, list) or not all(
-                isinstance(s, int) and s >= 0 for s in shape):
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES or not isinstance(shape, list) or not all(
+                _is_uint(s) for s in shape):
             raise IntegrityError(f"{path}: tensor {name!r} has dtype {dtype!r} / shape {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
-                and 0 <= offs[0] <= offs[1] <= data_len):
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_uint(o) for o in offs)
+                and offs[0] <= offs[1] <= data_len):
             raise IntegrityError(f"{path}: tensor {name!r} offsets {offs!r} fall outside the data ({data_len} bytes)")
         numel = 1
         for s in shape:
@@ -83,9 +83,17 @@ def _check_entries(path: Path, header: dict, data_len: int) -> None:
             raise IntegrityError(f"{path}: tensor {name!r} size does not match its shape {shape} and dtype {dtype}")
         spans.append(tuple(offs))
     spans.sort()
-    for (_, a1), (b0, _) in zip(spans, spans[1:], strict=False):
-        if b0 < a1:
-            raise IntegrityError(f"{path}: tensors overlap at byte {b0}")
+    end = 0  # the data must be indexed exactly: no overlap, no gap, nothing after (as safetensors checks)
+    for b0, b1 in spans:
+        if b0 != end:
+            raise IntegrityError(f"{path}: tensors {'overlap' if b0 < end else 'leave a gap'} at byte {min(b0, end)}")
+        end = b1
+    if end != data_len:
+        raise IntegrityError(f"{path}: the tensors cover {end} of the {data_len} data bytes")
+
+
+def _is_uint(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def verify(path: Path, sha256: str | None) -> None:
@@ -161,7 +169,7 @@ class StreamingWriter:
         if name != exp_name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"expected {exp_name} {dtype} {shape}, got {name} {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().contiguous().cpu()
-        self._io(lambda: self._f.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b""))
+        self._io(lambda: self._f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""))
         self._next += 1
 
     def close(self) -> None:

@@ -49,16 +49,11 @@ def random_state(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
     return state_of(build_model(spec, seed=seed), spec)
 
 
-@torch.no_grad()
 def eval_loss(model: PreTrainedModel, batches: Iterable[torch.Tensor]) -> float:
     """Mean next-token cross-entropy in nats/token over (B, T+1) token batches."""
-    total, count = 0.0, 0
-    for batch in batches:
-        logits = model(batch[:, :-1]).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total += float(loss)
-        count += batch[:, 1:].numel()
-    return total / max(count, 1)
+    from cbd.distill import evaluate
+
+    return evaluate(model, list(batches))
 
 
 def state_loss(spec: ModelSpec, state: Mapping[str, torch.Tensor], batches: Iterable[torch.Tensor]) -> float:
