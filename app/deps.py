@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 from typing import Annotated
@@ -36,10 +37,10 @@ def require_api_key(settings: SettingsDep,
     """401 unless ``X-API-Key`` equals one of ``CBD_API_KEYS`` (constant-time, every key tried)."""
     if not settings.api_keys:
         return
-    given = (key or "").encode()
+    given = hashlib.sha256((key or "").encode()).digest()  # equal lengths: time reveals no key length
     ok = False
     for allowed in settings.api_keys:
-        ok |= hmac.compare_digest(allowed.get_secret_value().encode(), given)
+        ok |= hmac.compare_digest(hashlib.sha256(allowed.get_secret_value().encode()).digest(), given)
     if not ok:
         raise UnauthorizedError("a valid X-API-Key header is required")
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
@@ -18,6 +20,8 @@ from cbd import errors as cbd_errors
 from cbd.errors import CBDError
 
 log = logging.getLogger("cbd.app")
+MAX_ECHO_DEPTH = 12  # of a 422's echoed input
+MAX_ECHO_CHARS = 2000
 
 
 class UnauthorizedError(CBDError):
@@ -107,7 +111,34 @@ async def os_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": "InternalError", "message": "internal error"}, status_code=500)
 
 
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422 body, except that echoed inputs UTF-8 JSON cannot carry (NaN and
+    Infinity, which Python's json parses; lone surrogates such as "\\ud800") are made printable
+    instead of failing the response with a 500."""
+    return JSONResponse({"detail": _json_safe(exc.errors())}, status_code=422)
+
+
+def _json_safe(value: object, depth: int = 0) -> object:
+    """JSON-encodable, printable and bounded: deep inputs (``[[[[...]]]]``) would otherwise
+    exhaust the recursion limit of the encoder, long strings are cut."""
+    if depth > MAX_ECHO_DEPTH:
+        return "..."
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        text = value if len(value) <= MAX_ECHO_CHARS else value[:MAX_ECHO_CHARS] + "..."
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {str(_json_safe(str(k), depth + 1)): _json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v, depth + 1) for v in value]
+    return _json_safe(str(value), depth + 1)  # exceptions in ``ctx``, Decimals, ...
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(CBDError, cbd_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(RedisError, redis_error)
     app.add_exception_handler(OSError, os_error)

@@ -19,6 +19,9 @@ from app.routes import chains, checkpoints, health, initialize, jobs
 from cbd import __version__
 from worker import queue
 
+# Request bodies over 64 KiB get 413 before they are parsed (the largest valid POST /initialize
+# body is under 1 KiB); Starlette counts the bytes received, so chunked uploads are capped too.
+MAX_BODY = 64 * 1024
 DESCRIPTION = """Initialisations for small language models of any shape, interpolated from a chain
 of distilled anchors (chain-based distillation). POST a target architecture to /initialize; the
 answer lists downloadable files (200) or a job to poll (202 + Location)."""
@@ -32,7 +35,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    app = FastAPI(title="cbd", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="cbd", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  max_body_size=MAX_BODY)
     app.state.settings = settings
     app.state.redis = queue.connect(settings.redis_url)
     errors.install(app)

@@ -22,6 +22,8 @@ STATUS: dict[str, schemas.Status] = {
     JobStatus.CANCELED: "failed",
 }
 MAX_MESSAGE = 1000
+ABANDONED = ("the worker running this job stopped before finishing it (killed, out of memory or restarted) "
+             "on every try; nothing was published. POST /initialize again to start it anew")
 
 
 def base_url(request: Request) -> str:
@@ -89,6 +91,8 @@ def job_error(job: RQJob) -> schemas.JobError:
                                 status=status if isinstance(status, int) else None)
     result = job.latest_result()
     text = result.exc_string if result is not None and result.type == Result.Type.FAILED else None
+    if text and "AbandonedJobError" in text:  # rq: the worker died mid-job on the last try
+        return schemas.JobError(type="AbandonedJobError", message=ABANDONED)
     lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
     if not lines:
         return schemas.JobError(type="JobFailed", message=f"job ended as {job.get_status(refresh=False).value}")

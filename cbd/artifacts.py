@@ -2,14 +2,16 @@
 
 Torch-free (the web process serves from it). A folder ``$CBD_ARTIFACTS/<id>/`` exists only
 once every file in it is complete and ``artifact.json`` lists their sizes and sha256s; work in
-progress lives in ``.tmp-<id>-<pid>`` beside it and is never served.
+progress lives in ``.tmp-<id>-<pid>-<host>`` beside it and is never served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from cbd.manifest import atomic_write_bytes, sha256_file
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 INDEX = "artifact.json"
+# .tmp-<id>-<pid>-<host tag>; folders from before the host tag (.tmp-<id>-<pid>) count as this host's
+STAGING_RE = re.compile(r"^\.tmp-(?P<id>[0-9a-f]{32})-(?P<pid>\d+)(?:-(?P<host>[0-9a-f]{8}))?$")
 
 
 class FileInfo(BaseModel):
@@ -84,7 +88,7 @@ def file_path(aid: str, name: str, root: Path | None = None) -> Path | None:
 
 def staging_dir(aid: str, root: Path | None = None) -> Path:
     root = root or paths.artifacts_dir()
-    tmp = root / f".tmp-{check_id(aid)}-{os.getpid()}"
+    tmp = root / f".tmp-{check_id(aid)}-{os.getpid()}-{host_tag()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -114,18 +118,55 @@ def publish(tmp: Path, aid: str, fields: dict[str, Any], root: Path | None = Non
     return load_artifact(aid, root) or info
 
 
+def host_tag() -> str:
+    """8 hex characters naming this host (stores may be shared by several machines)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def orphan_age_s() -> float:
+    """How old a staging folder of another host must be before it counts as abandoned: longer
+    than the longest job may run (CBD_SLOW_TIMEOUT_S, 6 h by default), plus ten minutes."""
+    return float(os.environ.get("CBD_SLOW_TIMEOUT_S") or 6 * 3600) + 600
+
+
 def cleanup_orphans(root: Path | None = None, *, older_than_s: float = 3600.0) -> list[Path]:
-    """Remove staging folders left by killed workers (older than ``older_than_s``)."""
+    """Remove staging folders left by killed workers; call it before this process stages anything.
+
+    A folder of this host is an orphan as soon as its process is gone (or is this one); a folder
+    of another host only once it is older than ``older_than_s`` (its writer may still be busy:
+    the folder's mtime does not change while a large file is written into it).
+    """
     root = root or paths.artifacts_dir()
     removed: list[Path] = []
     if not root.is_dir():
         return removed
-    now = time.time()
+    now, here = time.time(), host_tag()
     for p in root.iterdir():
-        if p.name.startswith(".tmp-") and now - p.stat().st_mtime > older_than_s:
+        if not p.name.startswith(".tmp-"):
+            continue
+        m = STAGING_RE.match(p.name)
+        local = m is not None and m["host"] in (None, here)
+        try:
+            stale = now - p.stat().st_mtime > older_than_s
+        except FileNotFoundError:  # another worker removed or published it meanwhile
+            continue
+        if stale or (local and not pid_alive(int(m["pid"]))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether another process with this pid runs here (ours counts as gone: see cleanup_orphans)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

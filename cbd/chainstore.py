@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cbd import arch
+from cbd.artifacts import pid_alive
 from cbd.errors import IntegrityError
 from cbd.io import LazyReader, write_safetensors
 from cbd.linit import Anchor, compose_alignments
@@ -30,6 +31,10 @@ def write_anchor(root: Path | None, chain: str, name: str, spec: ModelSpec, stat
     """Write into a staging folder and rename it into place; return the manifest entry."""
     final = anchor_dir(chain, name, root)
     tmp = final.with_name(f".tmp-{name}-{os.getpid()}")
+    for old in final.parent.glob(f".tmp-{name}-*"):  # left by a build that was killed (or by us)
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     ordered = {n: state[n].detach().float().contiguous() for n in arch.param_names(spec)}
@@ -59,7 +64,7 @@ def read_entry(root: Path | None, chain: str, name: str) -> AnchorEntry | None:
 
 
 @lru_cache(maxsize=8)
-def _load_anchor(folder: str, sha256: str, spec_json: str) -> Anchor:
+def _load_anchor(folder: str, sha256: str, spec_json: str, version: tuple[int, int, int]) -> Anchor:
     folder_p = Path(folder)
     spec = ModelSpec.model_validate_json(spec_json)
     reader = LazyReader(folder_p / "model.safetensors", sha256=sha256)
@@ -74,7 +79,14 @@ def _load_anchor(folder: str, sha256: str, spec_json: str) -> Anchor:
 def load_anchor(manifest: ChainManifest, name: str, root: Path | None = None) -> Anchor:
     """A verified, lazily read anchor; kept open per process (workers keep anchors warm)."""
     entry = manifest.anchor(name)
-    return _load_anchor(str(anchor_dir(manifest.name, name, root)), entry.sha256, entry.spec.model_dump_json())
+    folder = anchor_dir(manifest.name, name, root)
+    try:  # a file replaced or rewritten since it was cached is verified again
+        st = (folder / "model.safetensors").stat()
+    except FileNotFoundError:
+        raise IntegrityError(f"anchor {name} of chain {manifest.name} has no model.safetensors: "
+                             "rebuild the chain") from None
+    version = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return _load_anchor(str(folder), entry.sha256, entry.spec.model_dump_json(), version)
 
 
 def load_alignment(manifest: ChainManifest, small: str, big: str, root: Path | None = None) -> Alignment | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -69,6 +70,43 @@ def redis_server(tmp_path_factory) -> Iterator[str]:
     proc.wait(timeout=10)
 
 
+class RedisServer:
+    """A redis-server of our own with AOF on (as docker-compose runs it), to stop and start again.
+
+    ``stop(signal.SIGKILL)`` crashes it, ``stop(signal.SIGTERM)`` shuts it down cleanly; ``start()``
+    brings it back on the same port and data directory (it replays the AOF).
+    """
+
+    def __init__(self, workdir: Path, *, appendfsync: str = "everysec") -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.appendfsync = appendfsync
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.proc = subprocess.Popen(
+            [redis_executable(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", self.appendfsync, "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = Redis.from_url(self.url, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.proc.kill()
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+
+
 def redis_db(server: str, db: int) -> str:
     """Flush DB ``db`` of the test server and return its URL."""
     url = f"{server}/{db}"
@@ -106,16 +144,18 @@ class Children:
         self.procs.append(proc)
         return proc
 
-    def worker(self, redis_url: str, **env: str) -> subprocess.Popen:
-        return self.start(f"worker-{len(self.procs)}", [sys.executable, "-m", "worker.main", "--queues",
+    def worker(self, redis_url: str, *, entry: tuple[str, ...] = ("-m", "worker.main"), **env: str) -> subprocess.Popen:
+        """A worker process; ``entry`` replaces ``-m worker.main`` (e.g. tests/_slow_worker.py)."""
+        return self.start(f"worker-{len(self.procs)}", [sys.executable, *entry, "--queues",
                                                         "fast,slow", "--redis-url", redis_url],
                           child_env(**env))
 
-    def api(self, redis_url: str, **env: str) -> tuple[str, subprocess.Popen]:
+    def api(self, redis_url: str, *, limit_concurrency: int = 100, **env: str) -> tuple[str, subprocess.Popen]:
         port = free_port()
         proc = self.start(f"api-{len(self.procs)}", [sys.executable, "-m", "uvicorn", "app.main:create_app",
                                                      "--factory", "--host", "127.0.0.1", "--port", str(port),
-                                                     "--limit-concurrency", "100", "--log-level", "warning"],
+                                                     "--limit-concurrency", str(limit_concurrency),
+                                                     "--log-level", "warning"],
                           child_env(REDIS_URL=redis_url, **env))
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

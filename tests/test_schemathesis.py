@@ -2,7 +2,10 @@
 
 The app runs in-process against a real Redis with no worker, so generated requests that are
 valid just leave queued jobs behind (POST /initialize answers 202 at once: CBD_SYNC_WAIT_S=0).
-Bounded to MAX_EXAMPLES generated cases per operation.
+Bounded to MAX_EXAMPLES generated cases per operation, valid and invalid (schemathesis' positive
+and negative modes); invalid ones must be refused with a 4xx (``negative_data_rejection``) and
+declared response headers must match their schemas. JSON that no schema can describe (NaN,
+Infinity, deep nesting, oversized bodies) is fuzzed in tests/test_security.py.
 """
 
 # ruff: noqa: F401, F811  (fixtures are imported from conftest_service and then requested by name)
@@ -16,6 +19,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
 )
@@ -47,4 +52,5 @@ def live_redis(redis_server, module_artifacts):
                                  HealthCheck.function_scoped_fixture])
 def test_api_conforms_to_its_schema(case):
     case.call_and_validate(checks=[not_a_server_error, status_code_conformance, content_type_conformance,
-                                   response_schema_conformance])
+                                   response_schema_conformance, response_headers_conformance,
+                                   negative_data_rejection])

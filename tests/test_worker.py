@@ -137,7 +137,7 @@ def test_run_worker_cleans_orphans_and_drains(redis_url, module_artifacts):
     orphan.mkdir()
     old = time.time() - 2 * 3600
     os.utime(orphan, (old, old))
-    fresh = module_artifacts / ".tmp-fedcba9876543210fedcba9876543210-998"
+    fresh = module_artifacts / f".tmp-fedcba9876543210fedcba9876543210-1-{artifacts.host_tag()}"  # pid 1 lives
     fresh.mkdir()
     assert run_worker(["fast"], redis_url, burst=True) is False  # nothing queued
     assert not orphan.exists() and fresh.exists()

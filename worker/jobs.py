@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from cbd.errors import HubError, StorageFullError
 from worker import queue, tokens
 
 PROGRESS_EVERY_S = 0.25
+TRANSPORT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "h2", "hpack", "urllib3")
 
 
 def initialize(plan: dict, push: dict | None = None, token_ref: str | None = None) -> dict:
@@ -54,9 +56,10 @@ def _push(job: Job | None, artifact_id: str, push: dict, token_ref: str | None) 
     token = _open_token(job, token_ref)
     _save_progress(job, {"stage": "push", "fraction": 0.0})
     try:
-        result = hub.push_folder(artifacts.artifact_dir(artifact_id), push["repo_id"], token=token,
-                                 private=bool(push.get("private", False)),
-                                 revision=push.get("revision") or "main")
+        with _quiet_transport():
+            result = hub.push_folder(artifacts.artifact_dir(artifact_id), push["repo_id"], token=token,
+                                     private=bool(push.get("private", False)),
+                                     revision=push.get("revision") or "main")
     except HubError:
         _drop_token_if_last_try(job, token_ref)
         raise
@@ -66,6 +69,22 @@ def _push(job: Job | None, artifact_id: str, push: dict, token_ref: str | None) 
     if job is not None and token_ref:
         queue.drop_token(job.connection, token_ref)
     return dataclasses.asdict(result)
+
+
+@contextmanager
+def _quiet_transport() -> Iterator[None]:
+    """No DEBUG records from the HTTP libraries while a Hub token is in use: their traces print raw
+    request and response headers, and a server may echo the Authorization header back (a test
+    Hub that does showed the token in the worker's log with CBD_LOG_LEVEL=DEBUG)."""
+    loggers = [logging.getLogger(name) for name in TRANSPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.INFO))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _open_token(job: Job | None, token_ref: str | None) -> str:

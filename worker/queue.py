@@ -125,11 +125,26 @@ def _enqueue_unique(connection: Redis, queue: str, func: str, job_id: str, kwarg
                 continue
             if job.get_status(refresh=False) not in DEAD and not (stale and stale(job)):
                 return job, False
-            job.delete()
+            delete_job(job)
     job = fetch_job(connection, job_id)
     if job is None:
         raise RuntimeError(f"could not enqueue job {job_id}: it keeps appearing and vanishing")
     return job, False
+
+
+def delete_job(job: Job) -> None:
+    """``job.delete()``, also for a job whose worker was killed.
+
+    rq 3.0 keeps an execution's id in the job's execution registry 60 s longer than the
+    execution's own hash lives; ``Job.delete`` then raises ValueError ("Execution ... not found
+    in Redis") for about a minute after a killed worker's job was abandoned. The stale ids
+    point at nothing, so the registry is dropped and the delete tried again.
+    """
+    try:
+        job.delete()
+    except ValueError:
+        job.connection.delete(job.execution_registry.key)
+        job.delete()
 
 
 def _enqueue(connection: Redis, queue: str, func: str, job_id: str, kwargs: dict, meta: dict,

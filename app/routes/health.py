@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
@@ -12,7 +13,7 @@ from redis.exceptions import RedisError
 from rq import Worker
 
 from app import schemas
-from app.deps import RedisDep
+from app.deps import RedisDep, SettingsDep
 from cbd import manifest, paths
 from worker import queue
 
@@ -20,10 +21,14 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=schemas.Health,
-            responses={503: {"model": schemas.Health, "description": "Redis or the store is not usable"}})
-async def healthz(redis: RedisDep) -> JSONResponse:
+            responses={503: {"model": schemas.Health, "description": "Redis or the store is not usable",
+                             "headers": {"Retry-After": {"schema": {"type": "integer"}}}}})
+async def healthz(redis: RedisDep, settings: SettingsDep) -> JSONResponse:
     health = await run_in_threadpool(check, redis)
-    return JSONResponse(health.model_dump(mode="json"), status_code=200 if health.status == "ok" else 503)
+    if health.status == "ok":
+        return JSONResponse(health.model_dump(mode="json"))
+    return JSONResponse(health.model_dump(mode="json"), status_code=503,
+                        headers={"Retry-After": str(settings.retry_after_s)})
 
 
 def check(redis: Redis) -> schemas.Health:
@@ -40,15 +45,18 @@ def check(redis: Redis) -> schemas.Health:
 
 
 def store_state() -> str:
-    """Write, fsync and remove a probe file in the artifact store."""
+    """Write, fsync and remove a probe file in the artifact store (one name per call: concurrent
+    probes sharing a name removed each other's file and reported a healthy store unwritable)."""
     root = paths.artifacts_dir()
-    probe = root / f".healthz-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-            os.fsync(f.fileno())
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".healthz-", dir=root)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         return f"not writable ({exc.strerror or type(exc).__name__})"
     return "ok"

@@ -46,6 +46,9 @@ RESPONSES: dict = {
     400: {"model": schemas.ValidationProblem, "description": "the body is not decodable JSON"},
     401: {"model": schemas.ErrorBody, "description": "X-API-Key missing or wrong (CBD_API_KEYS is set)"},
     409: {"model": schemas.ErrorBody, "description": "the chain changed while the job waited: POST again"},
+    413: {"model": schemas.ValidationProblem, "content": {"text/plain": {"schema": {"type": "string"}}},
+          "description": "the body exceeds 64 KiB (app.main.MAX_BODY): text when Content-Length says so, "
+                         "JSON when the bytes received do"},
     422: {"model": schemas.ValidationProblem, "description": "bad shape, unknown field, chain or tokenizer"},
     500: {"model": schemas.ErrorBody, "description": "the job failed while the request waited"},
     502: {"model": schemas.ErrorBody, "description": "the push to the Hub failed while the request waited"},

@@ -1,0 +1,62 @@
+"""The real worker (``python -m worker.main``), slowed down so that fault tests can kill it mid-job.
+
+Test-only: nothing in cbd/, app/ or worker/ knows about it. Run as
+``python tests/_slow_worker.py --queues fast,slow --redis-url URL`` with
+
+- ``CBD_TEST_SLOW_TENSOR_S``: sleep this long before each interpolated tensor, so a job spends
+  seconds inside ``StreamingWriter`` with a partial ``model.safetensors`` in its staging folder;
+- ``CBD_TEST_STUB_CHAINS``: a folder where ``build_chain`` jobs build a tiny random chain
+  (``cbd.testing.build_random_chain``, each anchor file delayed by ``CBD_TEST_SLOW_ANCHOR_S`` while
+  its staging folder exists) in place of
+  the real distillation, which needs the teacher: a slow-queue job that writes files for seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def slow_tensors(delay: float) -> None:
+    from cbd import linit
+
+    original = linit.LInit.tensor
+
+    def tensor(self, name, alpha=None):
+        time.sleep(delay)
+        return original(self, name, alpha)
+
+    linit.LInit.tensor = tensor
+
+
+def stub_chain_builds(root: Path, delay: float) -> None:
+    from cbd import chainstore, testing
+
+    original = chainstore.write_safetensors
+
+    def write_safetensors(*args, **kwargs):  # inside write_anchor: its staging folder exists meanwhile
+        time.sleep(delay)
+        return original(*args, **kwargs)
+
+    chainstore.write_safetensors = write_safetensors
+
+    def build_chain(name, *, progress=None):
+        (progress or (lambda _: None))({"stage": "stub build", "fraction": 0.0})
+        return testing.build_random_chain(root, name)
+
+    sys.modules["cbd.chain"] = types.SimpleNamespace(build_chain=build_chain)
+
+
+if __name__ == "__main__":
+    if os.environ.get("CBD_TEST_SLOW_TENSOR_S"):
+        slow_tensors(float(os.environ["CBD_TEST_SLOW_TENSOR_S"]))
+    if os.environ.get("CBD_TEST_STUB_CHAINS"):
+        stub_chain_builds(Path(os.environ["CBD_TEST_STUB_CHAINS"]), float(os.environ.get("CBD_TEST_SLOW_ANCHOR_S", "0")))
+    from worker.main import main
+
+    raise SystemExit(main())
