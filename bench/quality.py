@@ -38,6 +38,8 @@ TARGETS = {
                               num_key_value_heads=1, intermediate_size=896),
         "below smallest (8x128)": dict(num_hidden_layers=8, hidden_size=128, num_attention_heads=2,
                                        num_key_value_heads=1, intermediate_size=384),
+        "small, both axes (10x192)": dict(num_hidden_layers=10, hidden_size=192, num_attention_heads=3,
+                                          num_key_value_heads=1, intermediate_size=640),
         "upper pair (24x512)": dict(num_hidden_layers=24, hidden_size=512, num_attention_heads=8,
                                     num_key_value_heads=4, intermediate_size=1280),
     },
