@@ -57,8 +57,18 @@ TARGETS = {
 
 
 def cmd_step0(ctx, args):
-    rows = study.step0(ctx, TARGETS[args.chain], seeds=tuple(range(args.seeds)))
-    study.save({"command": args.command_line, "rows": rows}, DATA / f"step0-{args.chain}.json")
+    """All initialisers, or (``--only``) some of them merged into the existing file."""
+    path = DATA / f"step0-{args.chain}.json"
+    only = args.only.split(",") if args.only else None
+    rows = study.step0(ctx, TARGETS[args.chain], seeds=tuple(range(args.seeds)), methods=only)
+    if only and path.is_file():
+        old = json.loads(path.read_text())
+        keep = [r for r in old["rows"] if r["method"] not in only]
+        order = {t: i for i, t in enumerate(TARGETS[args.chain])}
+        rows = sorted(keep + rows, key=lambda r: order.get(r["target"], 99))
+        study.save({"command": old["command"] + f"; {args.command_line}", "rows": rows}, path)
+        return
+    study.save({"command": args.command_line, "rows": rows}, path)
 
 
 def cmd_sweep(ctx, args):
@@ -231,6 +241,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=20_000)
     ap.add_argument("--target", default="depth")
     ap.add_argument("--methods", default="cbd,single-small,random")
+    ap.add_argument("--only", default="", help="step0: only these initialisers, merged into the file")
     args = ap.parse_args()
     args.command_line = "python bench/quality.py " + " ".join(os.sys.argv[1:])
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -38,6 +38,42 @@ class TransOptions(BaseModel):
     width_expand: Literal["clone", "zero"] = "clone"
 
 
+class BridgeOptions(BaseModel):
+    """How a target with another tokenizer is made (``cbd.bridge``, METHOD.md 1.4-1.5).
+
+    The one place the bridge's defaults live; they are part of a bridge plan's hash. The
+    defaults fit a ~30M-parameter target with the 50,257-entry GPT-2 vocabulary in under ten
+    minutes on 2 CPU cores (docs/bridge.md).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    transfer: Literal["fvt"] = "fvt"
+    pad_vocab_multiple: int = Field(64, ge=1, description="vocab_size rounded up to a multiple of this")
+    teacher: Literal["source", "big", "linit"] = Field(
+        "source", description="the chain-vocabulary model distilled from: the chain's source (a0), the "
+                              "bigger adjacent anchor, or the LInit of the same target")
+    train: Literal["all", "embeddings"] = "all"
+    steps: int = Field(120, ge=0, description="bridge distillation steps (0: vocabulary transfer only)")
+    batch_size: int = Field(4, ge=1)
+    seq_len: int = Field(128, ge=8)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    logit_loss: Literal["matched-kl", "uld"] = Field(
+        "matched-kl", description="matched-kl: KL on the tokens both vocabularies share; uld: L1 of sorted "
+                                  "probabilities (measured weaker, docs/bridge.md)")
+    logit_weight: float = Field(1.0, ge=0, description="weight of the token-aligned logit loss (0: CE only)")
+    ce_weight: float = Field(1.0, ge=0, description="weight of cross-entropy on the target tokens")
+    uld_topk: int = Field(128, ge=1, description="sorted probabilities compared exactly; the rest as tail mass")
+    corpus: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+                               description="training text; the chain recipe's corpus when omitted")
+    eval_batches: int = Field(4, ge=1)
+    eval_batch_size: int = Field(4, ge=1)
+    eval_seq_len: int = Field(128, ge=8)
+    seed: int = 0
+
+
 class Plan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -53,6 +89,7 @@ class Plan(BaseModel):
     dtype: Dtype = "float32"
     tokenizer: str
     bridge: bool = False
+    bridge_options: BridgeOptions | None = Field(default=None, description="set exactly when bridge is")
     trans: TransOptions = TransOptions()
     warnings: list[str] = Field(default_factory=list)
     code_version: str = __version__
@@ -86,8 +123,9 @@ def target_spec(arch: Architecture, base: ModelSpec) -> ModelSpec:
                            head_dim=head_dim, intermediate_size=ffn)
 
 
-def make_plan(req: InitRequest, manifest: ChainManifest, *, tokenizer: str | None = None) -> Plan:
-    """Resolve a request against a built chain."""
+def make_plan(req: InitRequest, manifest: ChainManifest, *, tokenizer: str | None = None,
+              bridge_options: BridgeOptions | None = None) -> Plan:
+    """Resolve a request against a built chain (``bridge_options``: the bridge's budget, if one)."""
     target = target_spec(req.architecture, manifest.base)
     size = target.non_embedding_params()
     top = manifest.anchors[0].size
@@ -103,20 +141,25 @@ def make_plan(req: InitRequest, manifest: ChainManifest, *, tokenizer: str | Non
         alpha, source = 1.0 if small is not None else 0.0, "single-anchor"
         if req.alpha is not None and req.alpha not in (0.0, 1.0):
             warnings.append("alpha ignored: the target has a single adjacent anchor")
+    # an explicit alpha is honoured; calibration needs two different anchors
+    calibrate = req.calibrate and req.alpha is None and small is not None and big is not None \
+        and small.name != big.name
     tok = req.tokenizer or manifest.tokenizer
     bridge = tok != manifest.tokenizer
     body = {
         "v": FORMAT_VERSION, "chain": manifest.name, "manifest": manifest.sha256,
         "target": target.model_dump(mode="json"), "small": small and small.name,
-        "big": big and big.name, "alpha": round(alpha, 6), "calibrate": req.calibrate,
+        "big": big and big.name, "alpha": round(alpha, 6), "calibrate": calibrate,
         "dtype": req.dtype, "tokenizer": tok, "trans": TransOptions().model_dump(),
     }
+    bopts = (bridge_options or BridgeOptions()) if bridge else None
+    if bopts is not None:  # only bridge plans carry it: other plans keep their ids
+        body["bridge"] = bopts.model_dump(mode="json")
     pid = hashlib.sha256(canonical_json(body).encode()).hexdigest()[:32]
     return Plan(id=pid, chain=manifest.name, manifest_sha256=manifest.sha256, target=target,
                 small=small and small.name, big=big and big.name, alpha=round(alpha, 6),
-                alpha_source=source, calibrate=req.calibrate and small is not big and
-                small is not None and big is not None, dtype=req.dtype, tokenizer=tok,
-                bridge=bridge, warnings=warnings)
+                alpha_source=source, calibrate=calibrate, dtype=req.dtype, tokenizer=tok,
+                bridge=bridge, bridge_options=bopts, warnings=warnings)
 
 
 def adjacent_anchors(manifest: ChainManifest, target: ModelSpec

@@ -63,8 +63,9 @@ class InitRequest(BaseModel):
                                   description="target tokenizer; the chain's when omitted")
     alpha: float | None = Field(default=None, ge=0.0, le=1.0,
                                 description="weight of the smaller anchor; from relative distance when omitted")
-    calibrate: bool = Field(default=False,
-                            description="refine alpha on a validation batch (forward passes only)")
+    calibrate: bool = Field(default=True,
+                            description="pick alpha from a grid around alpha0 (and both single anchors) by "
+                                        "loss on the chain's validation batch, forward passes only; false: alpha0")
     dtype: Dtype = "float32"
     push_to_hub: PushToHub | None = None
 

@@ -79,6 +79,18 @@ def linit_state(ctx: Context, target: ModelSpec, *, alpha: float | None = None, 
     return li.state(alpha), alpha
 
 
+def calibrated_state(ctx: Context, target: ModelSpec) -> State:
+    """LInit with alpha picked on the chain's validation batch (never the held-out text)."""
+    from cbd.execute import calibrate
+
+    small, big = pair(ctx, target)
+    S, B = ctx.anchor(small), ctx.anchor(big)
+    a0 = alpha0(S.spec.non_embedding_params(), B.spec.non_embedding_params(), target.non_embedding_params())
+    li = make_linit(target, S, B, alpha=a0, alignment=load_alignment(ctx.manifest, small, big))
+    alpha, _ = calibrate(li, ctx.validation())
+    return li.state(alpha)
+
+
 def pruned_source_state(ctx: Context, target: ModelSpec) -> State:
     """The source pruned straight to the target by importance, no distillation."""
     src = ctx.manifest.anchors[0].name
@@ -100,6 +112,8 @@ def initialisers(ctx: Context, target: ModelSpec) -> dict[str, Callable[[int], S
 
     out["cbd"] = once("cbd", lambda: linit_state(ctx, target)[0])
     if small and big:
+        out["cbd calibrated"] = once("cal", lambda: calibrated_state(ctx, target))
+    if small and big:
         out["single-small (alpha=1)"] = once("s", lambda: linit_state(ctx, target, alpha=1.0)[0])
         out["single-big (alpha=0)"] = once("b", lambda: linit_state(ctx, target, alpha=0.0)[0])
     out["pruned source"] = once("p", lambda: pruned_source_state(ctx, target))
@@ -107,13 +121,16 @@ def initialisers(ctx: Context, target: ModelSpec) -> dict[str, Callable[[int], S
     return out
 
 
-def step0(ctx: Context, targets: dict[str, dict], *, seeds=(0, 1, 2), log=print) -> list[dict]:
+def step0(ctx: Context, targets: dict[str, dict], *, seeds=(0, 1, 2), methods: list[str] | None = None,
+          log=print) -> list[dict]:
     """Held-out loss at step 0 of every initialiser on every target, mean and spread over seeds."""
     rows = []
     for tname, arch in targets.items():
         target = spec_of(ctx, arch)
         small, big = pair(ctx, target)
         for method, fn in initialisers(ctx, target).items():
+            if methods and method not in methods:
+                continue
             losses = []
             for seed in seeds:
                 model = build_model(target, fn(seed))
