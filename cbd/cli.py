@@ -227,8 +227,9 @@ _register_optional()
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns typer.Exit codes instead of raising
     except CBDError as exc:
         console.print(f"[red]error:[/] {exc.message}")
         if exc.allowed is not None:
@@ -247,6 +248,7 @@ def main() -> None:
             console.print(f"[red]invalid input:[/] {exc}")
             sys.exit(2)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
