@@ -1,0 +1,256 @@
+"""Bridges: FVT vocabulary transfer, the aligned bridge run, published checkpoints; Gemma anchor zero."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cbd import bridge, paths
+from cbd.artifacts import artifact_dir
+from cbd.assets import load_tokenizer
+from cbd.chainstore import tokenizer_dir
+from cbd.execute import linit_for, run_plan
+from cbd.manifest import list_chains, load_manifest
+from cbd.model import build_model, eval_loss, random_state
+from cbd.plan import BridgeOptions, make_plan
+from cbd.request import InitRequest
+
+ARCH = dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+SMALL = BridgeOptions(steps=12, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=2, corpus="austen",
+                      eval_batches=2, eval_batch_size=2, eval_seq_len=64)
+
+
+def _plan(chain, opts: BridgeOptions, tokenizer: str = "gpt2", arch: dict | None = None):
+    req = InitRequest(chain=chain.name, architecture=arch or ARCH, tokenizer=tokenizer)
+    return make_plan(req, chain, bridge_options=opts)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("bridge_artifacts")
+
+
+@pytest.fixture(scope="module")
+def fvt_only(random_chain, store):
+    plan = _plan(random_chain, SMALL.model_copy(update={"steps": 0}))
+    return plan, run_plan(plan, artifacts_root=store)
+
+
+@pytest.fixture(scope="module")
+def bridged(random_chain, store):
+    plan = _plan(random_chain, SMALL)
+    events = []
+    info = run_plan(plan, artifacts_root=store, progress=events.append)
+    return plan, info, events
+
+
+# ---- pure pieces ------------------------------------------------------------------------------
+def test_token_bytes_undo_the_byte_level_alphabet(gpt2):
+    raw = bridge.token_bytes(gpt2)
+    assert raw[gpt2.convert_tokens_to_ids("Ġthe")] == b" the"
+    ids = gpt2("’", add_special_tokens=False).input_ids  # one character, two byte tokens
+    assert len(ids) == 2 and b"".join(raw[i] for i in ids) == "’".encode()
+    assert raw[gpt2.eos_token_id] is None  # special: no text
+
+
+def test_uld_topk_equals_sorted_l1_when_k_covers_the_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    p_s, p_t = torch.randn(5, 7, generator=g).softmax(-1), torch.randn(5, 11, generator=g).softmax(-1)
+    exact = (torch.nn.functional.pad(p_s.sort(-1, descending=True).values, (0, 4))
+             - p_t.sort(-1, descending=True).values).abs().sum(-1).mean()
+    assert torch.allclose(bridge.uld_loss(p_s, p_t, k=11), exact)
+    assert bridge.uld_loss(p_s, p_t, k=3) <= exact + 1e-6  # top-k + tail: a lower bound
+    assert float(bridge.uld_loss(p_t, p_t, k=4)) == 0.0
+
+
+def test_matched_kl_is_the_kl_of_the_shared_tokens():
+    g = torch.Generator().manual_seed(0)
+    lq, lp = torch.randn(3, 6, generator=g).log_softmax(-1), torch.randn(3, 9, generator=g).log_softmax(-1)
+    shared = (torch.tensor([0, 2, 5]), torch.tensor([8, 1, 4]))
+    q, p = lq[:, shared[0]].softmax(-1), lp[:, shared[1]].softmax(-1)
+    want = (p * (p.log() - q.log())).sum(-1).mean()
+    assert torch.allclose(bridge.matched_kl(lq, lp, shared), want, atol=1e-6)
+    assert float(bridge.matched_kl(lq, lq, (shared[0], shared[0]))) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("logit_loss", ["matched-kl", "uld"])
+def test_bridge_loss_is_ce_plus_the_logit_loss_on_aligned_positions(logit_loss):
+    g = torch.Generator().manual_seed(0)
+    s_logits = torch.randn(2, 5, 7, generator=g, requires_grad=True)
+    t_logits, targets = torch.randn(2, 6, 9, generator=g), torch.randint(0, 7, (2, 5), generator=g)
+    pairs, shared = torch.tensor([[0, 1, 2], [1, 4, 5]]), (torch.tensor([0, 3]), torch.tensor([8, 2]))
+    opts = BridgeOptions(logit_loss=logit_loss, logit_weight=0.5, uld_topk=9)
+    loss, parts = bridge.bridge_loss(s_logits, targets, t_logits, pairs, opts, shared)
+    ce = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1), targets.flatten())
+    s_rows, t_rows = s_logits[pairs[:, 0], pairs[:, 1]], t_logits[pairs[:, 0], pairs[:, 2]]
+    kd = bridge.matched_kl(s_rows, t_rows, shared) if logit_loss == "matched-kl" else \
+        bridge.uld_loss(s_rows.softmax(-1), t_rows.softmax(-1), k=9)
+    assert torch.allclose(loss, ce + 0.5 * kd, atol=1e-6) and parts[logit_loss] == pytest.approx(float(kd.detach()), abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(s_logits.grad).all() and s_logits.grad.abs().sum() > 0
+
+
+def test_aligned_positions_have_seen_the_same_text(gpt2):
+    smol = load_tokenizer("smollm2")
+    text = "It was a truth universally acknowledged, that a single man’s fortune — “in want” — of a wife. " * 40
+    data = bridge.BridgeData(text, gpt2, smol, batch_size=2, seq_len=48, seed=1)
+    b = data.batch(0)
+    assert b.student.shape == (2, 49) and len(b.pairs) > 0.8 * 2 * 48
+    for row, i, j in b.pairs.tolist():
+        assert gpt2.decode(b.student[row, : i + 1], clean_up_tokenization_spaces=False) == \
+            smol.decode(b.teacher[row, : j + 1], clean_up_tokenization_spaces=False)
+    again = data.batch(0)
+    assert torch.equal(again.student, b.student) and torch.equal(again.pairs, b.pairs)
+
+
+def test_bridge_plans_are_slow_and_hash_their_options(random_chain):
+    a, b = _plan(random_chain, SMALL), _plan(random_chain, SMALL.model_copy(update={"steps": 13}))
+    assert a.bridge and a.queue == "slow" and a.bridge_options == SMALL and a.id != b.id
+    same = make_plan(InitRequest(chain="test", architecture=ARCH), random_chain)
+    assert not same.bridge and same.bridge_options is None
+
+
+def test_fvt_pieces_spell_each_token_under_a_byte_level_chain(gpt2):
+    smol = load_tokenizer("smollm2")  # the real chain tokenizer
+    vm = bridge.vocab_map(gpt2, smol, vocab_size=50304)
+    raw, chain_raw = bridge.token_bytes(gpt2), bridge.token_bytes(smol)
+    for i in range(0, len(gpt2) - 1, 41):  # lossless: the pieces spell the token's bytes, half characters too
+        assert b"".join(chain_raw[c] for c in vm.pieces[i]) == raw[i], gpt2.convert_ids_to_tokens(i)
+    assert vm.stats["partial_characters"] > 100 and vm.special == {gpt2.eos_token_id: smol.eos_token_id}
+    rows = torch.randn(len(smol), 8, generator=torch.Generator().manual_seed(0))
+    out = bridge.fvt(rows, vm)
+    multi = [i for i, p in enumerate(vm.pieces) if len(set(p)) > 1][:20]
+    assert len(multi) == 20
+    for i in multi:
+        assert torch.allclose(out[i], rows[vm.pieces[i]].mean(0), atol=1e-6)
+
+
+# ---- FVT ---------------------------------------------------------------------------------------
+def test_fvt_rows_are_the_mean_of_the_pieces(random_chain, fvt_only, gpt2, store):
+    plan, info = fvt_only
+    chain_tok = AutoTokenizer.from_pretrained(tokenizer_dir(random_chain))
+    chain_rows = linit_for(plan, random_chain).tensor(bridge.EMBED, info.alpha)  # alpha may be calibrated
+    with safe_open(str(artifact_dir(plan.id, store) / "model.safetensors"), "pt") as f:
+        rows = f.get_tensor(bridge.EMBED)
+    for word in ("Ġthe", "Ġman", "Hello", "Ġwould", "'s"):  # "'s": two pieces (both unknown words)
+        tid = gpt2.convert_tokens_to_ids(word)
+        pieces = chain_tok(gpt2.decode([tid]), add_special_tokens=False).input_ids
+        assert torch.allclose(rows[tid], chain_rows[pieces].mean(0), atol=1e-6), word
+    eos = random_chain.base.eos_token_id
+    assert torch.equal(rows[gpt2.eos_token_id], chain_rows[eos])  # special tokens keep their role's row
+    assert torch.allclose(rows[len(gpt2):], chain_rows.mean(0).expand(rows.shape[0] - len(gpt2), -1))
+    stats = info.metrics["bridge"]["vocab"]
+    assert stats["vocab_size"] == 50304 and stats["padding_rows"] == 47 and stats["special_mapped"] == 1
+
+
+def test_llama3_bos_and_eos_get_their_own_rows(random_chain, tmp_path):
+    plan = _plan(random_chain, SMALL.model_copy(update={"steps": 0}), tokenizer="llama3",
+                 arch=dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1))
+    info = run_plan(plan, artifacts_root=tmp_path)
+    folder = artifact_dir(plan.id, tmp_path)
+    chain_rows = linit_for(plan, random_chain).tensor(bridge.EMBED, info.alpha)  # alpha may be calibrated
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        rows = f.get_tensor(bridge.EMBED)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["vocab_size"] == 128256 and (cfg["bos_token_id"], cfg["eos_token_id"]) == (128000, 128001)
+    assert torch.equal(rows[128000], chain_rows[random_chain.base.bos_token_id])
+    assert torch.equal(rows[128001], chain_rows[random_chain.base.eos_token_id])
+
+
+# ---- the published checkpoint ------------------------------------------------------------------
+def test_checkpoint_loads_with_the_target_tokenizer(bridged, gpt2, store):
+    plan, info, _ = bridged
+    folder = artifact_dir(plan.id, store)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert len(tok) == len(gpt2) == 50257 and tok.eos_token_id == 50256
+    cfg = model.config
+    assert cfg.vocab_size == 50304 and cfg.vocab_size % 64 == 0 and cfg.eos_token_id == cfg.bos_token_id == 50256
+    assert model.get_input_embeddings().weight.shape == (50304, 64)
+    spec = bridge.bridge_spec(plan.target, gpt2, 64)
+    assert sum(p.numel() for p in model.parameters()) == spec.num_params()
+    ids = tok("It is a truth universally acknowledged", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+    recipe = json.loads((folder / "recipe.json").read_text())
+    assert recipe["bridge"]["method"] == "fvt+matched-kl+ce" and recipe["bridge"]["steps"] == SMALL.steps
+    assert recipe["target"]["vocab_size"] == 50304 and recipe["request"]["tokenizer"] == "gpt2"
+    card = (folder / "README.md").read_text()
+    assert "## Bridge to tokenizer `gpt2`" in card and "padded to 50,304" in card
+
+
+def test_bridge_training_lowers_heldout_loss(bridged):
+    _, info, events = bridged
+    m = info.metrics["bridge"]
+    assert m["heldout_loss"] < m["heldout_loss_fvt"] - 0.1, m
+    assert m["tokens"] == SMALL.steps * SMALL.batch_size * SMALL.seq_len and m["teacher_tokens"] > 0
+    fractions = [e["fraction"] for e in events]
+    assert fractions == sorted(fractions) and events[-1] == {"stage": "done", "fraction": 1.0}
+    assert sum(1 for e in events if e["stage"] == "bridge distillation") == SMALL.steps
+
+
+def test_same_plan_same_bytes_and_cached(random_chain, bridged, store, tmp_path):
+    plan, info, _ = bridged
+    again = run_plan(plan, artifacts_root=tmp_path)
+    assert again.files == info.files  # every file's size and sha256
+    assert run_plan(plan, artifacts_root=store).created == info.created  # cached by plan id
+
+
+# ---- the real chain ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_tiny_chain_bridge_to_gpt2(tmp_path):
+    """~29M target (6 x 384, GPT-2 vocabulary): far better than random, better than FVT alone."""
+    root = paths.home() / "chains"
+    if "tiny" not in list_chains(root):
+        pytest.skip("the tiny chain is not built (cbd chain build tiny)")
+    manifest = load_manifest("tiny", root)
+    arch = dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=6, num_key_value_heads=2,
+                intermediate_size=1024)
+    plan = make_plan(InitRequest(chain="tiny", architecture=arch, tokenizer="gpt2"), manifest)
+    t0, c0 = time.perf_counter(), time.process_time()
+    info = run_plan(plan, chains_root=root, artifacts_root=tmp_path)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    m = info.metrics["bridge"]
+    opts = plan.bridge_options
+    spec = bridge.bridge_spec(plan.target, load_tokenizer("gpt2"), opts.pad_vocab_multiple)
+    random_loss = eval_loss(build_model(spec, random_state(spec, seed=0)),
+                            bridge.heldout_batches(m["corpus"], "gpt2", opts))
+    assert m["heldout_loss"] < random_loss - 3.0, (m, random_loss)
+    assert m["heldout_loss"] < m["heldout_loss_fvt"], m
+    # <= 10 minutes on 2 idle cores; on a shared machine the CPU time shows the work itself fits
+    assert min(wall, cpu) <= 600, f"bridge took {wall:.0f} s wall, {cpu:.0f} s CPU"
+
+
+# ---- a foreign source: Gemma writes, an anchor zero of the chain's family learns ----------------
+def test_gemma_teaches_an_anchor_zero_by_sequence_kd():
+    from cbd import arch
+    from cbd.assets import gemma_dir
+    from cbd.errors import AssetUnavailableError
+    from cbd.testing import tiny_spec
+
+    try:
+        gemma_dir()
+    except AssetUnavailableError as exc:
+        pytest.skip(f"Gemma-3-270M is not available: {exc}")
+    smol = load_tokenizer("smollm2")
+    spec = tiny_spec(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=16, intermediate_size=48, vocab_size=len(smol))
+    opts = bridge.SeqKDOptions(prompts=2, prompt_words=8, new_tokens=12, gen_batch=2, steps=6, batch_size=2,
+                               seq_len=16, lr=3e-3, warmup_steps=1)
+    state, m = bridge.foreign_anchor_zero(spec, smol, "austen", opts)
+    assert {n: tuple(t.shape) for n, t in state.items()} == {n: arch.tensor_shape(spec, n)
+                                                              for n in arch.param_names(spec)}
+    prompt = bridge.corpus_prompts(bridge.corpus_text("austen"), 2, 8, 0)[0]
+    assert m["sample"].startswith(prompt) and len(m["sample"]) > len(prompt)  # Gemma continued it
+    assert m["teacher_tokens"] >= 2 * 12 and m["steps"] == 6
+    assert m["train_loss_last"] < m["train_loss_first"]
