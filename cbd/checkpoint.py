@@ -31,8 +31,7 @@ def write_weights(folder: Path, spec: ModelSpec, tensors: Iterable[tuple[str, to
     layout = [(n, tdtype, arch.tensor_shape(spec, n)) for n in arch.param_names(spec)]
     meta = {"format": "pt", "cbd_recipe": canonical_json(recipe), "cbd_version": __version__}
     with StreamingWriter(folder / "model.safetensors", layout, meta) as w:
-        for name, t in tensors:
-            w.write(name, t.to(tdtype))
+        w.write_all((name, t.to(tdtype)) for name, t in tensors)
 
 
 def write_config_files(folder: Path, spec: ModelSpec, *, dtype: str, recipe: dict, tokenizer_src: Path | None,

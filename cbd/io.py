@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from cbd.errors import IntegrityError, StorageFullError
 from cbd.manifest import sha256_file
@@ -27,6 +28,7 @@ from cbd.manifest import sha256_file
 MAX_HEADER = 25_000_000  # huggingface_hub refuses larger headers; so do we
 DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
                torch.int32: "I32", torch.uint8: "U8", torch.float64: "F64"}
+TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 DTYPE_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "F64": 8, "I8": 1, "I16": 2,
                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -113,23 +115,48 @@ def verify(path: Path, sha256: str | None) -> None:
 
 
 class LazyReader:
-    """``reader(name)`` returns one tensor (float32 unless ``keep_dtype``) from a checked file."""
+    """``reader(name)`` returns one tensor (float32 unless ``keep_dtype``) from a checked file.
+
+    Each call reads that tensor's bytes with ``pread`` into a fresh tensor the caller owns: no
+    mapping of the file stays resident, so streaming a teacher-sized LInit holds only the
+    tensors in flight (the page cache still serves repeated reads).
+    """
+
+    returns_fresh = True  # callers may modify what it returns in place (cbd.linit does)
 
     def __init__(self, path: Path, *, sha256: str | None = None, keep_dtype: bool = False) -> None:
         verify(path, sha256)
         self.path = path
         self.entries, self.metadata = read_header(path)
-        self._f = safe_open(str(path), framework="pt")
+        with open(path, "rb") as f:
+            self._base = 8 + struct.unpack("<Q", f.read(8))[0]
+        self._fd = os.open(path, os.O_RDONLY)
         self.keep_dtype = keep_dtype
 
     def keys(self) -> list[str]:
         return list(self.entries)
 
     def __call__(self, name: str) -> torch.Tensor:
-        if name not in self.entries:
+        e = self.entries.get(name)
+        if e is None:
             raise IntegrityError(f"{self.path}: tensor {name!r} is missing")
-        t = self._f.get_tensor(name)
+        if e["dtype"] not in TORCH_DTYPES:
+            raise IntegrityError(f"{self.path}: tensor {name!r} has dtype {e['dtype']}, which cbd does not read")
+        b0, b1 = e["data_offsets"]
+        t = torch.empty(e["shape"], dtype=TORCH_DTYPES[e["dtype"]])
+        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if b1 > b0 else memoryview(b"")
+        done = 0
+        while done < b1 - b0:
+            n = os.preadv(self._fd, [buf[done:]], self._base + b0 + done)
+            if n == 0:
+                raise IntegrityError(f"{self.path}: truncated while reading {name!r}")
+            done += n
         return t if self.keep_dtype else t.float()
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
     __getitem__ = __call__
 
@@ -171,6 +198,37 @@ class StreamingWriter:
         data = tensor.detach().contiguous().cpu()
         self._io(lambda: self._f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""))
         self._next += 1
+
+    def write_all(self, items: Iterable[tuple[str, torch.Tensor]], *, ahead: int = 2) -> None:
+        """Write ``items`` in order while the caller's generator computes the next ones.
+
+        The file writes run in one thread (they release the GIL), so computing tensor k+1
+        overlaps writing tensor k; at most ``ahead`` finished tensors wait in between, which
+        bounds the memory. An error on either side stops both and is raised here.
+        """
+        pending: queue.Queue = queue.Queue(maxsize=ahead)
+        failed: list[BaseException] = []
+
+        def drain() -> None:
+            while (item := pending.get()) is not None:
+                if not failed:
+                    try:
+                        self.write(*item)
+                    except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
+                        failed.append(exc)
+
+        writer = threading.Thread(target=drain, name="cbd-writer", daemon=True)
+        writer.start()
+        try:
+            for item in items:
+                if failed:
+                    break
+                pending.put(item)
+        finally:
+            pending.put(None)
+            writer.join()
+        if failed:
+            raise failed[0]
 
     def close(self) -> None:
         if self._next != len(self.order):

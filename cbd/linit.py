@@ -52,8 +52,10 @@ class LInit:
             parts.append((1.0 - a, trans_tensor(name, self.big.read, self.big.spec, self.target, self.maps_big, **kw)))
         if len(parts) == 1:
             return parts[0][1]  # alpha 0 or 1: exactly one anchor's Trans, bit for bit
-        (wa, ta), (wb, tb) = parts
-        return ta.mul(wa).add_(tb, alpha=wb)
+        (wa, ta), (_, tb) = parts
+        if getattr(self.big.read, "returns_fresh", False):  # tb is ours alone: blend in place
+            return tb.lerp_(ta, wa)  # wa * ta + (1 - wa) * tb, one pass over memory
+        return torch.lerp(tb, ta, wa)
 
     def tensors(self, alpha: float | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in arch.param_names(self.target):
