@@ -48,6 +48,19 @@ def tiny_spec(**kw) -> ModelSpec:
     return ModelSpec(**(base | kw))
 
 
+def tiny_gpt2_spec(**kw) -> ModelSpec:
+    """A GPT-2-family spec with odd sizes (head dim 8, FFN 37, vocab 99); kv heads follow heads.
+
+    ``norm_eps`` 1e-6 as ``tiny_spec``: residual expansion is exact up to the norm epsilon,
+    whose weight grows by d_T / d (``cbd.trans``); GPT-2's 1e-5 on a random model's unit-scale
+    residual stream moves logits by ~1e-4 when d doubles.
+    """
+    base = dict(model_type="gpt2", num_hidden_layers=3, hidden_size=48, num_attention_heads=6,
+                intermediate_size=37, vocab_size=99, max_position_embeddings=64, bos_token_id=1,
+                eos_token_id=2, pad_token_id=2, norm_eps=1e-6)
+    return ModelSpec(**(base | kw))
+
+
 def build_random_chain(root: Path, name: str = "test", *, seed: int = 0) -> ChainManifest:
     """Three anchors, each a subset of the one before: 4x96 (6/2 heads), 3x64 (4/2), 2x32 (2/1)."""
     g = torch.Generator().manual_seed(seed)

@@ -2,23 +2,41 @@
 
 Executes a :class:`~cbd.maps.Maps` tensor by tensor. Expansions are function preserving:
 
-- residual width: new channels are zero in every tensor that writes the residual stream and
-  every RMSNorm weight is scaled by ``sqrt(n_real / d_T)``, which keeps the normalised values
-  of the real channels (RMS over zero-padded channels shrinks by that factor; exact up to the
-  norm epsilon, whose relative weight grows by d_T / n_real);
+- residual width, llama family (RMSNorm): new channels are zero in every tensor that writes
+  the residual stream and every RMSNorm weight is scaled by ``sqrt(n_real / d_T)``, which keeps
+  the normalised values of the real channels (RMS over zero-padded channels shrinks by that
+  factor; exact up to the norm epsilon, whose relative weight grows by d_T / n_real);
+- residual width, GPT-2 family (LayerNorm, with a mean and a bias): zero padding is *not*
+  function preserving (it moves the mean), so every new channel carries the mean of the real
+  channels instead: each writer's (``wte``, ``wpe``, ``c_proj`` weights and biases) new row is
+  the mean of its real rows, so by linearity the stream's new channels always equal the mean of
+  its real ones. The LayerNorm mean is then unchanged, the variance shrinks by exactly
+  ``n_real / d_T`` and the new channels normalise to 0; scaling the LayerNorm weights by
+  ``sqrt(n_real / d_T)`` and zeroing the new channels' LayerNorm biases keeps every output. Exact
+  up to the epsilon (as for RMSNorm: its weight grows by d_T / n_real, ~1e-4 on the logits of a
+  tiny random model with a unit-scale residual and eps 1e-5 when d doubles; negligible at a
+  trained model's residual scale) and float rounding; readers of the new channels see zeros;
 - heads and FFN neurons (``clone``): duplicates share their reader's columns, divided by the
-  number of copies (Net2Net / HyperCloning); (``zero``): the duplicates' reader columns are 0;
+  number of copies (Net2Net / HyperCloning); (``zero``): the duplicates' reader columns are 0.
+  GPT-2's fused ``c_attn`` is split into its q, k and v blocks, each mapped by the head map
+  (GPT-2 has no GQA: kv heads are the query heads), and re-fused;
 - kv heads: repeated (each query head keeps its own group's keys and values);
 - depth (``identity``): an inserted block copies its neighbour with its attention-output and
-  FFN-down projections zeroed, so it adds nothing to the residual stream; (``copy``) keeps them.
+  FFN-down projections zeroed (GPT-2: both ``c_proj`` weights and biases), so it adds nothing
+  to the residual stream; (``copy``) keeps them.
 
-Subsets just drop units. ``trans_tensor`` computes one target tensor from a reader, so the
-executor can stream a checkpoint as large as the teacher through memory one tensor at a time.
+GPT-2's learned positions (``wpe``) follow the residual map only: source and target must
+agree on ``max_position_embeddings``.
+
+Subsets just drop units (never exact; for GPT-2 the dropped residual channels also change the
+LayerNorm statistics, as RMSNorm's). ``trans_tensor`` computes one target tensor from a reader,
+so the executor can stream a checkpoint as large as the teacher through memory one tensor at a time.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Literal
 
@@ -36,22 +54,28 @@ DepthExpand = Literal["identity", "copy"]
 def trans_tensor(name: str, read: Reader, src: ModelSpec, tgt: ModelSpec, maps: Maps, *,
                  width_expand: WidthExpand = "clone", depth_expand: DepthExpand = "identity") -> torch.Tensor:
     """The target tensor ``name`` (a name of the target's checkpoint) from the source."""
+    if src.family != tgt.family:
+        raise ValueError(f"Trans maps within one family: {src.model_type!r} -> {tgt.model_type!r}")
+    if src.family == "gpt2" and src.max_position_embeddings != tgt.max_position_embeddings:
+        raise ValueError(f"learned positions are kept as they are: max_position_embeddings "
+                         f"{src.max_position_embeddings} -> {tgt.max_position_embeddings}")
     layer, key = arch.split_name(name)
     if layer is None:
         roles = arch.global_table(tgt)[key]
         out = read(name)
     else:
         roles = arch.layer_table(tgt)[key]
-        out = read(arch.LAYER_PREFIX.format(i=maps.layers.idx[layer]) + key)
+        out = read(arch.layer_prefix(src).format(i=maps.layers.idx[layer]) + key)
+    fill = "mean" if arch.family(tgt).norm == "layer" else "zero"
     for dim, (axis, io) in enumerate(roles):
         m = _axis_map(maps, axis, layer)
         if m is None:
             continue
-        out = _apply_axis(out, dim, m, io, arch.unit(src, axis), axis, width_expand)
+        out = _apply_axis(out, dim, m, io, arch.unit(src, axis), axis, width_expand, fill)
     if any(a == "resid" and io == "norm" for a, io in roles):
         out = out * _norm_scale(maps.resid)
     if layer is not None and maps.layers.new[layer] and depth_expand == "identity" \
-            and key in arch.LLAMA_BLOCK_OUTPUTS:
+            and key in arch.block_outputs(tgt):
         out = torch.zeros_like(out)
     return out
 
@@ -67,11 +91,18 @@ def _axis_map(maps: Maps, axis: str, layer: int | None) -> AxisMap | None:
         return maps.resid
     if axis in ("q", "kv", "ffn"):
         return getattr(maps, axis)[layer]
-    return None  # vocab, dh: unchanged
+    if axis == "qkv":  # GPT-2's fused q, k, v: no GQA, so the query-head map serves all three
+        return maps.q[layer]
+    return None  # vocab, dh, pos: unchanged
 
 
 def _apply_axis(t: torch.Tensor, dim: int, m: AxisMap, io: str, unit: int, axis: str,
-                width_expand: WidthExpand) -> torch.Tensor:
+                width_expand: WidthExpand, fill: str = "zero") -> torch.Tensor:
+    if axis == "qkv":  # split the fused [.., 3 * H * dh] into q, k, v; map each; re-fuse
+        if m.is_identity and t.shape[dim] == 3 * len(m.idx) * unit:
+            return t
+        return torch.cat([_apply_axis(part, dim, m, io, unit, "q", width_expand)
+                          for part in t.chunk(3, dim)], dim)
     if m.is_identity and t.shape[dim] == len(m.idx) * unit:
         return t
     idx = torch.tensor(m.idx, dtype=torch.long)
@@ -79,8 +110,11 @@ def _apply_axis(t: torch.Tensor, dim: int, m: AxisMap, io: str, unit: int, axis:
     out = t.index_select(dim, rows)
     if not any(m.new):
         return out
+    # ``out`` is a fresh copy from here on: scale it in place
     if axis == "resid":
-        if io == "out":  # new residual channels stay exactly zero
+        if io == "out" and fill == "mean":  # LayerNorm: new channels carry the real channels' mean
+            return _fill_mean(out, dim, m.new)
+        if io == "out" or io == "normbias":  # RMSNorm: new residual channels stay exactly zero
             out = _scale_units(out, dim, unit, [0.0 if n else 1.0 for n in m.new])
         return out
     if io != "in":
@@ -88,7 +122,7 @@ def _apply_axis(t: torch.Tensor, dim: int, m: AxisMap, io: str, unit: int, axis:
     if width_expand == "zero":
         factors = [0.0 if n else 1.0 for n in m.new]
     else:
-        counts = {i: m.idx.count(i) for i in set(m.idx)}
+        counts = Counter(m.idx)
         factors = [1.0 / counts[i] for i in m.idx]
     return _scale_units(out, dim, unit, factors)
 
@@ -99,7 +133,17 @@ def _scale_units(t: torch.Tensor, dim: int, unit: int, factors: list[float]) -> 
     f = torch.tensor(factors, dtype=t.dtype).repeat_interleave(unit)
     shape = [1] * t.dim()
     shape[dim] = -1
-    return t * f.view(shape)
+    return t.mul_(f.view(shape))  # only called on index_select's fresh output
+
+
+def _fill_mean(t: torch.Tensor, dim: int, new: tuple[bool, ...]) -> torch.Tensor:
+    """Set the new entries along ``dim`` to the mean of the real ones (in place on a fresh ``t``)."""
+    real = torch.tensor([i for i, n in enumerate(new) if not n], dtype=torch.long)
+    added = torch.tensor([i for i, n in enumerate(new) if n], dtype=torch.long)
+    mean = t.index_select(dim, real).mean(dim, keepdim=True, dtype=torch.float32).to(t.dtype)
+    shape = list(t.shape)
+    shape[dim] = len(added)
+    return t.index_copy_(dim, added, mean.expand(shape))
 
 
 def _norm_scale(resid: AxisMap) -> float:
