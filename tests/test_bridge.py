@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 import torch
+from conftest_service import children, redis_db, redis_server  # noqa: F401 (fixtures, requested by name)
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -206,29 +211,92 @@ def test_same_plan_same_bytes_and_cached(random_chain, bridged, store, tmp_path)
     assert run_plan(plan, artifacts_root=store).created == info.created  # cached by plan id
 
 
-# ---- the real chain ---------------------------------------------------------------------------
+# ---- the real chain, through the service ------------------------------------------------------
+SERVICE_DB = 10
+REAL_ARCH = dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=6, num_key_value_heads=2,
+                 intermediate_size=1024)  # 28.8M parameters with GPT-2's vocabulary (19.3M: the tied embedding)
+
+
+def worker_cpu_s(proc) -> float:
+    t = psutil.Process(proc.pid).cpu_times()
+    return t.user + t.system
+
+
+def download(client: httpx.Client, files: dict, folder: Path) -> None:
+    """Every file the API lists, by its URL, checked against the size and sha256 it states."""
+    folder.mkdir(parents=True)
+    for name, link in files.items():
+        data = client.get(link["url"]).content
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (link["size"], link["sha256"]), name
+        (folder / name).write_bytes(data)
+
+
 @pytest.mark.slow
-def test_real_tiny_chain_bridge_to_gpt2(tmp_path):
-    """~29M target (6 x 384, GPT-2 vocabulary): far better than random, better than FVT alone."""
+@pytest.mark.timeout(2400)
+def test_real_tiny_chain_bridge_to_gpt2_through_the_service(redis_server, children, tmp_path):  # noqa: F811
+    """POST a ~29M GPT-2-tokenizer target on the real `tiny` chain to the API; a real worker runs
+    the bridge; the files downloaded from the API load in transformers and the checkpoint beats a
+    random init by far and vocabulary transfer alone (issue 3)."""
     root = paths.home() / "chains"
     if "tiny" not in list_chains(root):
         pytest.skip("the tiny chain is not built (cbd chain build tiny)")
+    env = {"CBD_CHAINS": str(root), "CBD_ARTIFACTS": str(tmp_path / "artifacts")}  # the real chain, our store
+    url = redis_db(redis_server, SERVICE_DB)
+    worker = children.worker(url, **env)
+    base, _ = children.api(url, CBD_SYNC_WAIT_S="0", **env)
+    with httpx.Client(base_url=base, timeout=60) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/healthz").json().get("workers", 0) < 1:  # the worker is up: its start-up is not timed
+            assert time.monotonic() < deadline and worker.poll() is None, children.log()
+            time.sleep(0.5)
+        body = {"chain": "tiny", "architecture": REAL_ARCH, "tokenizer": "gpt2"}
+        cpu0, t0 = worker_cpu_s(worker), time.perf_counter()
+        r = client.post("/initialize", json=body)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["id"] and job["queue"] == "slow" and r.headers["location"] == f"/jobs/{job['id']}"
+        seen = []
+        while job["status"] not in ("finished", "failed"):
+            assert time.perf_counter() - t0 < 1800 and worker.poll() is None, children.log()
+            time.sleep(1.0)
+            job = client.get(r.headers["location"]).json()
+            if job.get("progress"):
+                seen.append((job["progress"].get("stage"), job["progress"].get("fraction")))
+        wall, cpu = time.perf_counter() - t0, worker_cpu_s(worker) - cpu0
+        assert job["status"] == "finished", (job, children.log())
+        download(client, job["files"], tmp_path / "ckpt")
+    assert any(0 < f < 1 for _, f in seen), seen  # progress was reported while it ran
+    assert "bridge distillation" in {s for s, _ in seen}, seen
+
     manifest = load_manifest("tiny", root)
-    arch = dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=6, num_key_value_heads=2,
-                intermediate_size=1024)
-    plan = make_plan(InitRequest(chain="tiny", architecture=arch, tokenizer="gpt2"), manifest)
-    t0, c0 = time.perf_counter(), time.process_time()
-    info = run_plan(plan, chains_root=root, artifacts_root=tmp_path)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    m = info.metrics["bridge"]
+    plan = make_plan(InitRequest.model_validate(body), manifest)  # the plan the API made: same id
+    assert plan.id == job["id"] and plan.bridge
+    gpt2 = load_tokenizer("gpt2")
+    folder = tmp_path / "ckpt"
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    text = "It is a truth universally acknowledged — “Persuasion”, 1817."
+    assert len(tok) == len(gpt2) == 50257 and tok.eos_token_id == gpt2.eos_token_id == 50256
+    assert tok(text).input_ids == gpt2(text).input_ids  # GPT-2's tokenizer, not the chain's
+    assert model.config.vocab_size == 50304 and model.config.eos_token_id == 50256
+    assert 25e6 < sum(p.numel() for p in model.parameters()) < 35e6  # "about 30M"
+
     opts = plan.bridge_options
-    spec = bridge.bridge_spec(plan.target, load_tokenizer("gpt2"), opts.pad_vocab_multiple)
-    random_loss = eval_loss(build_model(spec, random_state(spec, seed=0)),
-                            bridge.heldout_batches(m["corpus"], "gpt2", opts))
-    assert m["heldout_loss"] < random_loss - 3.0, (m, random_loss)
-    assert m["heldout_loss"] < m["heldout_loss_fvt"], m
-    # <= 10 minutes on 2 idle cores; on a shared machine the CPU time shows the work itself fits
-    assert min(wall, cpu) <= 600, f"bridge took {wall:.0f} s wall, {cpu:.0f} s CPU"
+    m = json.loads((folder / "recipe.json").read_text())["bridge"]  # what the job measured
+    heldout = bridge.heldout_batches(m["corpus"], "gpt2", opts)  # held-out text in GPT-2 tokens
+    loss = eval_loss(model, heldout)
+    spec = bridge.bridge_spec(plan.target, gpt2, opts.pad_vocab_multiple)
+    random_loss = eval_loss(build_model(spec, random_state(spec, seed=0)), heldout)
+    assert loss == pytest.approx(m["heldout_loss"], abs=2e-3), (loss, m)  # the served file is what was measured
+    assert loss < random_loss - 3.0, (loss, random_loss)
+    assert loss < m["heldout_loss_fvt"] - 0.2, (loss, m)  # the bridge run buys more than FVT alone
+    # The budget is 10 minutes on 2 CPU cores. The worker runs with one thread (OMP_NUM_THREADS=1)
+    # on a machine shared with a chain build, so its wall time includes waiting for the CPU; its
+    # CPU time (the worker process, from the POST until the job finished: the job itself, torch's
+    # import included) is the work. Either under 600 s meets the budget.
+    print(f"bridge job: {wall:.0f} s wall, {cpu:.0f} CPU s; held-out {loss:.4f} vs FVT "
+          f"{m['heldout_loss_fvt']:.4f} and random {random_loss:.4f}")
+    assert min(wall, cpu) <= 600, f"bridge job took {wall:.0f} s wall, {cpu:.0f} s CPU"
 
 
 # ---- a foreign source: Gemma writes, an anchor zero of the chain's family learns ----------------

@@ -1,9 +1,10 @@
 """Faults injected into the running service; after each, nothing is lost and nothing partial is served.
 
-- workers SIGKILLed mid-interpolation (and mid chain build, on the slow queue), again and again:
-  each job ends finished (retried) or, killed on every try, failed with a clear error; a thread
-  downloads every published file throughout and checks it against ``artifact.json``; the
-  orphaned staging folders are gone once a worker restarts;
+- workers SIGKILLed mid-interpolation, mid-bridge (during the bridge run and while writing its
+  weights, on the slow queue) and mid chain build, again and again: each job ends finished
+  (retried) or, killed on every try, failed with a clear error; a thread downloads every
+  published file throughout and checks it against ``artifact.json``; the orphaned staging
+  folders are gone once a worker restarts;
 - Redis (AOF on, as docker-compose runs it) stopped with SIGTERM and SIGKILL while jobs are queued
   and one runs: the API answers 503 + Retry-After (never 500) meanwhile, every job finishes after;
 - the artifact store full (a 1 MiB tmpfs; root only, else skipped: there is no honest ENOSPC
@@ -55,6 +56,7 @@ from worker import queue
 
 DB = 6
 KILLS = int(os.environ.get("CBD_FAULT_KILLS", "3"))  # jobs killed once each, then one killed on every try
+BRIDGE_KILLS = int(os.environ.get("CBD_FAULT_KILLS", "2"))  # the same for bridge jobs (each costs ~30 s)
 RESTARTS = int(os.environ.get("CBD_FAULT_RESTARTS", "1"))  # Redis restarts per signal
 ABANDON_S = 8  # CBD_ABANDON_AFTER_S of the workers: a killed worker's job is re-queued after 8-16 s
 SLOW_TENSOR_S = "0.15"  # ~30 tensors: a job spends ~5 s writing model.safetensors
@@ -132,12 +134,13 @@ class Watcher(threading.Thread):
 class Workers:
     """Slowed worker processes (tests/_slow_worker.py); killed ones are replaced, as `cbd serve` does."""
 
-    def __init__(self, children: Children, redis_url: str, **env: str) -> None:
-        self.children, self.redis_url, self.env = children, redis_url, env
+    def __init__(self, children: Children, redis_url: str, *, entry: tuple[str, ...] = ("tests/_slow_worker.py",),
+                 **env: str) -> None:
+        self.children, self.redis_url, self.entry, self.env = children, redis_url, entry, env
         self.procs: dict[int, subprocess.Popen] = {}
 
     def add(self) -> subprocess.Popen:
-        proc = self.children.worker(self.redis_url, entry=("tests/_slow_worker.py",), **self.env)
+        proc = self.children.worker(self.redis_url, entry=self.entry, **self.env)
         self.procs[proc.pid] = proc
         return proc
 
@@ -147,9 +150,12 @@ class Workers:
         proc.wait(timeout=30)
 
 
-def writing(root: Path, aid: str) -> tuple[int, Path] | None:
-    """(pid, staging folder) once a worker's model.safetensors for ``aid`` holds some tensors, not all."""
+def writing(root: Path, aid: str, alive: dict | None = None) -> tuple[int, Path] | None:
+    """(pid, staging folder) once a worker's model.safetensors for ``aid`` holds some tensors, not all
+    (of a worker in ``alive`` when given: a killed try's orphan does not count)."""
     for folder in root.glob(f".tmp-{aid}-*"):
+        if alive is not None and int(artifacts.STAGING_RE.match(folder.name)["pid"]) not in alive:
+            continue
         path = folder / "model.safetensors"
         try:
             with open(path, "rb") as f:
@@ -223,6 +229,176 @@ def test_workers_killed_mid_interpolation(killable):
     record("watcher", downloads_verified=watcher.checked, not_yet_published=watcher.missing, bad=len(watcher.bad))
     assert not watcher.bad, watcher.bad
     assert watcher.checked > 0
+
+
+# ---- bridge jobs (slow queue) killed mid-run and mid-write ---------------------------------------
+
+# A worker whose bridge jobs are slowed, test-only (nothing in cbd/ knows): each bridge step and each
+# tensor written sleeps, so a job of a few seconds spends most of them training or writing.
+SLOW_BRIDGE_WORKER = """
+import os, time
+from cbd import bridge
+step_s, tensor_s = float(os.environ["CBD_TEST_SLOW_BRIDGE_STEP_S"]), float(os.environ["CBD_TEST_SLOW_BRIDGE_TENSOR_S"])
+train, write = bridge.bridge_train, bridge.write_weights
+
+def slowed(report):
+    def each_step(event):
+        time.sleep(step_s)
+        report(event)
+    return each_step
+
+def each_tensor(items):
+    for item in items:
+        time.sleep(tensor_s)
+        yield item
+
+bridge.bridge_train = lambda *a, report, **kw: train(*a, report=slowed(report), **kw)
+bridge.write_weights = lambda folder, spec, tensors, **kw: write(folder, spec, each_tensor(tensors), **kw)
+from worker.main import main
+raise SystemExit(main())
+"""
+BRIDGE_ARCH = {"num_hidden_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "intermediate_size": 64}  # GPT-2 vocabulary: a 50,304 x 64 tied embedding, ~30 tensors
+BRIDGE_STEPS = 12  # x 0.2 s: ~3 s of bridge run; ~30 tensors x 0.1 s: ~3 s of writing
+
+
+def bridge_options(seed: int):
+    from cbd.plan import BridgeOptions
+
+    return BridgeOptions(steps=BRIDGE_STEPS, batch_size=2, seq_len=32, warmup_steps=2, corpus="austen",
+                         eval_batches=1, eval_batch_size=2, eval_seq_len=32, seed=seed)  # one plan per seed
+
+
+@pytest.fixture(scope="module")
+def bridge_killable(redis_server, random_chain, module_artifacts, children):
+    url = redis_db(redis_server, DB + 3)
+    workers = Workers(children, url, entry=("-c", SLOW_BRIDGE_WORKER), CBD_TEST_SLOW_BRIDGE_STEP_S="0.2",
+                      CBD_TEST_SLOW_BRIDGE_TENSOR_S="0.1", CBD_ABANDON_AFTER_S=str(ABANDON_S))
+    workers.add()
+    workers.add()
+    base, _ = children.api(url, CBD_SYNC_WAIT_S="0")
+    watcher = Watcher(base)
+    watcher.start()
+    with httpx.Client(base_url=base, timeout=30) as client:
+        yield SimpleNamespace(client=client, redis=Redis.from_url(url), workers=workers, root=module_artifacts,
+                              chain=random_chain, watcher=watcher)
+    watcher.stop.set()
+    watcher.join(timeout=10)
+
+
+def training(redis: Redis, aid: str, alive: dict):
+    """A check: the pid of the live worker whose bridge run for ``aid`` is under way, else None.
+
+    Under way = two looks at the job's progress, from the same live worker, show the step
+    advancing (and not near the end): a killed try's last progress stays in ``job.meta`` until the
+    next try overwrites it, so one look could be stale.
+    """
+    last: dict[int, int] = {}
+
+    def check() -> int | None:
+        job = queue.fetch_job(redis, aid)
+        progress = (job.meta.get("progress") or {}) if job is not None else {}
+        pid = int(job.worker_name.rsplit("-", 2)[1]) if job is not None and job.worker_name else None
+        step = progress.get("step", 0) if progress.get("stage") == "bridge distillation" else 0
+        if pid not in alive or not 1 <= step <= 0.75 * BRIDGE_STEPS:
+            last.clear()
+            return None
+        if last.get(pid, step) < step:
+            return pid
+        last.clear()
+        last[pid] = step
+        return None
+
+    return check
+
+
+def enqueue_bridge(s: SimpleNamespace, seed: int):
+    """A bridge job with a small budget, as the API enqueues one (its body has no bridge options)."""
+    from cbd.plan import make_plan
+    from cbd.request import InitRequest
+
+    req = InitRequest(chain=s.chain.name, architecture=BRIDGE_ARCH, tokenizer="gpt2")
+    plan = make_plan(req, s.chain, bridge_options=bridge_options(seed))
+    job, created = queue.enqueue_initialize(s.redis, plan.model_dump(mode="json"), plan.queue)
+    assert created and job.origin == "slow" and job.id == plan.id
+    return plan
+
+
+def verify_weights(c: httpx.Client, aid: str, files: dict) -> None:
+    """The served weights parse and hold every tensor of the target, finite (not just the right hash)."""
+    from safetensors.torch import load
+
+    from cbd import arch
+    from cbd.spec import ModelSpec
+
+    state = load(c.get(files["model.safetensors"]["url"]).content)
+    plan = artifacts.load_artifact(aid).plan
+    assert plan["bridge"] and set(state) == set(arch.param_names(ModelSpec.model_validate(plan["target"])))
+    assert all(bool(t.isfinite().all()) for t in state.values())
+    assert state["model.embed_tokens.weight"].shape == (50304, 64)  # GPT-2's 50,257 rows padded to 64
+
+
+def kill_bridge(s: SimpleNamespace, aid: str, phase: str) -> float:
+    """Kill the worker running ``aid`` mid-``phase`` (train: during the bridge run; write: while writing
+    its weights), start a replacement, and wait until any orphaned staging folder is gone."""
+    c, root = s.client, s.root
+    if phase == "train":
+        pid, folder = wait_until(f"bridge job {aid} is training", training(s.redis, aid, s.workers.procs), 180, 0.05), None
+    else:
+        pid, folder = wait_until(f"bridge job {aid} is writing its weights",
+                                 lambda: writing(root, aid, s.workers.procs), 180, 0.05)
+    s.workers.kill(pid)
+    killed_at = time.monotonic()
+    assert c.get(f"/checkpoints/{aid}/model.safetensors").status_code == 404  # nothing partial
+    assert c.get(f"/jobs/{aid}").json()["status"] in ("started", "queued")
+    if folder is None:
+        assert not list(root.glob(f".tmp-{aid}-*"))  # nothing is staged before the weights are written
+    else:
+        assert folder.exists()  # an orphan now
+    s.workers.add()
+    if folder is not None:
+        wait_until("the new worker removed the orphaned staging folder", lambda: not folder.exists())
+    record("bridge_kill", job=aid, phase=phase, orphan=folder is not None,
+           orphan_removed_s=round(time.monotonic() - killed_at, 1) if folder is not None else None)
+    return killed_at
+
+
+def test_workers_killed_mid_bridge(bridge_killable):
+    """BRIDGE_KILLS bridge jobs killed once (in turn mid-run and mid-write; retried: finished), one
+    killed on all 3 tries (failed, clear); every served file verified, no staging folder left.
+
+    After the failure a new request for the same id is not tried here: the interpolation test
+    does that, and the queue code is the same for both queues.
+    """
+    s, c = bridge_killable, bridge_killable.client
+    plan = [1] * BRIDGE_KILLS + [queue.RETRIES + 1]
+    n = 0
+    for i, kills in enumerate(plan):
+        aid = enqueue_bridge(s, seed=i).id
+        s.watcher.ids.add(aid)
+        started = time.monotonic()
+        for _ in range(kills):
+            killed_at = kill_bridge(s, aid, ("train", "write")[n % 2])
+            n += 1
+        final = wait_job(c, f"/jobs/{aid}", timeout=240)
+        record("bridge_job_end", job=aid, kills=kills, status=final["status"],
+               recovered_s=round(time.monotonic() - killed_at, 1), job_s=round(time.monotonic() - started, 1))
+        assert not list(s.root.glob(f".tmp-{aid}-*"))
+        if kills <= queue.RETRIES:
+            assert final["status"] == "finished", final
+            verify_download(c, aid, final["files"])
+            verify_weights(c, aid, final["files"])
+            continue
+        assert final["status"] == "failed", final
+        assert final["error"]["type"] == "AbandonedJobError" and "killed" in final["error"]["message"]
+        assert artifacts.load_artifact(aid) is None
+        assert c.get(f"/checkpoints/{aid}/model.safetensors").status_code == 404
+    watcher = s.watcher
+    record("bridge_watcher", downloads_verified=watcher.checked, not_yet_published=watcher.missing,
+           bad=len(watcher.bad))
+    assert not watcher.bad, watcher.bad
+    assert watcher.checked > 0
+    assert not list(s.root.glob(".tmp-*"))  # no orphaned staging folder anywhere in the store
 
 
 def test_worker_killed_mid_chain_build_on_the_slow_queue(killable):
