@@ -130,16 +130,44 @@ def chain_build(
     recipe: Annotated[str, typer.Argument(help="recipe name in anchors/ or a .toml path")],
     force: Annotated[bool, typer.Option(help="rebuild even when built (finished anchors are still reused)")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (overrides the recipe)")] = None,
+    queue: Annotated[bool, typer.Option("--queue", help="submit to the workers' slow queue instead: one job per "
+                                        "anchor, each depending on the one before, then the manifest")] = False,
+    redis_url: Annotated[str | None, typer.Option(help="with --queue: the workers' Redis ($REDIS_URL)")] = None,
 ) -> None:
-    """Distil the recipe's source into a chain of anchors (resumable)."""
-    from cbd.chain import build_chain
-    from cbd.recipe import load_recipe
+    """Distil the recipe's source into a chain of anchors (resumable), here or on the workers."""
+    from cbd.recipe import load_recipe, recipe_path
 
     r = load_recipe(recipe)
+    if queue:
+        elsewhere = Path(recipe).suffix == ".toml" and Path(recipe).resolve() != recipe_path(r.name).resolve()
+        if force or device or elsewhere:
+            console.print("[red]error:[/] --queue builds anchors/<name>.toml as the workers read it: "
+                          "no .toml path elsewhere, --force or --device")
+            raise typer.Exit(2)
+        _enqueue_chain(r, redis_url)
+        return
+    from cbd.chain import build_chain
+
     if device:
         r = r.model_copy(update={"device": device})
     m = build_chain(r, force=force)
     _print_chain(m)
+
+
+def _enqueue_chain(r, redis_url: str | None) -> None:
+    """Print the job ids (JSON, run order) of the queued build; exit 5 when Redis is unreachable."""
+    from redis.exceptions import RedisError
+
+    from worker import queue
+
+    try:
+        build = queue.enqueue_build_chain(queue.connect(redis_url), r.name, anchors=r.anchor_names)
+    except RedisError as exc:
+        console.print(f"[red]error:[/] Redis at {queue.redis_url(redis_url)} is unreachable: {exc}")
+        raise typer.Exit(5) from None
+    state = "queued" if build.created else "already queued or running"
+    console.print(f"chain {r.name}: {state}; follow job {build.job.id} (GET /jobs/{build.job.id})")
+    print(json.dumps({"chain": r.name, "created": build.created, "job": build.job.id, "jobs": build.job_ids}))
 
 
 @chain_app.command("list")

@@ -3,6 +3,11 @@
 A recipe names the source model, the anchors' shapes (largest first; each must be a subset
 of the one before on every axis, so anchors stay channel aligned), how anchors are pruned,
 the distillation loss, data, optimiser and schedule, and the seed.
+
+Anchor a0 is the source converted, or, with an ``[anchor_zero]`` table, a model of the source's
+family and tokenizer (its shape given there) taught by a model of *another* family by
+sequence-level KD (``cbd.bridge.foreign_anchor_zero``): the foreign model continues prompts drawn
+from the corpus and a0 learns those texts; the chain then continues from a0 as usual.
 """
 
 from __future__ import annotations
@@ -57,12 +62,46 @@ class DataRecipe(BaseModel):
     calibration_seq_len: int = Field(128, ge=8)
 
 
+class SeqKDRecipe(BaseModel):
+    """``[anchor_zero.seqkd]``: fields of ``cbd.bridge.SeqKDOptions`` (torch-free here; unset: its default)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompts: int | None = Field(default=None, ge=1, description="corpus prompts the foreign model continues")
+    prompt_words: int | None = Field(default=None, ge=1)
+    new_tokens: int | None = Field(default=None, ge=1, description="foreign tokens generated per prompt")
+    temperature: float | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    gen_batch: int | None = Field(default=None, ge=1)
+    steps: int | None = Field(default=None, ge=1, description="optimizer steps of a0 on the generated text")
+    batch_size: int | None = Field(default=None, ge=1)
+    seq_len: int | None = Field(default=None, ge=8)
+    lr: float | None = Field(default=None, gt=0)
+    warmup_steps: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, description="the recipe's seed when unset")
+
+
+class AnchorZeroRecipe(Architecture):
+    """``[anchor_zero]``: a0 of this shape (source family and tokenizer) taught by ``foreign``."""
+
+    foreign: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="a model of cbd.assets.TEACHERS")
+    seqkd: SeqKDRecipe = SeqKDRecipe()
+
+    @model_validator(mode="after")
+    def _known_teacher(self) -> AnchorZeroRecipe:
+        from cbd.assets import TEACHERS  # torch-free
+
+        if self.foreign not in TEACHERS:
+            raise ValueError(f"anchor_zero.foreign {self.foreign!r} is not a known model; known: {sorted(TEACHERS)}")
+        return self
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     description: str = ""
-    source: str = "smollm2-135m"
+    source: str = Field("smollm2-135m", description="a0, or with anchor_zero only its family and tokenizer")
     source_repo: str = Field("HuggingFaceTB/SmolLM2-135M-Instruct", description="base_model on model cards")
     tokenizer: str = "smollm2"
     seed: int = 0
@@ -73,6 +112,7 @@ class Recipe(BaseModel):
     anchors: list[AnchorRecipe] = Field(min_length=1)
     expected: dict[str, Any] = Field(default_factory=dict, description="documented build time etc.")
     mode: Literal["chain", "direct"] = Field("chain", description="direct: every anchor distilled from the source")
+    anchor_zero: AnchorZeroRecipe | None = Field(default=None, description="a0 taught by a foreign model")
 
     @model_validator(mode="after")
     def _unique_shrinking(self) -> Recipe:
@@ -80,6 +120,17 @@ class Recipe(BaseModel):
         if len(set(names)) != len(names) or "a0" in names:
             raise ValueError(f"anchor names must be unique and not 'a0' (the source): {names}")
         return self
+
+    @property
+    def anchor_names(self) -> list[str]:
+        """Every anchor in build order: ``a0`` (the source, or the foreign model's anchor zero), then the rest."""
+        return ["a0", *(a.name for a in self.anchors)]
+
+    def anchor(self, name: str) -> AnchorRecipe:
+        for a in self.anchors:
+            if a.name == name:
+                return a
+        raise UnknownNameError(f"recipe {self.name!r} has no anchor {name!r}", allowed=self.anchor_names)
 
 
 def recipe_path(name: str) -> Path:

@@ -41,13 +41,27 @@ def initialize(plan: dict, push: dict | None = None, token_ref: str | None = Non
 
 
 def build_chain(name: str) -> dict:
-    """Build the chain of recipe ``anchors/<name>.toml`` (distillation: the slow queue)."""
+    """Build the chain of recipe ``anchors/<name>.toml`` and publish its manifest (the slow queue).
+
+    Queued after one ``build_anchor`` job per anchor (``worker.queue.enqueue_build_chain``), it
+    finds every anchor finished, verifies them and writes the manifest; alone, it builds them all.
+    """
     from cbd.chain import build_chain as build
 
     with _tracked("build_chain") as job:
         manifest = build(name, progress=_reporter(job))
         return {"chain": manifest.name, "anchors": [a.name for a in manifest.anchors],
                 "manifest_sha256": manifest.sha256}
+
+
+def build_anchor(name: str, anchor: str) -> dict:
+    """Build one anchor of chain ``name`` from its parent on disk; returns at once if it is finished."""
+    from cbd.chain import build_anchor as build
+
+    with _tracked("build_anchor") as job:
+        entry = build(name, anchor, progress=_reporter(job))
+        return {"chain": name, "anchor": entry.name, "parent": entry.parent, "sha256": entry.sha256,
+                "heldout_loss": entry.metrics.get("heldout_loss"), "wall_s": entry.metrics.get("wall_s")}
 
 
 def _push(job: Job | None, artifact_id: str, push: dict, token_ref: str | None) -> dict:

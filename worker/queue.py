@@ -4,7 +4,10 @@ Two queues: ``fast`` (interpolation, seconds) and ``slow`` (chain builds and bri
 distillation, minutes to hours). Jobs are enqueued by dotted path with JSON-only arguments and
 the JSON serializer (pickle would run code from whoever can write to Redis). The job id of an
 initialisation is the plan id, so ``unique=True`` turns identical concurrent requests into one
-job (rq's atomic Lua check). This is the one module that knows Redis key names.
+job (rq's atomic Lua check). A chain build is one job per anchor, each depending on the one
+before, then ``chain-<name>`` that publishes the manifest (rq refuses ``unique`` with
+dependencies, so a Redis lock makes concurrent submissions one build). This is the one module
+that knows Redis key names.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from redis import Redis
 from rq import Queue, Retry
@@ -28,10 +32,12 @@ QUEUES = (FAST, SLOW)
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 INITIALIZE = "worker.jobs.initialize"
 BUILD_CHAIN = "worker.jobs.build_chain"
+BUILD_ANCHOR = "worker.jobs.build_anchor"
 RETRIES = 2
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # rq's own rule for custom job ids
 TOKEN_PREFIX = "cbd:token:"
 DURATION_PREFIX = "cbd:metrics:job:"
+LOCK_PREFIX = "cbd:lock:"
 DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, math.inf)
 # A job in one of these states will not produce anything: a new identical request replaces it.
 DEAD = frozenset({JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
@@ -84,6 +90,12 @@ def chain_job_id(name: str) -> str:
     return f"chain-{name.replace('.', '_')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+def anchor_job_id(name: str, anchor: str) -> str:
+    """``chain-<name>-<anchor>-<hash>``: one anchor's build job (the hash keeps '-' in names unambiguous)."""
+    digest = hashlib.sha256(f"{name}/{anchor}".encode()).hexdigest()[:8]
+    return f"chain-{name.replace('.', '_')}-{anchor.replace('.', '_')}-{digest}"
+
+
 def push_job_id(plan_id: str) -> str:
     """Pushes are per request (each has its own token and target): a fresh id every time."""
     return f"{plan_id}-push-{secrets.token_hex(6)}"
@@ -108,10 +120,77 @@ def enqueue_initialize(connection: Redis, plan: dict, queue: str, *, push: dict 
     return _enqueue_unique(connection, queue, INITIALIZE, plan["id"], kwargs, meta, limits, stale)
 
 
-def enqueue_build_chain(connection: Redis, name: str, *, limits: Limits = Limits()) -> tuple[Job, bool]:
-    meta = {"kind": "build_chain", "chain": name}
-    return _enqueue_unique(connection, SLOW, BUILD_CHAIN, chain_job_id(name), {"name": name}, meta,
-                           limits, None)
+class ChainBuild(NamedTuple):
+    """``(job, created)``; ``job`` is ``chain-<name>``, the last job of the build (it writes the manifest)."""
+
+    job: Job
+    created: bool
+
+    @property
+    def job_ids(self) -> list[str]:
+        """Every job of the build in run order: one per anchor, then ``chain-<name>``."""
+        return list(self.job.get_meta(refresh=False).get("jobs") or [self.job.id])
+
+
+def enqueue_build_chain(connection: Redis, name: str, *, anchors: list[str] | None = None,
+                        limits: Limits = Limits()) -> ChainBuild:
+    """Enqueue the build of chain ``name`` on the slow queue: one job per anchor, then the manifest.
+
+    ``anchors`` (the recipe's, ``a0`` first, ``Recipe.anchor_names``): job k builds anchor k and
+    depends on job k-1; ``chain-<name>`` depends on the last and publishes the manifest. Without
+    them (a recipe the caller cannot read) ``chain-<name>`` alone builds the whole chain, or
+    reports why it cannot. A live build of the same chain is returned instead (``created``
+    False); a dead one (failed, or waiting on a failed anchor job: see ``blocked_by``) or a
+    finished one is replaced, and the new jobs resume from the anchors already on disk.
+    """
+    final_id = chain_job_id(name)
+    ids = [anchor_job_id(name, a) for a in anchors or []]
+    with connection.lock(LOCK_PREFIX + final_id, timeout=60, blocking_timeout=20):
+        current = fetch_job(connection, final_id)
+        if current is not None and not _replaceable(current):
+            return ChainBuild(current, False)
+        before = current.get_meta(refresh=False).get("jobs", []) if current is not None else []
+        for job_id in dict.fromkeys([*before, *ids, final_id]):  # the old build's records, if any
+            if (old := fetch_job(connection, job_id)) is not None:
+                delete_job(old)
+        previous = None
+        for anchor, job_id in zip(anchors or [], ids, strict=True):
+            meta = {"kind": "build_chain", "chain": name, "anchor": anchor}
+            previous = _enqueue(connection, SLOW, BUILD_ANCHOR, job_id, {"name": name, "anchor": anchor}, meta,
+                                limits, unique=False, depends_on=previous)
+        meta = {"kind": "build_chain", "chain": name, "jobs": [*ids, final_id]}
+        job = _enqueue(connection, SLOW, BUILD_CHAIN, final_id, {"name": name}, meta, limits, unique=False,
+                       depends_on=previous)
+    return ChainBuild(job, True)
+
+
+def _replaceable(job: Job) -> bool:
+    status = job.get_status(refresh=False)
+    return status in DEAD or status == JobStatus.FINISHED or blocked_by(job) is not None
+
+
+def blocked_by(job: Job) -> tuple[str, Job | None] | None:
+    """``(id, job or None)`` of the dead job a deferred ``job`` waits for, directly or through
+    other deferred jobs; None when it can still run.
+
+    rq 3 leaves the dependents of a job that failed for good (or was stopped or canceled)
+    deferred, with no expiry: they never run. A dependency whose record is gone (deleted, or
+    expired after ``failure_ttl_s``) blocks as well; it is returned as ``(id, None)``.
+    """
+    seen: set[str] = set()
+    while job.get_status(refresh=False) == JobStatus.DEFERRED and job.id not in seen:
+        seen.add(job.id)
+        waiting = None
+        for dep_id in job.dependency_ids:
+            dep = fetch_job(job.connection, dep_id)
+            if dep is None or dep.get_status(refresh=False) in DEAD:
+                return dep_id, dep
+            if dep.get_status(refresh=False) == JobStatus.DEFERRED:
+                waiting = dep
+        if waiting is None:
+            return None
+        job = waiting
+    return None
 
 
 def _enqueue_unique(connection: Redis, queue: str, func: str, job_id: str, kwargs: dict, meta: dict,
@@ -148,11 +227,12 @@ def delete_job(job: Job) -> None:
 
 
 def _enqueue(connection: Redis, queue: str, func: str, job_id: str, kwargs: dict, meta: dict,
-             limits: Limits, *, unique: bool) -> Job:
+             limits: Limits, *, unique: bool, depends_on: Job | None = None) -> Job:
     return get_queue(queue, connection).enqueue(
         func, kwargs=kwargs, job_id=job_id, unique=unique, retry=Retry(max=RETRIES),
         job_timeout=limits.timeout(queue), result_ttl=limits.result_ttl_s,
-        failure_ttl=limits.failure_ttl_s, meta=meta, description=f"{func.rsplit('.', 1)[-1]} {job_id}")
+        failure_ttl=limits.failure_ttl_s, meta=meta, description=f"{func.rsplit('.', 1)[-1]} {job_id}",
+        depends_on=depends_on)
 
 
 # ---- sealed Hub tokens ---------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Chain resolution, documented in the OpenAPI description as well:
 1. a request naming a chain gets that chain; if it is not built but ``anchors/<name>.toml``
-   exists, a build job (``chain-<name>``, slow queue) is enqueued and the answer is 202 pointing
-   at it; otherwise 422 listing the built chains and recipes;
+   exists, its build is enqueued on the slow queue (one job per anchor, each depending on the one
+   before, then ``chain-<name>`` that publishes the manifest) and the answer is 202 pointing at
+   ``chain-<name>``; otherwise 422 listing the built chains and recipes;
 2. a request naming none gets ``CBD_DEFAULT_CHAIN`` when built, else the first built chain (by
    name, with a warning: its checkpoints differ from the default chain's), else a build of the
    default chain's recipe (202), else 422.
@@ -28,9 +29,10 @@ from app.errors import InvalidHeaderError, JobFailedError, PushNotConfiguredErro
 from app.metrics import Metrics
 from cbd import artifacts, manifest
 from cbd.assets import list_tokenizers
-from cbd.errors import UnknownNameError
+from cbd.errors import RecipeError, UnknownNameError
 from cbd.manifest import ChainManifest
 from cbd.plan import make_plan
+from cbd.recipe import load_recipe
 from cbd.request import InitRequest
 from worker import queue, tokens
 
@@ -99,8 +101,10 @@ def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redi
     """Everything blocking (disk, Redis) of one request, run in the threadpool."""
     name, chain, warnings = resolve_chain(body.chain, settings)
     if chain is None:
-        job, _ = queue.enqueue_build_chain(redis, name, limits=settings.limits)
-        message = (f"chain {name!r} is not built yet; it is being built from its recipe by job {job.id}. "
+        build = queue.enqueue_build_chain(redis, name, anchors=recipe_anchors(name, settings), limits=settings.limits)
+        job = build.job
+        steps = f" (jobs {', '.join(build.job_ids)}: one per anchor, then the manifest)" if len(build.job_ids) > 1 else ""
+        message = (f"chain {name!r} is not built yet; it is being built from its recipe by job {job.id}{steps}. "
                    "POST /initialize again when that job has finished.")
         return Submitted(views.job_view(job, base).model_copy(update={"message": message}), job)
     check_tokenizer(body.tokenizer, chain)
@@ -161,6 +165,14 @@ def _no_chain(what: str, built: list[str], settings: Settings) -> UnknownNameErr
     hint = f"`cbd chain build {recipes[0]}`" if recipes else "`cbd chain build <recipe>`"
     return UnknownNameError(f"{what}; built chains: {built or 'none'}; build one with {hint}",
                             allowed={"chains": built, "recipes": recipes})
+
+
+def recipe_anchors(name: str, settings: Settings) -> list[str] | None:
+    """The recipe's anchors, a0 first; None when it cannot be read here (the build job then says why)."""
+    try:
+        return load_recipe(settings.recipes_dir / f"{name}.toml").anchor_names
+    except (RecipeError, OSError):
+        return None
 
 
 def check_tokenizer(name: str | None, chain: ChainManifest) -> None:

@@ -1,4 +1,8 @@
-"""``GET /jobs/{id}``: status, progress, a clean error (type and message, no traceback), the result."""
+"""``GET /jobs/{id}``: status, progress, a clean error (type and message, no traceback), the result.
+
+A chain build's ``chain-<name>`` waits (rq: deferred) for one job per anchor: meanwhile its progress
+is theirs; once one of them has failed for good it reads as failed (``DependencyFailedError``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from redis import Redis
+from rq.job import Job as RQJob
+from rq.job import JobStatus
 
 from app import schemas, views
 from app.deps import RedisDep
@@ -31,8 +37,42 @@ async def get_job(job_id: JobId, request: Request, redis: RedisDep) -> schemas.J
 def _view(redis: Redis, job_id: str, base: str) -> schemas.Job:
     job = queue.fetch_job(redis, job_id)
     if job is not None:
-        return views.job_view(job, base)
+        view = views.job_view(job, base)
+        return waiting_view(view, job) if view.rq_status == JobStatus.DEFERRED.value else view
     # A checkpoint outlives its job record (and one built by `cbd init` never had one).
     if artifacts.ID_RE.match(job_id) and (info := artifacts.load_artifact(job_id)) is not None:
         return views.artifact_view(info, base)
     raise NotFoundError(f"no job {job_id!r}")
+
+
+def waiting_view(view: schemas.Job, job: RQJob) -> schemas.Job:
+    """A job waiting for others (a chain build's anchor jobs): failed if one of them failed for good
+    (rq leaves such a job deferred forever), else the progress of the build so far."""
+    blocker = queue.blocked_by(job)
+    if blocker is not None:
+        return view.model_copy(update={"status": "failed", "error": _blocked_error(*blocker)})
+    if view.progress is not None:
+        return view
+    ids = job.get_meta(refresh=False).get("jobs") or []
+    for k, other in enumerate(queue.fetch_job(job.connection, i) for i in ids):
+        if other is not None and other.get_status(refresh=False) != JobStatus.FINISHED:
+            meta = other.get_meta(refresh=False)
+            step = meta.get("progress") or {}
+            fraction = (k + float(step.get("fraction", 0.0))) / len(ids)
+            stage = f"job {k + 1}/{len(ids)} ({other.id}, anchor {meta.get('anchor', '-')}): {step.get('stage', 'waiting')}"
+            return view.model_copy(update={"progress": {"stage": stage, "fraction": round(fraction, 4)}})
+    return view
+
+
+def _blocked_error(dep_id: str, dep: RQJob | None) -> schemas.JobError:
+    what = f"job {dep_id}"
+    if dep is not None and (anchor := dep.get_meta(refresh=False).get("anchor")):
+        what += f" (anchor {anchor})"
+    if dep is None:
+        cause = "no longer exists (deleted, or its failure record expired)"
+    else:
+        err = views.job_error(dep)
+        cause = f"ended as {dep.get_status(refresh=False).value}: {err.type}: {err.message}"
+    message = (f"this job will not run: it waits for {what}, which {cause}. Submit the build again "
+               "(POST /initialize or `cbd chain build NAME --queue`): it resumes from the anchors already built")
+    return schemas.JobError(type="DependencyFailedError", message=message[:views.MAX_MESSAGE], status=500)
