@@ -4,6 +4,9 @@
     python bench/quality.py sweep  --chain default          # -> docs/data/sweep-default.json + plot
     python bench/quality.py ablate --chain default          # -> docs/data/ablate-default.json
     python bench/quality.py curves --chain default --tokens 200000 --target depth
+    python bench/quality.py operators --chain default      # -> docs/data/operators-default.json
+    python bench/quality.py directkd --chain default --target "small, both"   # merged into step0
+    python bench/quality.py cost   --chain default          # -> docs/data/cost-default.json
     python bench/quality.py report --chain default          # -> docs/results-<chain>.md tables + plots
 
 Held-out text: the recipe corpus' held-out novel (Austen: *Persuasion*), never trained on.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ import torch
 from cbd import study
 from cbd.manifest import load_manifest
 from cbd.plan import TransOptions
+from cbd.recipe import load_recipe
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 DATA = DOCS / "data"
@@ -119,6 +124,73 @@ def cmd_ablate(ctx, args):
     study.save({"command": args.command_line, "rows": rows}, DATA / f"ablate-{args.chain}.json")
 
 
+def cmd_operators(ctx, args):
+    """Each Trans operator alone on each non-source anchor (issue 6: damage per operator)."""
+    out = {"command": args.command_line, "anchors": []}
+    for a in ctx.manifest.anchors[1:]:
+        if args.anchor and a.name != args.anchor:
+            continue
+        out["anchors"].append(study.operator_damage(ctx, a.name, seeds=tuple(range(args.seeds))))
+        study.save(out, DATA / f"operators-{args.chain}.json")
+
+
+def cmd_directkd(ctx, args):
+    """Direct KD of a target from the source with one chain step's budget, merged into step0."""
+    cache = Path(os.environ.get("CBD_HOME", Path.home() / ".cache" / "cbd")) / "study" / args.chain
+    path = DATA / f"step0-{args.chain}.json"
+    d = json.loads(path.read_text())
+    kd = DATA / f"directkd-{args.chain}.json"
+    runs = json.loads(kd.read_text()) if kd.is_file() else {"command": args.command_line, "runs": {}}
+    for tname, arch in TARGETS[args.chain].items():
+        if not tname.startswith(tuple(args.target.split(","))):
+            continue
+        target = study.spec_of(ctx, arch)
+        state, metrics = study.direct_kd_state(ctx, target, cache=cache)
+        runs["runs"][tname] = metrics
+        study.save(runs, kd)
+        from cbd.model import build_model, eval_loss
+
+        losses = [eval_loss(build_model(target, state), ctx.heldout(s)) for s in range(args.seeds)]
+        ref = next(r for r in d["rows"] if r["target"] == tname)
+        row = {k: ref[k] for k in ("target", "shape", "non_embedding_params", "small", "big")}
+        row |= {"method": "direct KD (one chain step)", "losses": losses, "mean": sum(losses) / len(losses),
+                "std": statistics.stdev(losses)}
+        d["rows"] = [r for r in d["rows"] if not (r["target"] == tname and r["method"] == row["method"])] + [row]
+        if args.command_line not in d["command"]:
+            d["command"] += f"; {args.command_line}"
+        study.save(d, path)
+        print(f"{tname}: direct KD {row['mean']:.3f} ± {row['std']:.3f}")
+
+
+def cmd_cost(ctx, args):
+    """Teacher-forward and training tokens: the chain amortised over N targets vs direct KD each."""
+    anchors = ctx.manifest.anchors
+    src = anchors[0]
+    rows = []
+    for a in anchors[1:]:
+        m = a.metrics
+        parent = next(p for p in anchors if p.name == a.parent)
+        rows.append({"anchor": a.name, "teacher": parent.name, "teacher_params": parent.num_params,
+                     "student_params": a.num_params, "tokens": m.get("tokens", 0),
+                     "teacher_tokens": m.get("teacher_tokens", 0), "wall_s": m.get("wall_s", 0.0)})
+    kd = DATA / f"directkd-{args.chain}.json"
+    direct = json.loads(kd.read_text())["runs"] if kd.is_file() else {}
+
+    def flops(r):  # 2N per forward token of the teacher, 6N per training token of the student
+        return 2 * r["teacher_params"] * r["teacher_tokens"] + 6 * r["student_params"] * r["tokens"]
+
+    chain = {"source_forward_tokens": sum(r["teacher_tokens"] for r in rows if r["teacher"] == src.name),
+             "teacher_forward_tokens": sum(r["teacher_tokens"] for r in rows),
+             "training_tokens": sum(r["tokens"] for r in rows), "flops": sum(flops(r) for r in rows),
+             "wall_s": sum(r["wall_s"] for r in rows)}
+    first = rows[0]
+    per_target = {"source_forward_tokens": first["teacher_tokens"], "training_tokens": first["tokens"],
+                  "wall_s_measured": {k: v["wall_s"] for k, v in direct.items()}}
+    study.save({"command": args.command_line, "anchors": rows, "chain": chain, "direct_kd_per_target": per_target,
+                "source_params": src.num_params}, DATA / f"cost-{args.chain}.json")
+    print(json.dumps(chain), json.dumps(per_target))
+
+
 def cmd_curves(ctx, args):
     path = DATA / f"curves-{args.chain}.json"
     done = json.loads(path.read_text()) if path.is_file() else {"command": args.command_line, "curves": {}}
@@ -133,8 +205,10 @@ def cmd_curves(ctx, args):
         fn = next(v for k, v in inits.items() if k.startswith(method))
         curve = study.recovery(ctx, target, fn(0), tokens=args.tokens, eval_every_tokens=args.eval_every,
                                label=key)
-        done["curves"][key] = {"target": tname, "method": method, "tokens": args.tokens, "curve": curve}
-        study.save(done, path)  # resumable: each finished curve is kept
+        latest = json.loads(path.read_text()) if path.is_file() else done  # another run may have added curves
+        latest["curves"][key] = {"target": tname, "method": method, "tokens": args.tokens, "curve": curve,
+                                 "command": args.command_line}
+        study.save(latest, path)  # resumable: each finished curve is kept
 
 
 def report(chain: str) -> None:
@@ -201,6 +275,49 @@ def report(chain: str) -> None:
                   "|---|---|---|---|"]
         lines += [f"| {r['target']} | {r['variant']} | {r['alpha']:.3f} | {r['mean']:.3f} |" for r in d["rows"]]
         lines.append("")
+    f = DATA / f"operators-{chain}.json"
+    if f.is_file():
+        d = json.loads(f.read_text())
+        lines += [f"### Each Trans operator alone (`{d['command']}`)", "",
+                  "| anchor | operator | selection | shape | loss | change |", "|---|---|---|---|---|---|"]
+        fig, axes = plt.subplots(1, len(d["anchors"]), figsize=(6 * len(d["anchors"]), 5), squeeze=False)
+        for ax, a in zip(axes[0], d["anchors"], strict=True):
+            for r in a["rows"]:
+                spread = f" ± {r['spread']:.3f} ({r['draws']} draws)" if r.get("draws", 1) > 1 else ""
+                lines.append(f"| {a['anchor']} | {r['operator']} | {r['selection']} | {tuple(r['shape'])} | "
+                             f"{r['mean']:.4f}{spread} | {r['delta']:+.4f} |")
+            rows = [r for r in a["rows"] if r["selection"]]
+            colors = {"importance": "tab:green", "random": "tab:orange", "least important": "tab:red"}
+            ax.barh([f"{r['operator']} [{r['selection']}]" for r in rows], [r["delta"] for r in rows],
+                    color=[colors.get(r["selection"], "tab:blue") for r in rows])
+            ax.invert_yaxis()
+            ax.set_xscale("symlog", linthresh=1e-3)
+            ax.set_xlabel("held-out loss change (nats/token, symlog)")
+            ax.set_title(f"anchor {a['anchor']} {tuple(a['shape'])}: {a['rows'][0]['mean']:.3f}")
+            ax.tick_params(axis="y", labelsize=7)
+        fig.tight_layout()
+        fig.savefig(DOCS / f"operators-{chain}.png", dpi=110)
+        lines += ["", f"![operators](operators-{chain}.png)", ""]
+    f = DATA / f"cost-{chain}.json"
+    if f.is_file():
+        d = json.loads(f.read_text())
+        c, p = d["chain"], d["direct_kd_per_target"]
+        lines += [f"### Cost (`{d['command']}`)", "", "| anchor | teacher | teacher-forward tokens | training tokens "
+                  "| wall s (CPU) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['anchor']} | {r['teacher']} | {r['teacher_tokens']:,} | {r['tokens']:,} | {r['wall_s']:.0f} |"
+                  for r in d["anchors"]]
+        lines += ["", "| | source-forward tokens | all teacher-forward tokens | training tokens |", "|---|---|---|---|",
+                  f"| chain (built once) | {c['source_forward_tokens']:,} | {c['teacher_forward_tokens']:,} | "
+                  f"{c['training_tokens']:,} |"]
+        for n in (1, 10):
+            lines.append(f"| direct KD, {n} target(s), one chain step each | {n * p['source_forward_tokens']:,} | "
+                         f"{n * p['source_forward_tokens']:,} | {n * p['training_tokens']:,} |")
+        lines.append(f"| CBD, 10 targets (the chain + 10 LInits, no training) | {c['source_forward_tokens']:,} | "
+                     f"{c['teacher_forward_tokens']:,} | {c['training_tokens']:,} |")
+        if p["wall_s_measured"]:
+            lines += ["", "Measured direct-KD wall time per target (s): " + ", ".join(
+                f"{k}: {v:.0f}" for k, v in p["wall_s_measured"].items())]
+        lines.append("")
     f = DATA / f"curves-{chain}.json"
     if f.is_file():
         d = json.loads(f.read_text())
@@ -215,12 +332,18 @@ def report(chain: str) -> None:
                 ax.plot(xs, ys, marker="o", ms=3, label=c["method"])
                 lines.append(f"| {t} | {c['method']} | {ys[0]:.3f} | {ys[-1]:.3f} | {xs[-1]:,} |")
             rand = next((c for c in cs if c["method"] == "random"), None)
-            cbd = next((c for c in cs if c["method"] == "cbd"), None)
-            if rand and cbd:
-                need = study.tokens_to_reach(rand["curve"], cbd["curve"][0][1])
+            for c in cs:
+                if rand is None or c is rand:
+                    continue
+                need = study.tokens_to_reach(rand["curve"], c["curve"][0][1])
                 budget = rand["curve"][-1][0]
                 reach = f"> {budget:,} (not reached)" if need is None else f"{need:,.0f}"
-                lines.append(f"| {t} | scratch tokens to reach CBD's step-0 loss | | | {reach} |")
+                lines.append(f"| {t} | scratch tokens to reach {c['method']}'s step-0 loss | | | {reach} |")
+                own = study.tokens_to_reach(c["curve"], rand["curve"][-1][1])
+                speed = "not reached" if own is None else (f"{budget / own:.0f}x ({own:,.0f} tokens)" if own
+                                                           else "at step 0")
+                lines.append(f"| {t} | {c['method']}: speed-up to scratch's final loss "
+                             f"({rand['curve'][-1][1]:.3f}) | | | {speed} |")
             ax.set_title(t)
             ax.set_xlabel("training tokens")
             ax.set_ylabel("held-out loss")
@@ -234,7 +357,8 @@ def report(chain: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["step0", "sweep", "ablate", "curves", "report"])
+    ap.add_argument("what", choices=["step0", "sweep", "ablate", "operators", "directkd", "cost", "curves", "report"])
+    ap.add_argument("--anchor", default="", help="operators: only this anchor")
     ap.add_argument("--chain", default="default")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=200_000)
@@ -242,14 +366,26 @@ def main() -> None:
     ap.add_argument("--target", default="depth")
     ap.add_argument("--methods", default="cbd,single-small,random")
     ap.add_argument("--only", default="", help="step0: only these initialisers, merged into the file")
+    ap.add_argument("--context", default="", help="curves, method random only: take the corpus, tokenizer and "
+                    "base shape from this built chain (a random init needs no anchor; lets the scratch "
+                    "curves start before --chain is built). Its source, tokenizer and corpus must match.")
     args = ap.parse_args()
     args.command_line = "python bench/quality.py " + " ".join(os.sys.argv[1:])
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     if args.what == "report":
         report(args.chain)
         return
-    ctx = study.context(load_manifest(args.chain))
-    {"step0": cmd_step0, "sweep": cmd_sweep, "ablate": cmd_ablate, "curves": cmd_curves}[args.what](ctx, args)
+    if args.context:
+        if args.what != "curves" or set(args.methods.split(",")) != {"random"}:
+            ap.error("--context is only for `curves --methods random`")
+        ctx = study.context(load_manifest(args.context))
+        recipe = load_recipe(args.chain)
+        if (recipe.source_repo, recipe.tokenizer, recipe.data.corpus) != (ctx.manifest.source, ctx.tokenizer, ctx.corpus):
+            ap.error(f"chain {args.context!r} has another source, tokenizer or corpus than recipe {args.chain!r}")
+    else:
+        ctx = study.context(load_manifest(args.chain))
+    {"step0": cmd_step0, "sweep": cmd_sweep, "ablate": cmd_ablate, "operators": cmd_operators,
+     "directkd": cmd_directkd, "cost": cmd_cost, "curves": cmd_curves}[args.what](ctx, args)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from cbd.chainstore import load_alignment, load_anchor
 from cbd.linit import Anchor, make_linit
 from cbd.manifest import ChainManifest
-from cbd.model import build_model, eval_loss, random_state
+from cbd.model import build_model, eval_loss, random_state, state_of
 from cbd.plan import TransOptions, adjacent_anchors, alpha0, target_spec
 from cbd.request import Architecture
 from cbd.spec import ModelSpec
@@ -185,12 +185,139 @@ def recovery(ctx: Context, target: ModelSpec, state: State, *, tokens: int, eval
     return [(int(t), float(v)) for t, v in res.eval_loss]
 
 
+def anchor_state(ctx: Context, name: str) -> State:
+    a = ctx.anchor(name)
+    from cbd import arch
+
+    return {n: a.read(n) for n in arch.param_names(a.spec)}
+
+
+def _scores(imp: dict[str, torch.Tensor], how: str, seed: int) -> dict[str, torch.Tensor]:
+    """Importance as measured, reversed (least important first), or random (a seeded draw)."""
+    if how == "importance":
+        return imp
+    if how == "least important":
+        return {k: -v for k, v in imp.items()}
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(v.shape, generator=g) for k, v in imp.items()}
+
+
+# (operator, target shape relative to the anchor, kind): each changes one axis only
+def _operators(spec: ModelSpec) -> list[tuple[str, dict, str]]:
+    L, d, H, G, _, f = spec.shape
+    return [
+        ("depth: insert identity blocks", {"num_hidden_layers": L + L // 2}, "identity"),
+        ("depth: insert copied blocks", {"num_hidden_layers": L + L // 2}, "copy"),
+        ("heads: clone x2 (GQA groups x2)", {"num_attention_heads": 2 * H, "num_key_value_heads": 2 * G}, "clone"),
+        ("heads: zero new x2", {"num_attention_heads": 2 * H, "num_key_value_heads": 2 * G}, "zero"),
+        ("FFN: clone x2", {"intermediate_size": 2 * f}, "clone"),
+        ("FFN: zero new x2", {"intermediate_size": 2 * f}, "zero"),
+        ("residual: zero channels + RMSNorm rescale x1.5", {"hidden_size": d + d // 2}, "clone"),
+        ("depth: remove 1/4 of blocks", {"num_hidden_layers": L - max(1, L // 4)}, "remove"),
+        ("heads: remove half the kv groups", {"num_attention_heads": H // 2, "num_key_value_heads": G // 2}
+         if G >= 2 else {"num_attention_heads": H // 2}, "remove"),
+        ("residual: remove 1/4 of channels", {"hidden_size": d - d // 4}, "remove"),
+        ("FFN: remove half the neurons", {"intermediate_size": f // 2}, "remove"),
+    ]
+
+
+def operator_damage(ctx: Context, name: str, *, seeds=(0, 1, 2), random_draws: int = 3, log=print) -> dict:
+    """Each Trans operator alone on one anchor: held-out loss before and after.
+
+    Expansions should keep the loss (function preserving); removals are scored for units
+    chosen by importance, at random (``random_draws`` seeded draws) and least important first.
+    """
+    from cbd.trans import trans_state
+
+    A = ctx.anchor(name)
+    state = anchor_state(ctx, name)
+    batches = {s: ctx.heldout(s) for s in seeds}
+
+    def score(spec, st) -> list[float]:
+        model = build_model(spec, st)
+        return [eval_loss(model, batches[s]) for s in seeds]
+
+    base = score(A.spec, state)
+    rows = [{"operator": "none (the anchor)", "selection": "", "shape": list(A.spec.shape),
+             "losses": base, "mean": statistics.mean(base), "delta": 0.0}]
+    log(f"{name} {A.spec.shape}: {rows[0]['mean']:.4f}")
+    from cbd.maps import choose_maps
+
+    for op, shape, kind in _operators(A.spec):
+        try:  # head_dim stays the anchor's (the chain's rule)
+            tgt = ModelSpec.model_validate(A.spec.model_dump() | shape | {"head_dim": A.spec.head_dim})
+        except ValueError as exc:
+            log(f"skip {op}: {exc}")
+            continue
+        if kind == "remove":
+            draws = [("importance", 0), ("least important", 0)] + [("random", k) for k in range(random_draws)]
+        else:
+            draws = [("importance", 0)]
+        by_sel: dict[str, list[float]] = {}
+        for how, k in draws:
+            maps = choose_maps(A.spec, tgt, _scores(A.importance or {}, how, k))
+            opts = {"width_expand": "zero" if kind == "zero" else "clone",
+                    "depth_expand": "copy" if kind == "copy" else "identity"}
+            by_sel.setdefault(how, []).append(statistics.mean(score(tgt, trans_state(state, A.spec, tgt, maps, **opts))))
+        for how, vals in by_sel.items():
+            mean = statistics.mean(vals)
+            rows.append({"operator": op, "selection": how if kind == "remove" else kind, "shape": list(tgt.shape),
+                         "mean": mean, "delta": mean - rows[0]["mean"],
+                         "spread": statistics.stdev(vals) if len(vals) > 1 else 0.0, "draws": len(vals)})
+            log(f"  {op:48s} {rows[-1]['selection']:16s} {mean:.4f} ({mean - rows[0]['mean']:+.4f})")
+    return {"anchor": name, "shape": list(A.spec.shape), "rows": rows}
+
+
+def direct_kd_state(ctx: Context, target: ModelSpec, *, steps: int | None = None, cache: Path | None = None,
+                    log=print) -> tuple[State, dict]:
+    """The target distilled straight from the source, starting from the source pruned to it.
+
+    Same loss, optimiser, schedule and batches as the chain's first step, and by default the
+    same number of steps (one chain step's teacher budget). Cached as safetensors in ``cache``.
+    """
+    from cbd import arch
+    from cbd.chain import ChainData
+    from cbd.distill import DistillConfig, distill
+    from cbd.io import LazyReader, write_safetensors
+    from cbd.recipe import Recipe
+
+    recipe = Recipe.model_validate(ctx.manifest.recipe)
+    first = recipe.anchors[0]
+    steps = steps or (first.steps if first.steps is not None else recipe.train.steps)
+    path = cache / f"directkd-{'x'.join(map(str, target.shape))}-{steps}.safetensors" if cache else None
+    if path is not None and path.is_file():
+        r = LazyReader(path)
+        return r.load_all(), json.loads(r.metadata.get("metrics", "{}"))
+    src = ctx.manifest.anchors[0]
+    teacher = build_model(src.spec, anchor_state(ctx, src.name))
+    student = build_model(target, pruned_source_state(ctx, target)).train()
+    t = recipe.train
+    cfg = DistillConfig(kl_weight=t.kl_weight, ce_weight=t.ce_weight, temperature=t.temperature, lr=first.lr or t.lr,
+                        min_lr_ratio=t.min_lr_ratio, warmup_steps=min(t.warmup_steps, steps),
+                        weight_decay=t.weight_decay, batch_size=t.batch_size, seq_len=t.seq_len, total_steps=steps,
+                        eval_every=t.eval_every, ckpt_every=0, seed=recipe.seed)
+    data = ChainData(recipe)
+    t0 = time.perf_counter()
+    res = distill(student, teacher, data.batch_fn(recipe.seed + 1000 * len(first.name) + steps), data.heldout, cfg,
+                  progress=False)
+    metrics = {"steps": steps, "tokens": res.tokens, "teacher_tokens": res.teacher_tokens,
+               "wall_s": round(time.perf_counter() - t0, 1), "heldout_loss": res.final_eval_loss}
+    log(f"direct KD {target.shape}: {metrics}")
+    state = state_of(student.eval(), target)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path, {n: state[n] for n in arch.param_names(target)}, {"metrics": json.dumps(metrics)})
+    return state, metrics
+
+
 def tokens_to_reach(curve: list[tuple[int, float]], level: float) -> float | None:
     """First token count at which ``curve`` reaches ``level`` (linear interpolation), else None."""
+    if curve and curve[0][1] <= level:
+        return 0.0
     for (t0, l0), (t1, l1) in zip(curve, curve[1:], strict=False):
         if l1 <= level:
             return t0 + (t1 - t0) * (l0 - level) / (l0 - l1) if l0 != l1 else t1
-    return 0.0 if curve and curve[0][1] <= level else None
+    return None
 
 
 def save(obj, path: Path) -> None:
