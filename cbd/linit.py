@@ -10,7 +10,8 @@ shape) the target is Trans of that anchor alone.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -41,13 +42,21 @@ class LInit:
     maps_big: Maps | None
     alpha: float
     opts: TransOptions
+    _small_read: Reader | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Inserted blocks copy their neighbour, so consecutive target layers read the same layer
+        # of the smaller anchor: keep its last few tensors (never modified: cbd.trans copies
+        # before it scales, and only the bigger anchor's term is blended in place).
+        if self.small is not None:
+            self._small_read = lru_cache(maxsize=32)(self.small.read)
 
     def tensor(self, name: str, alpha: float | None = None) -> torch.Tensor:
         a = self.alpha if alpha is None else alpha
         kw = {"width_expand": self.opts.width_expand, "depth_expand": self.opts.depth_expand}
         parts = []
         if self.small is not None and a != 0.0:
-            parts.append((a, trans_tensor(name, self.small.read, self.small.spec, self.target, self.maps_small, **kw)))
+            parts.append((a, trans_tensor(name, self._small_read, self.small.spec, self.target, self.maps_small, **kw)))
         if self.big is not None and a != 1.0:
             parts.append((1.0 - a, trans_tensor(name, self.big.read, self.big.spec, self.target, self.maps_big, **kw)))
         if len(parts) == 1:
