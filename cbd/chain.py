@@ -274,6 +274,21 @@ def _foreign_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path
 
 
 # ---- a1..aK: pruned from the parent, distilled from it ---------------------------------------------
+def step_config(recipe: Recipe, a: AnchorRecipe, steps: int, **overrides) -> DistillConfig:
+    """The distillation settings of one chain step (also used to compare against direct KD)."""
+    t = recipe.train
+    cfg = dict(kl_weight=t.kl_weight, ce_weight=t.ce_weight, temperature=t.temperature, lr=a.lr or t.lr,
+               min_lr_ratio=t.min_lr_ratio, warmup_steps=min(t.warmup_steps, steps), weight_decay=t.weight_decay,
+               batch_size=t.batch_size, seq_len=t.seq_len, total_steps=steps, eval_every=t.eval_every,
+               ckpt_every=t.ckpt_every, seed=recipe.seed, topk_cache=t.topk_cache, device=recipe.device)
+    return DistillConfig(**(cfg | overrides))
+
+
+def step_batches(recipe: Recipe, data: ChainData, a: AnchorRecipe, steps: int) -> Callable[[int], torch.Tensor]:
+    """The training windows of one chain step, by step index."""
+    return data.batch_fn(recipe.seed + 1000 * len(a.name) + steps)
+
+
 def _build_anchor(recipe: Recipe, a: AnchorRecipe, parent: AnchorEntry, parent_state, parent_imp,
                   data: ChainData, root: Path | None, report: Progress) -> AnchorEntry:
     parent_spec = parent.spec
@@ -287,15 +302,10 @@ def _build_anchor(recipe: Recipe, a: AnchorRecipe, parent: AnchorEntry, parent_s
     result = None
     if steps:
         teacher = build_model(parent_spec, parent_state)
-        t = recipe.train
-        cfg = DistillConfig(kl_weight=t.kl_weight, ce_weight=t.ce_weight, temperature=t.temperature,
-                            lr=a.lr or t.lr, min_lr_ratio=t.min_lr_ratio, warmup_steps=min(t.warmup_steps, steps),
-                            weight_decay=t.weight_decay, batch_size=t.batch_size, seq_len=t.seq_len,
-                            total_steps=steps, eval_every=t.eval_every, ckpt_every=t.ckpt_every,
-                            seed=recipe.seed, topk_cache=t.topk_cache, device=recipe.device)
+        cfg = step_config(recipe, a, steps)
         work = chain_dir(recipe.name, root) / ".work" / a.name
         student.train()
-        result = distill(student, teacher, data.batch_fn(recipe.seed + 1000 * len(a.name) + steps), data.heldout,
+        result = distill(student, teacher, step_batches(recipe, data, a, steps), data.heldout,
                          cfg, work_dir=work, progress=lambda p: report({"stage": f"distilling {a.name}", **p}))
         del teacher
     student.eval()

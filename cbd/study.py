@@ -276,8 +276,8 @@ def direct_kd_state(ctx: Context, target: ModelSpec, *, steps: int | None = None
     same number of steps (one chain step's teacher budget). Cached as safetensors in ``cache``.
     """
     from cbd import arch
-    from cbd.chain import ChainData
-    from cbd.distill import DistillConfig, distill
+    from cbd.chain import ChainData, step_batches, step_config
+    from cbd.distill import distill
     from cbd.io import LazyReader, write_safetensors
     from cbd.recipe import Recipe
 
@@ -291,15 +291,10 @@ def direct_kd_state(ctx: Context, target: ModelSpec, *, steps: int | None = None
     src = ctx.manifest.anchors[0]
     teacher = build_model(src.spec, anchor_state(ctx, src.name))
     student = build_model(target, pruned_source_state(ctx, target)).train()
-    t = recipe.train
-    cfg = DistillConfig(kl_weight=t.kl_weight, ce_weight=t.ce_weight, temperature=t.temperature, lr=first.lr or t.lr,
-                        min_lr_ratio=t.min_lr_ratio, warmup_steps=min(t.warmup_steps, steps),
-                        weight_decay=t.weight_decay, batch_size=t.batch_size, seq_len=t.seq_len, total_steps=steps,
-                        eval_every=t.eval_every, ckpt_every=0, seed=recipe.seed)
+    cfg = step_config(recipe, first, steps, ckpt_every=0, topk_cache=None)  # no work dir: no resume, no cache
     data = ChainData(recipe)
     t0 = time.perf_counter()
-    res = distill(student, teacher, data.batch_fn(recipe.seed + 1000 * len(first.name) + steps), data.heldout, cfg,
-                  progress=False)
+    res = distill(student, teacher, step_batches(recipe, data, first, steps), data.heldout, cfg, progress=False)
     metrics = {"steps": steps, "tokens": res.tokens, "teacher_tokens": res.teacher_tokens,
                "wall_s": round(time.perf_counter() - t0, 1), "heldout_loss": res.final_eval_loss}
     log(f"direct KD {target.shape}: {metrics}")
