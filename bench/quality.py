@@ -6,6 +6,7 @@
     python bench/quality.py curves --chain default --tokens 200000 --target depth
     python bench/quality.py operators --chain default      # -> docs/data/operators-default.json
     python bench/quality.py directkd --chain default --target "small, both"   # merged into step0
+    python bench/quality.py chainkd --chain default --anchor a2   # chain vs direct KD, same anchor
     python bench/quality.py cost   --chain default          # -> docs/data/cost-default.json
     python bench/quality.py report --chain default          # -> docs/results-<chain>.md tables + plots
 
@@ -160,6 +161,32 @@ def cmd_directkd(ctx, args):
             d["command"] += f"; {args.command_line}"
         study.save(d, path)
         print(f"{tname}: direct KD {row['mean']:.3f} ± {row['std']:.3f}")
+
+
+def cmd_chainkd(ctx, args):
+    """Ablation: an anchor of the chain against its shape distilled straight from the source.
+
+    The direct run gets the chain's source budget (one chain step: the same source-forward
+    tokens as the whole chain) and starts, like the chain's first step, from the pruned source.
+    """
+    from cbd.model import build_model, eval_loss
+
+    name = args.anchor or ctx.manifest.anchors[2].name
+    spec = ctx.manifest.anchor(name).spec
+    cache = Path(os.environ.get("CBD_HOME", Path.home() / ".cache" / "cbd")) / "study" / args.chain
+    direct, metrics = study.direct_kd_state(ctx, spec, cache=cache)
+    path = [a for a in ctx.manifest.anchors[1:] if a.name <= name]  # a1 .. name
+    out = {"command": args.command_line, "anchor": name, "shape": list(spec.shape), "direct_kd": metrics,
+           "chain": {"anchors": [a.name for a in path],
+                     "source_forward_tokens": path[0].metrics.get("teacher_tokens", 0),
+                     "training_tokens": sum(a.metrics.get("tokens", 0) for a in path),
+                     "wall_s": sum(a.metrics.get("wall_s", 0.0) for a in path)}, "rows": {}}
+    for label, state in ((f"chain anchor {name}", study.anchor_state(ctx, name)),
+                         ("direct KD from the source, one chain step", direct)):
+        losses = [eval_loss(build_model(spec, state), ctx.heldout(s)) for s in range(args.seeds)]
+        out["rows"][label] = {"mean": sum(losses) / len(losses), "std": statistics.stdev(losses), "losses": losses}
+        print(f"{label}: {out['rows'][label]['mean']:.3f} ± {out['rows'][label]['std']:.3f}")
+    study.save(out, DATA / f"chainkd-{args.chain}.json")
 
 
 def cmd_cost(ctx, args):
@@ -357,7 +384,8 @@ def report(chain: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["step0", "sweep", "ablate", "operators", "directkd", "cost", "curves", "report"])
+    ap.add_argument("what", choices=["step0", "sweep", "ablate", "operators", "directkd", "chainkd", "cost", "curves",
+                                        "report"])
     ap.add_argument("--anchor", default="", help="operators: only this anchor")
     ap.add_argument("--chain", default="default")
     ap.add_argument("--seeds", type=int, default=3)
@@ -385,7 +413,7 @@ def main() -> None:
     else:
         ctx = study.context(load_manifest(args.chain))
     {"step0": cmd_step0, "sweep": cmd_sweep, "ablate": cmd_ablate, "operators": cmd_operators,
-     "directkd": cmd_directkd, "cost": cmd_cost, "curves": cmd_curves}[args.what](ctx, args)
+     "directkd": cmd_directkd, "chainkd": cmd_chainkd, "cost": cmd_cost, "curves": cmd_curves}[args.what](ctx, args)
 
 
 if __name__ == "__main__":

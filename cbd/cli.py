@@ -101,6 +101,9 @@ def inspect(path: Annotated[Path, typer.Argument(help="checkpoint folder, anchor
 
     folder = path if path.is_dir() else path.parent
     weights = path if path.is_file() else folder / "model.safetensors"
+    if not weights.is_file():
+        raise UnknownNameError(f"{path} is not a checkpoint: no {weights.name} there",
+                               allowed="a checkpoint or anchor folder, or a .safetensors file")
     entries, meta = read_header(weights)
     table = Table(show_header=False)
     if (folder / "config.json").is_file():

@@ -85,3 +85,21 @@ def test_any_valid_shape_loads_with_its_parameter_count(random_chain, tmp_path_f
     assert model.config.num_hidden_layers == arch["num_hidden_layers"]
     logits = model(torch.tensor([[3, 4, 5, 6, 7]])).logits
     assert logits.shape == (1, 5, 128) and torch.isfinite(logits).all()
+
+
+def test_inspect_reports_a_checkpoint_and_refuses_a_missing_path(random_chain, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from cbd import cli
+
+    info = run_plan(make_plan(InitRequest(chain="test", architecture=dict(num_hidden_layers=3, hidden_size=64,
+                                                                          num_attention_heads=4,
+                                                                          num_key_value_heads=2,
+                                                                          intermediate_size=64)), random_chain))
+    for args, code in (([str(artifact_dir(info.id))], 0), ([str(tmp_path / "nothing")], 3)):
+        monkeypatch.setattr(sys, "argv", ["cbd", "inspect", *args])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        assert exc.value.code == code
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "is not a checkpoint" in err and "Traceback" not in err
