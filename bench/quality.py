@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from cbd import study
+from cbd import paths, study
 from cbd.manifest import load_manifest
 from cbd.plan import TransOptions
 from cbd.recipe import load_recipe
@@ -137,7 +137,7 @@ def cmd_operators(ctx, args):
 
 def cmd_directkd(ctx, args):
     """Direct KD of a target from the source with one chain step's budget, merged into step0."""
-    cache = Path(os.environ.get("CBD_HOME", Path.home() / ".cache" / "cbd")) / "study" / args.chain
+    cache = paths.home() / "study" / args.chain  # direct-KD weights, outside git
     path = DATA / f"step0-{args.chain}.json"
     d = json.loads(path.read_text())
     kd = DATA / f"directkd-{args.chain}.json"
@@ -173,7 +173,7 @@ def cmd_chainkd(ctx, args):
 
     name = args.anchor or ctx.manifest.anchors[2].name
     spec = ctx.manifest.anchor(name).spec
-    cache = Path(os.environ.get("CBD_HOME", Path.home() / ".cache" / "cbd")) / "study" / args.chain
+    cache = paths.home() / "study" / args.chain  # direct-KD weights, outside git
     direct, metrics = study.direct_kd_state(ctx, spec, cache=cache)
     path = [a for a in ctx.manifest.anchors[1:] if a.name <= name]  # a1 .. name
     out = {"command": args.command_line, "anchor": name, "shape": list(spec.shape), "direct_kd": metrics,
