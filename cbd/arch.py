@@ -108,6 +108,10 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# Parameters indexed by the vocabulary, in every family (what a bridge with train="embeddings" trains)
+VOCAB_PARAMS = frozenset(n for f in FAMILIES.values() for n, roles in f.global_table.items() if roles[0][0] == "vocab")
+
+
 def family(spec: ModelSpec) -> Family:
     return FAMILIES[spec.family]
 

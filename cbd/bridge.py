@@ -51,7 +51,6 @@ from cbd.model import build_model, eval_loss, state_of
 from cbd.plan import BridgeOptions, Plan
 from cbd.spec import ModelSpec, make_spec
 
-EMBED = "model.embed_tokens.weight"
 SPECIAL_ROLES = ("eos", "bos", "pad", "unk")  # precedence when one id has several roles
 BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 WORD_START = re.compile(r"\s\S")
@@ -315,12 +314,18 @@ def shared_tokens(vmap: VocabMap) -> tuple[Tensor, Tensor]:
 
 
 # ---- the bridge run ----------------------------------------------------------------------------
+def trainable(student, train: str) -> list:
+    """The parameters a bridge trains: all, or (``embeddings``) only those indexed by the
+    vocabulary (llama's ``embed_tokens``/``lm_head``, GPT-2's ``wte``/``lm_head``); the rest frozen."""
+    if train == "embeddings":
+        for name, p in student.named_parameters():
+            p.requires_grad_(name in arch.VOCAB_PARAMS)
+    return [p for p in student.parameters() if p.requires_grad]
+
+
 def bridge_train(student, teacher, data: BridgeData, opts: BridgeOptions, *, shared=None, report=None) -> dict:
     """Train ``student`` in place; returns the step losses and the teacher's token count."""
-    if opts.train == "embeddings":
-        for name, p in student.named_parameters():
-            p.requires_grad_(name in (EMBED, "lm_head.weight"))
-    params = [p for p in student.parameters() if p.requires_grad]
+    params = trainable(student, opts.train)
     opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = DistillConfig(lr=opts.lr, min_lr_ratio=opts.min_lr_ratio, warmup_steps=min(opts.warmup_steps, opts.steps),
                              total_steps=opts.steps)  # the chain's warmup + cosine schedule

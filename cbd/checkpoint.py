@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cbd import __version__, arch
-from cbd.io import StreamingWriter
+from cbd.io import BufferPool, StreamingWriter, pooled, recycle
 from cbd.manifest import canonical_json
 from cbd.model import DTYPES
 from cbd.spec import ModelSpec
@@ -25,13 +25,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def write_weights(folder: Path, spec: ModelSpec, tensors: Iterable[tuple[str, torch.Tensor]], *,
-                  dtype: str, recipe: dict) -> None:
-    """Stream ``tensors`` (in ``arch.param_names`` order) into ``model.safetensors``."""
+                  dtype: str, recipe: dict, durable: bool = True) -> None:
+    """Stream ``tensors`` (in ``arch.param_names`` order) into ``model.safetensors``.
+
+    A tensor may come whole or as consecutive blocks of its rows (``LInit.chunks``).
+    ``tensors`` is consumed with a :class:`~cbd.io.BufferPool` active, so a lazy producer
+    computes into recycled memory and each tensor's memory is reused once the writer has
+    written it. The file is fsynced before this returns (``durable=False``: only for benchmarks
+    that compare with writers that don't sync).
+    """
     tdtype = DTYPES[dtype]
     layout = [(n, tdtype, arch.tensor_shape(spec, n)) for n in arch.param_names(spec)]
     meta = {"format": "pt", "cbd_recipe": canonical_json(recipe), "cbd_version": __version__}
-    with StreamingWriter(folder / "model.safetensors", layout, meta) as w:
-        w.write_all((name, t.to(tdtype)) for name, t in tensors)
+    pool = BufferPool()
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == tdtype:
+            return t
+        out = pool.empty(t.shape, tdtype).copy_(t)
+        recycle(t)
+        return out
+
+    with StreamingWriter(folder / "model.safetensors", layout, meta, durable=durable) as w, pooled(pool):
+        w.write_all(((name, cast(t)) for name, t in tensors), written=pool.give)
 
 
 def write_config_files(folder: Path, spec: ModelSpec, *, dtype: str, recipe: dict, tokenizer_src: Path | None,

@@ -6,6 +6,7 @@ folder that is renamed into place), so an RQ retry after a killed worker is alwa
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -48,13 +49,15 @@ def run_plan(plan: Plan, *, progress: Progress | None = None, chains_root: Path 
     recipe = recipe_of(plan, manifest, alpha, calib)
     tmp = staging_dir(plan.id, artifacts_root)
     try:
-        names = arch.param_names(plan.target)
+        total = sum(math.prod(arch.tensor_shape(plan.target, n)) for n in arch.param_names(plan.target))
 
         def tensors():
-            for k, name in enumerate(names):
-                yield name, li.tensor(name, alpha)
+            done = 0
+            for k, (name, t) in enumerate(li.chunks(alpha)):
+                yield name, t
+                done += t.numel()
                 if k % 8 == 0:
-                    report({"stage": "writing", "fraction": 0.1 + 0.85 * k / len(names)})
+                    report({"stage": "writing", "fraction": 0.1 + 0.85 * done / total})
 
         write_weights(tmp, plan.target, tensors(), dtype=plan.dtype, recipe=recipe)
         card = model_card(repo_name=f"cbd-{plan.id[:12]}", recipe=recipe, base_model=manifest.source)

@@ -9,26 +9,40 @@ shape) the target is Trans of that anchor alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 
 import torch
 
 from cbd import arch
+from cbd.io import empty, recycle, scratch
 from cbd.maps import Alignment, Importance, Maps, choose_maps, compose
 from cbd.plan import TransOptions
 from cbd.spec import ModelSpec
-from cbd.trans import Reader, trans_tensor
+from cbd.trans import Reader, rows_independent, trans_tensor
 
 
 @dataclass
 class Anchor:
-    """An anchor as LInit sees it: a spec, a tensor reader and its importance scores."""
+    """An anchor as LInit sees it: a spec, a tensor reader and its importance scores.
+
+    When ``read`` also offers ``view`` and ``is_view`` (:class:`cbd.io.LazyReader`), LInit
+    reads through zero-copy read-only views: Trans and the blend only read their inputs, and
+    whatever LInit returns is copied out of a view first.
+    """
 
     spec: ModelSpec
     read: Reader
     importance: Importance | None = None
+
+    def reader(self) -> Reader:
+        return getattr(self.read, "view", self.read)
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is (part of) the anchor's own storage, which callers must not modify."""
+        is_view = getattr(self.read, "is_view", None)
+        return is_view is not None and is_view(t)
 
 
 @dataclass
@@ -42,36 +56,68 @@ class LInit:
     maps_big: Maps | None
     alpha: float
     opts: TransOptions
-    _small_read: Reader | None = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        # Inserted blocks copy their neighbour, so consecutive target layers read the same layer
-        # of the smaller anchor: keep its last few tensors (never modified: cbd.trans copies
-        # before it scales, and only the bigger anchor's term is blended in place).
-        if self.small is not None:
-            self._small_read = lru_cache(maxsize=32)(self.small.read)
+    def tensor(self, name: str, alpha: float | None = None, rows: slice | None = None) -> torch.Tensor:
+        """One target tensor, owned by the caller (from the active :class:`cbd.io.BufferPool`, if any).
 
-    def tensor(self, name: str, alpha: float | None = None) -> torch.Tensor:
+        ``rows``: only that block of rows, for a tensor whose rows Trans maps independently
+        (:func:`cbd.trans.rows_independent`).
+        """
+        if rows is not None and not rows_independent(name, self.target):
+            raise ValueError(f"{name}: Trans mixes its rows, so it is computed whole, not in blocks of rows")
         a = self.alpha if alpha is None else alpha
         kw = {"width_expand": self.opts.width_expand, "depth_expand": self.opts.depth_expand}
         parts = []
-        if self.small is not None and a != 0.0:
-            parts.append((a, trans_tensor(name, self._small_read, self.small.spec, self.target, self.maps_small, **kw)))
-        if self.big is not None and a != 1.0:
-            parts.append((1.0 - a, trans_tensor(name, self.big.read, self.big.spec, self.target, self.maps_big, **kw)))
-        if len(parts) == 1:
-            return parts[0][1]  # alpha 0 or 1: exactly one anchor's Trans, bit for bit
-        (wa, ta), (_, tb) = parts
-        if getattr(self.big.read, "returns_fresh", False):  # tb is ours alone: blend in place
-            return tb.lerp_(ta, wa)  # wa * ta + (1 - wa) * tb, one pass over memory
-        return torch.lerp(tb, ta, wa)
+        for anchor, maps, w in ((self.small, self.maps_small, a), (self.big, self.maps_big, 1.0 - a)):
+            if anchor is None or w == 0.0:
+                continue
+            read = anchor.reader()
+            if rows is not None:
+                read = _rows_of(read, rows)
+            parts.append((w, trans_tensor(name, read, anchor.spec, self.target, maps, **kw), anchor))
+        if len(parts) == 1:  # alpha 0 or 1: exactly one anchor's Trans, bit for bit
+            _, t, anchor = parts[0]
+            return empty(t.shape, t.dtype).copy_(t) if anchor.owns(t) else t
+        (wa, ta, _), (_, tb, _) = parts
+        # wa * ta + (1 - wa) * tb in one pass, over one of the two when it is a pooled Trans output
+        # (elementwise, so writing over an input gives the same bits as a separate output)
+        out = torch.lerp(tb, ta, wa, out=scratch(tb, ta))
+        for t in (ta, tb):
+            if t is not out:
+                recycle(t)  # Trans outputs go back to the pool; views of the anchors are ignored
+        return out
 
     def tensors(self, alpha: float | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in arch.param_names(self.target):
             yield name, self.tensor(name, alpha)
 
+    def chunks(self, alpha: float | None = None, *, max_bytes: int = 8 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+        """``tensors()`` for a streamed write: a large tensor whose rows are independent (the
+        embedding: vocabulary x hidden) comes as consecutive blocks of rows of at most
+        ``max_bytes`` (float32), so the write recycles a few block buffers instead of touching
+        fresh memory for the whole tensor, and the disk starts on it while the rest is computed.
+        The blocks concatenate to exactly ``tensor(name)``."""
+        for name, rows in self.blocks(max_bytes):
+            yield name, self.tensor(name, alpha, rows=rows)
+
+    def blocks(self, max_bytes: int = 8 << 20) -> Iterator[tuple[str, slice | None]]:
+        """The (name, rows) pieces ``chunks`` computes, in file order (rows None: whole)."""
+        for name in arch.param_names(self.target):
+            shape = arch.tensor_shape(self.target, name)
+            row_bytes = 4 * math.prod(shape[1:])
+            if shape[0] * row_bytes <= max_bytes or not rows_independent(name, self.target):
+                yield name, None
+                continue
+            step = max(1, max_bytes // row_bytes)
+            for r in range(0, shape[0], step):
+                yield name, slice(r, min(r + step, shape[0]))
+
     def state(self, alpha: float | None = None) -> dict[str, torch.Tensor]:
         return dict(self.tensors(alpha))
+
+
+def _rows_of(read: Reader, rows: slice) -> Reader:
+    return lambda name: read(name)[rows]
 
 
 def make_linit(target: ModelSpec, small: Anchor | None, big: Anchor | None, *, alpha: float,

@@ -13,13 +13,17 @@ alignment, so both anchors land on the same target coordinates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from cbd.spec import ModelSpec
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,17 @@ class AxisMap:
     def keep(cls, idx: Sequence[int]) -> AxisMap:
         return cls(tuple(int(i) for i in idx), (False,) * len(idx))
 
-    @property
+    @cached_property
     def is_identity(self) -> bool:
         return not any(self.new) and self.idx == tuple(range(len(self.idx)))
+
+    def cached(self, key: tuple, make: Callable[[], T]) -> T:
+        """A tensor derived from this map (gather indices, scale factors), made once: Trans
+        applies the same maps to every tensor of a layer and the same resid map to all."""
+        cache = self.__dict__.setdefault("_derived", {})  # frozen: fields only; this is a cache
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
 
 @dataclass(frozen=True)

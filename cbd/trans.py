@@ -43,6 +43,7 @@ from typing import Literal
 import torch
 
 from cbd import arch
+from cbd.io import empty, recycle
 from cbd.maps import AxisMap, Maps
 from cbd.spec import ModelSpec
 
@@ -67,17 +68,35 @@ def trans_tensor(name: str, read: Reader, src: ModelSpec, tgt: ModelSpec, maps: 
         roles = arch.layer_table(tgt)[key]
         out = read(arch.layer_prefix(src).format(i=maps.layers.idx[layer]) + key)
     fill = "mean" if arch.family(tgt).norm == "layer" else "zero"
-    for dim, (axis, io) in enumerate(roles):
+    # the strided gathers (dims >= 1) first, on the smaller source; the row gather (whole rows,
+    # contiguous copies) last. Gathers copy exactly and each dimension is scaled once, so the
+    # order changes no value.
+    for dim in sorted(range(len(roles)), key=lambda d: d == 0):
+        axis, io = roles[dim]
         m = _axis_map(maps, axis, layer)
         if m is None:
             continue
-        out = _apply_axis(out, dim, m, io, arch.unit(src, axis), axis, width_expand, fill)
+        prev, out = out, _apply_axis(out, dim, m, io, arch.unit(src, axis), axis, width_expand, fill)
+        if out is not prev:
+            recycle(prev)  # an intermediate (or a pooled read): nothing else reads it
     if any(a == "resid" and io == "norm" for a, io in roles):
         out = out * _norm_scale(maps.resid)
     if layer is not None and maps.layers.new[layer] and depth_expand == "identity" \
             and key in arch.block_outputs(tgt):
-        out = torch.zeros_like(out)
+        prev, out = out, empty(out.shape, out.dtype).zero_()
+        recycle(prev)
     return out
+
+
+def rows_independent(name: str, tgt: ModelSpec) -> bool:
+    """Whether Trans maps each row (first dimension) of ``name`` on its own, so a block of rows
+    of the source gives the same block of the target: true when the first axis is not mapped
+    (the vocabulary rows of the embedding and an untied head, GPT-2's position rows)."""
+    layer, key = arch.split_name(name)
+    if layer is not None:
+        return False
+    roles = arch.global_table(tgt)[key]
+    return len(roles) >= 2 and roles[0][0] in ("vocab", "pos")
 
 
 def trans_state(state: Mapping[str, torch.Tensor], src: ModelSpec, tgt: ModelSpec, maps: Maps,
@@ -101,13 +120,19 @@ def _apply_axis(t: torch.Tensor, dim: int, m: AxisMap, io: str, unit: int, axis:
     if axis == "qkv":  # split the fused [.., 3 * H * dh] into q, k, v; map each; re-fuse
         if m.is_identity and t.shape[dim] == 3 * len(m.idx) * unit:
             return t
-        return torch.cat([_apply_axis(part, dim, m, io, unit, "q", width_expand)
-                          for part in t.chunk(3, dim)], dim)
+        parts = [_apply_axis(part, dim, m, io, unit, "q", width_expand) for part in t.chunk(3, dim)]
+        shape = list(parts[0].shape)
+        shape[dim] *= 3
+        out = torch.cat(parts, dim, out=empty(shape, t.dtype))
+        for part in parts:
+            recycle(part)  # views of ``t`` are not the pool's: ignored
+        return out
     if m.is_identity and t.shape[dim] == len(m.idx) * unit:
         return t
-    idx = torch.tensor(m.idx, dtype=torch.long)
-    rows = (idx[:, None] * unit + torch.arange(unit)).reshape(-1) if unit > 1 else idx
-    out = t.index_select(dim, rows)
+    rows = m.cached(("rows", unit), lambda: _unit_rows(m.idx, unit))
+    shape = list(t.shape)
+    shape[dim] = len(rows)
+    out = torch.index_select(t, dim, rows, out=empty(shape, t.dtype))
     if not any(m.new):
         return out
     # ``out`` is a fresh copy from here on: scale it in place
@@ -115,25 +140,36 @@ def _apply_axis(t: torch.Tensor, dim: int, m: AxisMap, io: str, unit: int, axis:
         if io == "out" and fill == "mean":  # LayerNorm: new channels carry the real channels' mean
             return _fill_mean(out, dim, m.new)
         if io == "out" or io == "normbias":  # RMSNorm: new residual channels stay exactly zero
-            out = _scale_units(out, dim, unit, [0.0 if n else 1.0 for n in m.new])
+            out = _scale_units(out, dim, m, unit, "zero")
         return out
     if io != "in":
         return out
-    if width_expand == "zero":
-        factors = [0.0 if n else 1.0 for n in m.new]
-    else:
-        counts = Counter(m.idx)
-        factors = [1.0 / counts[i] for i in m.idx]
-    return _scale_units(out, dim, unit, factors)
+    return _scale_units(out, dim, m, unit, width_expand)
 
 
-def _scale_units(t: torch.Tensor, dim: int, unit: int, factors: list[float]) -> torch.Tensor:
-    if all(f == 1.0 for f in factors):
+def _unit_rows(idx: tuple[int, ...], unit: int) -> torch.Tensor:
+    i = torch.tensor(idx, dtype=torch.long)
+    return (i[:, None] * unit + torch.arange(unit)).reshape(-1) if unit > 1 else i
+
+
+def _scale_units(t: torch.Tensor, dim: int, m: AxisMap, unit: int, kind: WidthExpand) -> torch.Tensor:
+    """New units x 0 (``zero``), or every copy of a unit / its number of copies (``clone``)."""
+    def make() -> torch.Tensor | None:
+        if kind == "zero":
+            factors = [0.0 if n else 1.0 for n in m.new]
+        else:
+            counts = Counter(m.idx)
+            factors = [1.0 / counts[i] for i in m.idx]
+        if all(f == 1.0 for f in factors):
+            return None
+        return torch.tensor(factors, dtype=torch.float32).repeat_interleave(unit)
+
+    f = m.cached(("scale", kind, unit), make)
+    if f is None:
         return t
-    f = torch.tensor(factors, dtype=t.dtype).repeat_interleave(unit)
     shape = [1] * t.dim()
     shape[dim] = -1
-    return t.mul_(f.view(shape))  # only called on index_select's fresh output
+    return t.mul_(f.to(t.dtype).view(shape))  # only called on index_select's fresh output
 
 
 def _fill_mean(t: torch.Tensor, dim: int, new: tuple[bool, ...]) -> torch.Tensor:
@@ -148,5 +184,8 @@ def _fill_mean(t: torch.Tensor, dim: int, new: tuple[bool, ...]) -> torch.Tensor
 
 def _norm_scale(resid: AxisMap) -> float:
     """RMSNorm over a zero-padded residual: keep the real channels' normalised values."""
-    real = sum(1 for n in resid.new if not n)
-    return 1.0 if real == len(resid.new) else math.sqrt(real / len(resid.new))
+    def make() -> float:
+        real = sum(1 for n in resid.new if not n)
+        return 1.0 if real == len(resid.new) else math.sqrt(real / len(resid.new))
+
+    return resid.cached(("norm_scale",), make)

@@ -27,9 +27,9 @@ def slow_tensors(delay: float) -> None:
 
     original = linit.LInit.tensor
 
-    def tensor(self, name, alpha=None):
+    def tensor(self, name, alpha=None, rows=None):
         time.sleep(delay)
-        return original(self, name, alpha)
+        return original(self, name, alpha, rows=rows)
 
     linit.LInit.tensor = tensor
 

@@ -25,6 +25,8 @@ from cbd.model import build_model, eval_loss, random_state
 from cbd.plan import BridgeOptions, make_plan
 from cbd.request import InitRequest
 
+EMBED = "model.embed_tokens.weight"  # the random chain is llama-family
+
 ARCH = dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
 SMALL = BridgeOptions(steps=12, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=2, corpus="austen",
                       eval_batches=2, eval_batch_size=2, eval_seq_len=64)
@@ -144,9 +146,9 @@ def test_fvt_pieces_spell_each_token_under_a_byte_level_chain(gpt2):
 def test_fvt_rows_are_the_mean_of_the_pieces(random_chain, fvt_only, gpt2, store):
     plan, info = fvt_only
     chain_tok = AutoTokenizer.from_pretrained(tokenizer_dir(random_chain))
-    chain_rows = linit_for(plan, random_chain).tensor(bridge.EMBED, info.alpha)  # alpha may be calibrated
+    chain_rows = linit_for(plan, random_chain).tensor(EMBED, info.alpha)  # alpha may be calibrated
     with safe_open(str(artifact_dir(plan.id, store) / "model.safetensors"), "pt") as f:
-        rows = f.get_tensor(bridge.EMBED)
+        rows = f.get_tensor(EMBED)
     for word in ("Ġthe", "Ġman", "Hello", "Ġwould", "'s"):  # "'s": two pieces (both unknown words)
         tid = gpt2.convert_tokens_to_ids(word)
         pieces = chain_tok(gpt2.decode([tid]), add_special_tokens=False).input_ids
@@ -163,9 +165,9 @@ def test_llama3_bos_and_eos_get_their_own_rows(random_chain, tmp_path):
                  arch=dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1))
     info = run_plan(plan, artifacts_root=tmp_path)
     folder = artifact_dir(plan.id, tmp_path)
-    chain_rows = linit_for(plan, random_chain).tensor(bridge.EMBED, info.alpha)  # alpha may be calibrated
+    chain_rows = linit_for(plan, random_chain).tensor(EMBED, info.alpha)  # alpha may be calibrated
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        rows = f.get_tensor(bridge.EMBED)
+        rows = f.get_tensor(EMBED)
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["vocab_size"] == 128256 and (cfg["bos_token_id"], cfg["eos_token_id"]) == (128000, 128001)
     assert torch.equal(rows[128000], chain_rows[random_chain.base.bos_token_id])
@@ -322,3 +324,19 @@ def test_gemma_teaches_an_anchor_zero_by_sequence_kd():
     assert m["sample"].startswith(prompt) and len(m["sample"]) > len(prompt)  # Gemma continued it
     assert m["teacher_tokens"] >= 2 * 12 and m["steps"] == 6
     assert m["train_loss_last"] < m["train_loss_first"]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_embeddings_only_bridge_trains_the_vocabulary_rows_of_either_family(family, tie):
+    from cbd.bridge import trainable
+    from cbd.testing import tiny_gpt2_spec, tiny_spec
+
+    spec = (tiny_spec if family == "llama" else tiny_gpt2_spec)(tie_word_embeddings=tie)
+    student = build_model(spec, seed=0)
+    params = trainable(student, "embeddings")
+    names = {n for n, p in student.named_parameters() if p.requires_grad}
+    embed = "model.embed_tokens.weight" if family == "llama" else "transformer.wte.weight"
+    assert names == ({embed} if tie else {embed, "lm_head.weight"})
+    assert len(params) == len(names)
+    assert len(trainable(build_model(spec, seed=0), "all")) == len(list(student.parameters()))
