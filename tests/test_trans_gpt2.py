@@ -12,6 +12,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from cbd import arch
@@ -243,3 +245,44 @@ def test_positions_and_family_must_match(src):
     for tgt in (spec.with_shape(max_position_embeddings=32), spec.with_shape(model_type="llama", head_dim=8)):
         with pytest.raises(ValueError, match="positions|family"):
             _grow(spec, state, imp, tgt)
+
+
+def _file_anchor(tmp_path, spec, state, imp):
+    from cbd.io import LazyReader, write_safetensors
+
+    path = tmp_path / f"{spec.num_hidden_layers}x{spec.hidden_size}.safetensors"
+    write_safetensors(path, state)
+    return Anchor(spec, LazyReader(path), imp)
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair(src, tmp_path_factory):
+    """The source and an anchor pruned from it, both read from files (views), and the alignment."""
+    spec, state, imp, batch = src
+    child = spec.with_shape(num_hidden_layers=2, hidden_size=24, num_attention_heads=3, num_key_value_heads=3,
+                            intermediate_size=20)
+    small_state, align = prune(state, spec, imp, child)
+    small_imp = importance(build_model(child, small_state), child, batch)
+    root = tmp_path_factory.mktemp("gpt2-anchors")
+    return _file_anchor(root, child, small_state, small_imp), _file_anchor(root, spec, state, imp), align
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(L=st.integers(1, 5), h=st.integers(1, 8), f=st.integers(1, 80), alpha=st.sampled_from([0.0, 0.4, 1.0]),
+       dtype=st.sampled_from(["float32", "bfloat16"]))
+def test_any_gpt2_shape_streams_to_a_checkpoint_transformers_loads(gpt2_pair, tmp_path_factory, L, h, f, alpha,
+                                                                     dtype):
+    """LInit of two GPT-2 anchors, written in row blocks: stock transformers loads it, with the
+    parameter count its config implies and finite logits."""
+    small, big, align = gpt2_pair
+    tgt = big.spec.with_shape(num_hidden_layers=L, hidden_size=8 * h, num_attention_heads=h, num_key_value_heads=h,
+                              intermediate_size=f)
+    li = make_linit(tgt, small, big, alpha=alpha, alignment=align)
+    out = tmp_path_factory.mktemp("gpt2-sweep")
+    write_weights(out, tgt, li.chunks(max_bytes=512), dtype=dtype, recipe={"test": "gpt2 sweep"})
+    (out / "config.json").write_text(json.dumps(tgt.to_hf_config(dtype=dtype)))
+    model = AutoModelForCausalLM.from_pretrained(out).float().eval()
+    assert sum(p.numel() for p in model.parameters()) == tgt.num_params()
+    with torch.no_grad():
+        logits = model(torch.tensor([[3, 4, 5, 6, 7]])).logits
+    assert logits.shape == (1, 5, 99) and torch.isfinite(logits).all()
