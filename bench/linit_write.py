@@ -38,7 +38,7 @@ from cbd import io
 from cbd.chainstore import load_alignment, load_anchor
 from cbd.checkpoint import write_weights
 from cbd.linit import LInit, make_linit
-from cbd.manifest import load_manifest
+from cbd.manifest import fsync_path, load_manifest
 from cbd.trans import trans_tensor
 
 
@@ -52,14 +52,6 @@ def rss_mb() -> float:
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def phases(li: LInit, out: Path, repeat: int) -> None:
@@ -138,7 +130,7 @@ def main() -> None:
         t0 = time.perf_counter()
         save_file(tensors, str(base_file), metadata={"format": "pt"})
         if durable:
-            fsync(base_file)
+            fsync_path(base_file)
         return time.perf_counter() - t0
 
     times: dict[str, list[float]] = {"ours durable": [], "save_file + fsync": [], "ours page cache": [],

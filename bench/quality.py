@@ -238,6 +238,13 @@ def cmd_curves(ctx, args):
         study.save(latest, path)  # resumable: each finished curve is kept
 
 
+def _plot(fig, name: str, alt: str) -> list[str]:
+    """Save a report figure under docs/ and return the Markdown lines that show it."""
+    fig.tight_layout()
+    fig.savefig(DOCS / name, dpi=110)
+    return ["", f"![{alt}]({name})", ""]
+
+
 def report(chain: str) -> None:
     """Markdown tables and PNG plots from the JSON files (no model is run)."""
     import matplotlib
@@ -269,9 +276,7 @@ def report(chain: str) -> None:
         ax.set_ylabel("held-out loss at step 0 (nats/token)")
         ax.set_title(f"chain {chain}: initialisers at step 0 (mean ± std, 3 seeds)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(DOCS / f"step0-{chain}.png", dpi=110)
-        lines += ["", f"![step 0](step0-{chain}.png)", ""]
+        lines += _plot(fig, f"step0-{chain}.png", "step 0")
     f = DATA / f"sweep-{chain}.json"
     if f.is_file():
         d = json.loads(f.read_text())
@@ -292,9 +297,7 @@ def report(chain: str) -> None:
         ax.set_ylabel("held-out loss at step 0")
         ax.set_title(f"chain {chain}: alpha sweeps (x: alpha0, *: calibrated)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(DOCS / f"sweep-{chain}.png", dpi=110)
-        lines += ["", f"![alpha sweeps](sweep-{chain}.png)", ""]
+        lines += _plot(fig, f"sweep-{chain}.png", "alpha sweeps")
     f = DATA / f"ablate-{chain}.json"
     if f.is_file():
         d = json.loads(f.read_text())
@@ -322,9 +325,7 @@ def report(chain: str) -> None:
             ax.set_xlabel("held-out loss change (nats/token, symlog)")
             ax.set_title(f"anchor {a['anchor']} {tuple(a['shape'])}: {a['rows'][0]['mean']:.3f}")
             ax.tick_params(axis="y", labelsize=7)
-        fig.tight_layout()
-        fig.savefig(DOCS / f"operators-{chain}.png", dpi=110)
-        lines += ["", f"![operators](operators-{chain}.png)", ""]
+        lines += _plot(fig, f"operators-{chain}.png", "operators")
     f = DATA / f"cost-{chain}.json"
     if f.is_file():
         d = json.loads(f.read_text())
@@ -375,9 +376,7 @@ def report(chain: str) -> None:
             ax.set_xlabel("training tokens")
             ax.set_ylabel("held-out loss")
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(DOCS / f"curves-{chain}.png", dpi=110)
-        lines += ["", f"![recovery curves](curves-{chain}.png)", ""]
+        lines += _plot(fig, f"curves-{chain}.png", "recovery curves")
     (DOCS / f"results-{chain}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

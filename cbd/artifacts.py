@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cbd import paths
 from cbd.errors import IntegrityError, UnknownNameError
-from cbd.manifest import atomic_write_bytes, sha256_file
+from cbd.manifest import atomic_write_bytes, fsync_path, sha256_file
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -106,7 +106,7 @@ def publish(tmp: Path, aid: str, fields: dict[str, Any], root: Path | None = Non
     info = ArtifactInfo(id=aid, files=files, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         **fields)
     atomic_write_bytes(tmp / INDEX, info.model_dump_json(indent=2).encode())
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     final = artifact_dir(aid, root)
     try:
         os.rename(tmp, final)
@@ -114,7 +114,7 @@ def publish(tmp: Path, aid: str, fields: dict[str, Any], root: Path | None = Non
         if load_artifact(aid, root) is None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
     return load_artifact(aid, root) or info
 
 
@@ -169,9 +169,3 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from cbd.errors import AssetUnavailableError, IntegrityError, ShapeError
 from cbd.io import LazyReader, write_safetensors
 from cbd.losses import TopK, distill_loss, topk_logprobs
-from cbd.manifest import atomic_write_bytes
+from cbd.manifest import atomic_write_bytes, fsync_path
 
 log = logging.getLogger("cbd.distill")
 
@@ -199,14 +199,6 @@ def evaluate(model: nn.Module, batches: Sequence[Tensor]) -> float:
 
 
 # ---- checkpoints: safetensors + JSON, written atomically ----------------------------------------
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: dict) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=1).encode())  # tmp, fsync, os.replace
 
@@ -266,9 +258,9 @@ def save_checkpoint(work_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
     _write_json(tmp / "state.json", state | {"optimizer": meta})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     _write_json(root / LATEST, {"dir": name, "step": state["step"]})
-    _fsync(root)
+    fsync_path(root)
     for old in root.glob("step_*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
