@@ -6,14 +6,13 @@ folder that is renamed into place), so an RQ retry after a killed worker is alwa
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from cbd import __version__, arch
+from cbd import __version__
 from cbd.artifacts import ArtifactInfo, load_artifact, publish, staging_dir
 from cbd.chainstore import load_alignment, load_anchor, tokenizer_dir
 from cbd.checkpoint import model_card, write_config_files, write_weights
@@ -49,7 +48,7 @@ def run_plan(plan: Plan, *, progress: Progress | None = None, chains_root: Path 
     recipe = recipe_of(plan, manifest, alpha, calib)
     tmp = staging_dir(plan.id, artifacts_root)
     try:
-        total = sum(math.prod(arch.tensor_shape(plan.target, n)) for n in arch.param_names(plan.target))
+        total = plan.target.num_params()  # every stored tensor's elements
 
         def tensors():
             done = 0

@@ -222,7 +222,7 @@ def recycle(t: torch.Tensor | None) -> None:
 
 @contextmanager
 def pooled(pool: BufferPool | None) -> Iterator[BufferPool | None]:
-    """Make ``pool`` the active pool of this thread (``None``: allocate fresh, e.g. for caches)."""
+    """Make ``pool`` the active pool of this thread (``None``: plain ``torch.empty``)."""
     token = _POOL.set(pool)
     try:
         yield pool
