@@ -8,7 +8,7 @@
 # So the api image installs the package with --no-deps plus exactly the torch-free
 # requirements, pinned from pyproject.toml, and proves at build time that the app imports.
 # Both images install the source tree editable under /app, because recipes are read from
-# /app/anchors (cbd.paths.RECIPES_DIR is relative to the source tree).
+# /app/anchors (cbd.core.paths.RECIPES_DIR is relative to the source tree).
 
 ARG PYTHON=python:3.11-slim-bookworm
 
@@ -27,7 +27,7 @@ import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 torch_free = {"pydantic", "typer", "rich", "httpx"}
 core = [d for d in project["dependencies"] if re.split(r"[=<>!~\[ ]", d)[0] in torch_free]
-# filelock: imported by cbd.assets (the tokenizer list) and otherwise only pulled in by torch.
+# filelock: imported by cbd.data (the tokenizer list) and otherwise only pulled in by torch.
 print("\n".join(core + project["optional-dependencies"]["service"] + ["filelock"]))
 PY
 RUN pip install -r /tmp/api-requirements.txt

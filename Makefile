@@ -11,12 +11,14 @@ setup:
 	bash scripts/setup-venv.sh
 
 serve: setup
-	$(PY) -m cbd.cli serve
+	$(VENV)/bin/cbd serve
 
-test: setup
+test: setup lint
 	bash scripts/ensure-redis.sh
-	$(VENV)/bin/ruff check cbd app worker tests bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff, then the import-linter contracts of pyproject.toml (layers, torch-free core and web process,
+# no cycles): a broken contract fails `make test`.
 lint: setup
 	$(VENV)/bin/ruff check cbd app worker tests bench
+	$(VENV)/bin/lint-imports

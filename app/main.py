@@ -1,6 +1,6 @@
 """The app factory: ``uvicorn app.main:create_app --factory``.
 
-The web process imports only torch-free modules (``cbd.plan``, ``cbd.artifacts``, ``worker.queue``,
+The web process imports only torch-free modules (``cbd.core.plan``, ``cbd.core.artifacts``, ``worker.queue``,
 ...); jobs are enqueued by dotted path and run in the workers. tests/test_api.py checks that a
 POST leaves ``torch`` out of ``sys.modules``.
 """

@@ -1,4 +1,4 @@
-"""Response models (the request model is ``cbd.request.InitRequest``)."""
+"""Response models (the request model is ``cbd.core.request.InitRequest``)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ from rq.job import JobStatus
 from rq.results import Result
 
 from app import schemas
-from cbd import artifacts
-from cbd.artifacts import ArtifactInfo
+from cbd.core import artifacts
+from cbd.core.artifacts import ArtifactInfo
 
 # rq has more states than a client needs: waiting ones read as queued, dead ones as failed.
 STATUS: dict[str, schemas.Status] = {
@@ -44,7 +44,7 @@ def with_artifact(view: schemas.Job, info: ArtifactInfo, base: str) -> schemas.J
     """Fill the finished-checkpoint fields of ``view`` from ``artifact.json``."""
     return view.model_copy(update={
         "files": file_links(info, base), "alpha": info.alpha, "anchors": info.anchors,
-        "alpha_source": info.plan.get("alpha_source"), "target": info.plan.get("target"),
+        "alpha_source": info.alpha_source or info.plan.get("alpha_source"), "target": info.plan.get("target"),
         "warnings": [*view.warnings, *(w for w in info.warnings if w not in view.warnings)],
     })
 

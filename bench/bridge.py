@@ -12,8 +12,8 @@ recipe corpus' held-out work, which neither the chain nor the bridge trained on)
 - ``random``        transformers' own initialisation of the target;
 - ``random-vocab``  LInit body, vocabulary rows random (normal, std 0.02): the body alone;
 - ``fvt``           LInit body + FVT vocabulary, no training;
-- ``bridge``        the service's default (``cbd.plan.BridgeOptions()``: the source as teacher,
-                    KL on the shared tokens + CE), end to end through ``cbd.execute.run_plan``
+- ``bridge``        the service's default (``cbd.core.plan.BridgeOptions()``: the source as teacher,
+                    KL on the shared tokens + CE), end to end through ``cbd.run.run_plan``
                     (timed: plan to published folder), loaded back with ``AutoModelForCausalLM``;
 - ``ce-only``       cross-entropy on the target tokens only (no teacher);
 - ``source-uld``, ``big-uld``, ``linit-uld``, ``linit-matched-kl``: other teachers (the
@@ -40,12 +40,15 @@ from pathlib import Path
 
 import torch
 
-from cbd import bridge
-from cbd.execute import linit_for, run_plan
-from cbd.manifest import load_manifest
-from cbd.model import build_model, eval_loss, random_state
-from cbd.plan import BridgeOptions, make_plan
-from cbd.request import InitRequest
+from cbd.bridge.aligned import heldout_batches
+from cbd.bridge.runner import make_bridged
+from cbd.bridge.vocab import bridge_spec
+from cbd.core.manifest import load_manifest
+from cbd.core.plan import BridgeOptions, make_plan
+from cbd.core.request import InitRequest
+from cbd.inits.run import linit_for
+from cbd.run import run_plan
+from cbd.train.models import build_model, eval_loss, random_state
 
 DATA = Path(__file__).resolve().parent.parent / "docs" / "data"
 VARIANTS = {  # name -> BridgeOptions overrides of the defaults (None: no training)
@@ -63,7 +66,7 @@ VARIANTS = {  # name -> BridgeOptions overrides of the defaults (None: no traini
 def heldout(corpus: str, tokenizer: str, seed: int) -> list[torch.Tensor]:
     """A larger held-out set than the service's own check: 8 x 4 windows of 256 tokens."""
     opts = BridgeOptions(eval_batches=8, eval_batch_size=4, eval_seq_len=256, seed=seed)
-    return bridge.heldout_batches(corpus, tokenizer, opts)
+    return heldout_batches(corpus, tokenizer, opts)
 
 
 SEED = [0]
@@ -75,8 +78,8 @@ def batches_corpus(plan, manifest) -> str:
 
 def tokens_per_char(corpus: str, tokenizer: str) -> float:
     """Held-out tokens per character (bits per character = nats/token * this / ln 2)."""
-    from cbd import data
-    from cbd.assets import corpus as load_corpus
+    from cbd.data import batches as data
+    from cbd.data.corpora import corpus as load_corpus
 
     chars = sum(len(d) for d in load_corpus(corpus).heldout)
     return len(data.token_file(corpus, tokenizer, "heldout")) / chars
@@ -89,7 +92,7 @@ def timed(fn):
 
 
 def run_variant(name: str, plan, manifest, batches, tmp: Path) -> dict:
-    spec = bridge.bridge_spec(plan.target, _tok(plan.tokenizer), BridgeOptions().pad_vocab_multiple)
+    spec = bridge_spec(plan.target, _tok(plan.tokenizer), BridgeOptions().pad_vocab_multiple)
     if name == "random":
         return {"heldout_loss": eval_loss(build_model(spec, random_state(spec, seed=0)), batches)}
     if name == "chain":
@@ -107,7 +110,7 @@ def run_variant(name: str, plan, manifest, batches, tmp: Path) -> dict:
     opts = (plan.bridge_options or BridgeOptions()).model_copy(update={"steps": 0} if overrides is None else overrides)
     li = linit_for(plan, manifest)
     transfer = _random_rows if name.startswith("random-vocab") else None
-    out, t = timed(lambda: bridge.make_bridged(plan, manifest, li, plan.alpha, opts=opts, report=_log(name),
+    out, t = timed(lambda: make_bridged(plan, manifest, li, plan.alpha, opts=opts, report=_log(name),
                                                transfer=transfer))
     return t | {"heldout_loss": eval_loss(build_model(out.spec, out.state), batches), "metrics": out.summary}
 
@@ -119,7 +122,7 @@ def _random_rows(chain_rows: torch.Tensor, vmap) -> torch.Tensor:
 
 
 def _tok(name: str):
-    from cbd.assets import load_tokenizer
+    from cbd.data.tokenizers import load_tokenizer
 
     return load_tokenizer(name)
 
@@ -168,7 +171,7 @@ def main() -> None:
             DATA.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps({
                 "chain": args.chain, "tokenizer": args.tokenizer, "target": arch, "plan_id": plan.id, "alpha": plan.alpha, "calibrate": plan.calibrate,
-                "num_params": bridge.bridge_spec(plan.target, _tok(args.tokenizer), 64).num_params(),
+                "num_params": bridge_spec(plan.target, _tok(args.tokenizer), 64).num_params(),
                 "options": opts.model_dump(mode="json"), "heldout": {"corpus": corpus, "windows": "8 x 4 x 256",
                                                                      "seed": args.seed},
                 "tokens_per_char": tpc, "threads": torch.get_num_threads(), "results": results}, indent=1))

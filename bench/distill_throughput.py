@@ -1,10 +1,10 @@
-"""Throughput of ``cbd.distill.distill`` against a bare PyTorch loop (a benchmark, not a test).
+"""Throughput of ``cbd.train.loop.distill`` against a bare PyTorch loop (a benchmark, not a test).
 
 Same models, same batches, same loss (0.5 reverse KL + 0.5 cross-entropy), one process. The bare
 loop is exactly: teacher forward under no_grad, student forward/backward, AdamW step, written
 the obvious way (autograd losses, torch's default AdamW; ``--bare-fused-adamw`` gives it fused
 AdamW too). The engine adds what a real run needs (LR schedule, gradient clipping, per-step
-reseeding, loss history) and two speed-ups (the fused loss of ``cbd.losses.reverse_kl_ce``,
+reseeding, loss history) and two speed-ups (the fused loss of ``cbd.train.losses.reverse_kl_ce``,
 fused AdamW); the target is engine >= 0.8x bare. Rounds alternate bare/engine after one untimed
 warm-up round each (first calls pay for oneDNN set-up); the best round is the headline (these
 machines' cores are shared, so slower rounds measure the neighbours), median and CPU time are
@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cbd.distill import DistillConfig, distill, resolve_device
-from cbd.spec import ModelSpec
+from cbd.core.spec import ModelSpec
+from cbd.train.config import DistillConfig
+from cbd.train.ddp import resolve_device
+from cbd.train.loop import distill
 
 
 def build(layers: int, hidden: int, vocab: int, head_dim: int, seed: int) -> LlamaForCausalLM:

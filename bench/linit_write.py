@@ -34,12 +34,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cbd import io
-from cbd.chainstore import load_alignment, load_anchor
-from cbd.checkpoint import write_weights
-from cbd.linit import LInit, make_linit
-from cbd.manifest import fsync_path, load_manifest
-from cbd.trans import trans_tensor
+from cbd.core.files import fsync_path
+from cbd.core.manifest import load_manifest
+from cbd.shape.linit import LInit, make_linit
+from cbd.shape.trans import trans_tensor
+from cbd.store.anchors import load_alignment, load_anchor
+from cbd.store.checkpoint import write_weights
+from cbd.tensors.pool import BufferPool, pooled, recycle, scratch
+from cbd.tensors.writer import write_safetensors
 
 
 def rss_mb() -> float:
@@ -60,7 +62,7 @@ def phases(li: LInit, out: Path, repeat: int) -> None:
     best: dict[str, float] = {}
     for _ in range(repeat):
         t = dict.fromkeys(("Trans(S)", "Trans(B) (map, drop pages)", "blend"), 0.0)
-        with io.pooled(io.BufferPool()):
+        with pooled(BufferPool()):
             for name, rows in li.blocks():  # the pieces LInit.chunks computes
                 rs, rb = li.small.reader(), li.big.reader()
                 if rows is not None:
@@ -70,12 +72,12 @@ def phases(li: LInit, out: Path, repeat: int) -> None:
                 t1 = time.perf_counter()
                 b = trans_tensor(name, rb, li.big.spec, li.target, li.maps_big, **kw)
                 t2 = time.perf_counter()
-                o = torch.lerp(b, a, li.alpha, out=io.scratch(b, a))
+                o = torch.lerp(b, a, li.alpha, out=scratch(b, a))
                 t["Trans(S)"] += t1 - t0
                 t["Trans(B) (map, drop pages)"] += t2 - t1
                 t["blend"] += time.perf_counter() - t2
                 for x in (a, b, o):
-                    io.recycle(x)
+                    recycle(x)
         t["compute"] = sum(t.values())
         best = {k: min(v, best.get(k, v)) for k, v in t.items()}
     state = li.state()
@@ -84,7 +86,7 @@ def phases(li: LInit, out: Path, repeat: int) -> None:
         (out / "w.safetensors").unlink(missing_ok=True)
         os.sync()
         t0 = time.perf_counter()
-        io.write_safetensors(out / "w.safetensors", state)
+        write_safetensors(out / "w.safetensors", state)
         w.append(time.perf_counter() - t0)
     best["our writer, tensors in memory (with fsync)"] = min(w)
     for k, v in best.items():

@@ -1,7 +1,7 @@
 """Mixed traffic against the real service (loopback only): latency, status counts, API memory.
 
 A private redis-server, one worker and ``uvicorn --limit-concurrency`` serve a tiny random chain
-(``cbd.testing``) from a temporary CBD_HOME. ``--clients`` threads (more than the concurrency
+(``tests/random_chain.py``) from a temporary CBD_HOME. ``--clients`` threads (more than the concurrency
 limit, so uvicorn sheds load with deliberate 503s) then, for ``--seconds``, mix
 
     downloads of existing checkpoints (whole files, Range and If-None-Match),
@@ -94,7 +94,7 @@ class Service:
     """redis-server + worker + API (+ the plain file app) in a temporary CBD_HOME."""
 
     def __init__(self, tmp: Path, limit_concurrency: int, sync_wait_s: float) -> None:
-        from cbd.testing import build_random_chain
+        from random_chain import build_random_chain
 
         self.tmp = tmp
         self.env = {"CBD_HOME": str(tmp / "home"), "CBD_CHAINS": str(tmp / "chains"),
@@ -236,7 +236,7 @@ def throughput(url: str, seconds: float, clients: int, pid: int) -> dict[str, fl
 
 def settle(base: str, jobs: list[str], root: Path, timeout: float = 300) -> dict[str, int]:
     """Every job a POST created ends finished with files matching artifact.json; else it counts as lost."""
-    from cbd import artifacts
+    from cbd.core import artifacts
 
     ends: Counter[str] = Counter()
     deadline = time.monotonic() + timeout

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from cbd import paths, study
-from cbd.manifest import load_manifest
-from cbd.plan import TransOptions
-from cbd.recipe import load_recipe
+from bench import study
+from cbd.core import paths
+from cbd.core.manifest import load_manifest
+from cbd.core.plan import TransOptions
+from cbd.core.recipe import load_recipe
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 DATA = DOCS / "data"
@@ -94,7 +95,7 @@ def cmd_ablate(ctx, args):
     batches = [ctx.heldout(s) for s in range(args.seeds)]
 
     def score(target, state):
-        from cbd.model import build_model, eval_loss
+        from cbd.train.models import build_model, eval_loss
 
         model = build_model(target, state)
         return [eval_loss(model, b) for b in batches]
@@ -149,7 +150,7 @@ def cmd_directkd(ctx, args):
         state, metrics = study.direct_kd_state(ctx, target, cache=cache)
         runs["runs"][tname] = metrics
         study.save(runs, kd)
-        from cbd.model import build_model, eval_loss
+        from cbd.train.models import build_model, eval_loss
 
         losses = [eval_loss(build_model(target, state), ctx.heldout(s)) for s in range(args.seeds)]
         ref = next(r for r in d["rows"] if r["target"] == tname)
@@ -169,7 +170,7 @@ def cmd_chainkd(ctx, args):
     The direct run gets the chain's source budget (one chain step: the same source-forward
     tokens as the whole chain) and starts, like the chain's first step, from the pruned source.
     """
-    from cbd.model import build_model, eval_loss
+    from cbd.train.models import build_model, eval_loss
 
     name = args.anchor or ctx.manifest.anchors[2].name
     spec = ctx.manifest.anchor(name).spec

@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import save_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cbd.distill import DistillConfig, distill, is_main_process
+from cbd.train.config import DistillConfig
+from cbd.train.ddp import is_main_process
+from cbd.train.loop import distill
 
 VOCAB, SEQ, BATCH = 99, 16, 4
 CFG = DistillConfig(

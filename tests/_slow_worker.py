@@ -6,7 +6,7 @@ Test-only: nothing in cbd/, app/ or worker/ knows about it. Run as
 - ``CBD_TEST_SLOW_TENSOR_S``: sleep this long before each interpolated tensor, so a job spends
   seconds inside ``StreamingWriter`` with a partial ``model.safetensors`` in its staging folder;
 - ``CBD_TEST_STUB_CHAINS``: a folder where ``build_chain`` jobs build a tiny random chain
-  (``cbd.testing.build_random_chain``, each anchor file delayed by ``CBD_TEST_SLOW_ANCHOR_S`` while
+  (``tests/random_chain.py``, each anchor file delayed by ``CBD_TEST_SLOW_ANCHOR_S`` while
   its staging folder exists) in place of
   the real distillation, which needs the teacher: a slow-queue job that writes files for seconds.
 """
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def slow_tensors(delay: float) -> None:
-    from cbd import linit
+    from cbd.shape import linit
 
     original = linit.LInit.tensor
 
@@ -35,7 +35,10 @@ def slow_tensors(delay: float) -> None:
 
 
 def stub_chain_builds(root: Path, delay: float) -> None:
-    from cbd import chainstore, testing
+
+    from random_chain import build_random_chain
+
+    from cbd.store import anchors as chainstore
 
     original = chainstore.write_safetensors
 
@@ -47,9 +50,9 @@ def stub_chain_builds(root: Path, delay: float) -> None:
 
     def build_chain(name, *, progress=None):
         (progress or (lambda _: None))({"stage": "stub build", "fraction": 0.0})
-        return testing.build_random_chain(root, name)
+        return build_random_chain(root, name)
 
-    sys.modules["cbd.chain"] = types.SimpleNamespace(build_chain=build_chain)
+    sys.modules["cbd.chain.build"] = types.SimpleNamespace(build_chain=build_chain)
 
 
 if __name__ == "__main__":

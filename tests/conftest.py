@@ -27,6 +27,6 @@ def cbd_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def random_chain(cbd_home):
-    from cbd.testing import build_random_chain
+    from random_chain import build_random_chain
 
     return build_random_chain(cbd_home / "chains", "test")

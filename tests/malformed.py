@@ -1,6 +1,6 @@
 """A corpus of malformed safetensors files, generated at test time (no binaries in git).
 
-``cases()`` maps a case name to the bytes of a file that ``cbd.io.read_header`` must refuse.
+``cases()`` maps a case name to the bytes of a file that ``cbd.tensors.header.read_header`` must refuse.
 Each starts from one small valid file (two float32 tensors) and breaks one thing: the length
 prefix, the JSON, an entry, the metadata or the data section.
 
@@ -14,7 +14,7 @@ import functools
 import json
 import struct
 
-MAX_HEADER = 25_000_000  # cbd.io.MAX_HEADER (kept literal: this module imports nothing of cbd)
+MAX_HEADER = 25_000_000  # cbd.tensors.header.MAX_HEADER (kept literal: this module imports nothing of cbd)
 DATA = bytes(range(40))  # a: F32 [2, 3] -> bytes 0..24, b: F32 [4] -> bytes 24..40
 
 

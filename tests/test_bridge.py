@@ -15,15 +15,22 @@ from conftest_service import children, redis_db, redis_server  # noqa: F401 (fix
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cbd import bridge, paths
-from cbd.artifacts import artifact_dir
-from cbd.assets import load_tokenizer
-from cbd.chainstore import tokenizer_dir
-from cbd.execute import linit_for, run_plan
-from cbd.manifest import list_chains, load_manifest
-from cbd.model import build_model, eval_loss, random_state
-from cbd.plan import BridgeOptions, make_plan
-from cbd.request import InitRequest
+from cbd.bridge.aligned import BridgeData, heldout_batches
+from cbd.bridge.train import bridge_loss, matched_kl, uld_loss
+from cbd.bridge.vocab import bridge_spec, fvt, token_bytes, vocab_map
+from cbd.chain.anchor_zero import SeqKDOptions, corpus_prompts, foreign_anchor_zero
+from cbd.core import paths
+from cbd.core.artifacts import artifact_dir
+from cbd.core.manifest import list_chains, load_manifest
+from cbd.core.plan import BridgeOptions, make_plan
+from cbd.core.request import InitRequest
+from cbd.data.corpora import corpus_text
+from cbd.data.tokenizers import load_tokenizer
+from cbd.inits.run import linit_for
+from cbd.run import run_plan
+from cbd.store.anchors import tokenizer_dir
+from cbd.train.models import build_model, eval_loss, random_state
+from worker.queue import queue_for
 
 EMBED = "model.embed_tokens.weight"  # the random chain is llama-family
 
@@ -63,7 +70,7 @@ def bridged(random_chain, store):
 
 # ---- pure pieces ------------------------------------------------------------------------------
 def test_token_bytes_undo_the_byte_level_alphabet(gpt2):
-    raw = bridge.token_bytes(gpt2)
+    raw = token_bytes(gpt2)
     assert raw[gpt2.convert_tokens_to_ids("Ġthe")] == b" the"
     ids = gpt2("’", add_special_tokens=False).input_ids  # one character, two byte tokens
     assert len(ids) == 2 and b"".join(raw[i] for i in ids) == "’".encode()
@@ -75,9 +82,9 @@ def test_uld_topk_equals_sorted_l1_when_k_covers_the_vocabulary():
     p_s, p_t = torch.randn(5, 7, generator=g).softmax(-1), torch.randn(5, 11, generator=g).softmax(-1)
     exact = (torch.nn.functional.pad(p_s.sort(-1, descending=True).values, (0, 4))
              - p_t.sort(-1, descending=True).values).abs().sum(-1).mean()
-    assert torch.allclose(bridge.uld_loss(p_s, p_t, k=11), exact)
-    assert bridge.uld_loss(p_s, p_t, k=3) <= exact + 1e-6  # top-k + tail: a lower bound
-    assert float(bridge.uld_loss(p_t, p_t, k=4)) == 0.0
+    assert torch.allclose(uld_loss(p_s, p_t, k=11), exact)
+    assert uld_loss(p_s, p_t, k=3) <= exact + 1e-6  # top-k + tail: a lower bound
+    assert float(uld_loss(p_t, p_t, k=4)) == 0.0
 
 
 def test_matched_kl_is_the_kl_of_the_shared_tokens():
@@ -86,8 +93,8 @@ def test_matched_kl_is_the_kl_of_the_shared_tokens():
     shared = (torch.tensor([0, 2, 5]), torch.tensor([8, 1, 4]))
     q, p = lq[:, shared[0]].softmax(-1), lp[:, shared[1]].softmax(-1)
     want = (p * (p.log() - q.log())).sum(-1).mean()
-    assert torch.allclose(bridge.matched_kl(lq, lp, shared), want, atol=1e-6)
-    assert float(bridge.matched_kl(lq, lq, (shared[0], shared[0]))) == pytest.approx(0.0, abs=1e-7)
+    assert torch.allclose(matched_kl(lq, lp, shared), want, atol=1e-6)
+    assert float(matched_kl(lq, lq, (shared[0], shared[0]))) == pytest.approx(0.0, abs=1e-7)
 
 
 @pytest.mark.parametrize("logit_loss", ["matched-kl", "uld"])
@@ -97,11 +104,11 @@ def test_bridge_loss_is_ce_plus_the_logit_loss_on_aligned_positions(logit_loss):
     t_logits, targets = torch.randn(2, 6, 9, generator=g), torch.randint(0, 7, (2, 5), generator=g)
     pairs, shared = torch.tensor([[0, 1, 2], [1, 4, 5]]), (torch.tensor([0, 3]), torch.tensor([8, 2]))
     opts = BridgeOptions(logit_loss=logit_loss, logit_weight=0.5, uld_topk=9)
-    loss, parts = bridge.bridge_loss(s_logits, targets, t_logits, pairs, opts, shared)
+    loss, parts = bridge_loss(s_logits, targets, t_logits, pairs, opts, shared)
     ce = torch.nn.functional.cross_entropy(s_logits.flatten(0, 1), targets.flatten())
     s_rows, t_rows = s_logits[pairs[:, 0], pairs[:, 1]], t_logits[pairs[:, 0], pairs[:, 2]]
-    kd = bridge.matched_kl(s_rows, t_rows, shared) if logit_loss == "matched-kl" else \
-        bridge.uld_loss(s_rows.softmax(-1), t_rows.softmax(-1), k=9)
+    kd = matched_kl(s_rows, t_rows, shared) if logit_loss == "matched-kl" else \
+        uld_loss(s_rows.softmax(-1), t_rows.softmax(-1), k=9)
     assert torch.allclose(loss, ce + 0.5 * kd, atol=1e-6) and parts[logit_loss] == pytest.approx(float(kd.detach()), abs=1e-6)
     loss.backward()
     assert torch.isfinite(s_logits.grad).all() and s_logits.grad.abs().sum() > 0
@@ -110,7 +117,7 @@ def test_bridge_loss_is_ce_plus_the_logit_loss_on_aligned_positions(logit_loss):
 def test_aligned_positions_have_seen_the_same_text(gpt2):
     smol = load_tokenizer("smollm2")
     text = "It was a truth universally acknowledged, that a single man’s fortune — “in want” — of a wife. " * 40
-    data = bridge.BridgeData(text, gpt2, smol, batch_size=2, seq_len=48, seed=1)
+    data = BridgeData(text, gpt2, smol, batch_size=2, seq_len=48, seed=1)
     b = data.batch(0)
     assert b.student.shape == (2, 49) and len(b.pairs) > 0.8 * 2 * 48
     for row, i, j in b.pairs.tolist():
@@ -122,20 +129,20 @@ def test_aligned_positions_have_seen_the_same_text(gpt2):
 
 def test_bridge_plans_are_slow_and_hash_their_options(random_chain):
     a, b = _plan(random_chain, SMALL), _plan(random_chain, SMALL.model_copy(update={"steps": 13}))
-    assert a.bridge and a.queue == "slow" and a.bridge_options == SMALL and a.id != b.id
+    assert a.bridge and queue_for(a) == "slow" and a.bridge_options == SMALL and a.id != b.id
     same = make_plan(InitRequest(chain="test", architecture=ARCH), random_chain)
     assert not same.bridge and same.bridge_options is None
 
 
 def test_fvt_pieces_spell_each_token_under_a_byte_level_chain(gpt2):
     smol = load_tokenizer("smollm2")  # the real chain tokenizer
-    vm = bridge.vocab_map(gpt2, smol, vocab_size=50304)
-    raw, chain_raw = bridge.token_bytes(gpt2), bridge.token_bytes(smol)
+    vm = vocab_map(gpt2, smol, vocab_size=50304)
+    raw, chain_raw = token_bytes(gpt2), token_bytes(smol)
     for i in range(0, len(gpt2) - 1, 41):  # lossless: the pieces spell the token's bytes, half characters too
         assert b"".join(chain_raw[c] for c in vm.pieces[i]) == raw[i], gpt2.convert_ids_to_tokens(i)
     assert vm.stats["partial_characters"] > 100 and vm.special == {gpt2.eos_token_id: smol.eos_token_id}
     rows = torch.randn(len(smol), 8, generator=torch.Generator().manual_seed(0))
-    out = bridge.fvt(rows, vm)
+    out = fvt(rows, vm)
     multi = [i for i, p in enumerate(vm.pieces) if len(set(p)) > 1][:20]
     assert len(multi) == 20
     for i in multi:
@@ -185,7 +192,7 @@ def test_checkpoint_loads_with_the_target_tokenizer(bridged, gpt2, store):
     cfg = model.config
     assert cfg.vocab_size == 50304 and cfg.vocab_size % 64 == 0 and cfg.eos_token_id == cfg.bos_token_id == 50256
     assert model.get_input_embeddings().weight.shape == (50304, 64)
-    spec = bridge.bridge_spec(plan.target, gpt2, 64)
+    spec = bridge_spec(plan.target, gpt2, 64)
     assert sum(p.numel() for p in model.parameters()) == spec.num_params()
     ids = tok("It is a truth universally acknowledged", return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits).all()
@@ -285,9 +292,9 @@ def test_real_tiny_chain_bridge_to_gpt2_through_the_service(redis_server, childr
 
     opts = plan.bridge_options
     m = json.loads((folder / "recipe.json").read_text())["bridge"]  # what the job measured
-    heldout = bridge.heldout_batches(m["corpus"], "gpt2", opts)  # held-out text in GPT-2 tokens
+    heldout = heldout_batches(m["corpus"], "gpt2", opts)  # held-out text in GPT-2 tokens
     loss = eval_loss(model, heldout)
-    spec = bridge.bridge_spec(plan.target, gpt2, opts.pad_vocab_multiple)
+    spec = bridge_spec(plan.target, gpt2, opts.pad_vocab_multiple)
     random_loss = eval_loss(build_model(spec, random_state(spec, seed=0)), heldout)
     assert loss == pytest.approx(m["heldout_loss"], abs=2e-3), (loss, m)  # the served file is what was measured
     assert loss < random_loss - 3.0, (loss, random_loss)
@@ -303,10 +310,11 @@ def test_real_tiny_chain_bridge_to_gpt2_through_the_service(redis_server, childr
 
 # ---- a foreign source: Gemma writes, an anchor zero of the chain's family learns ----------------
 def test_gemma_teaches_an_anchor_zero_by_sequence_kd():
-    from cbd import arch
-    from cbd.assets import gemma_dir
+    from random_chain import tiny_spec
+
+    from cbd.data.teachers import gemma_dir
     from cbd.errors import AssetUnavailableError
-    from cbd.testing import tiny_spec
+    from cbd.shape import arch
 
     try:
         gemma_dir()
@@ -315,12 +323,12 @@ def test_gemma_teaches_an_anchor_zero_by_sequence_kd():
     smol = load_tokenizer("smollm2")
     spec = tiny_spec(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
                      head_dim=16, intermediate_size=48, vocab_size=len(smol))
-    opts = bridge.SeqKDOptions(prompts=2, prompt_words=8, new_tokens=12, gen_batch=2, steps=6, batch_size=2,
+    opts = SeqKDOptions(prompts=2, prompt_words=8, new_tokens=12, gen_batch=2, steps=6, batch_size=2,
                                seq_len=16, lr=3e-3, warmup_steps=1)
-    state, m = bridge.foreign_anchor_zero(spec, smol, "austen", opts)
+    state, m = foreign_anchor_zero(spec, smol, "austen", opts)
     assert {n: tuple(t.shape) for n, t in state.items()} == {n: arch.tensor_shape(spec, n)
                                                               for n in arch.param_names(spec)}
-    prompt = bridge.corpus_prompts(bridge.corpus_text("austen"), 2, 8, 0)[0]
+    prompt = corpus_prompts(corpus_text("austen"), 2, 8, 0)[0]
     assert m["sample"].startswith(prompt) and len(m["sample"]) > len(prompt)  # Gemma continued it
     assert m["teacher_tokens"] >= 2 * 12 and m["steps"] == 6
     assert m["train_loss_last"] < m["train_loss_first"]
@@ -329,8 +337,9 @@ def test_gemma_teaches_an_anchor_zero_by_sequence_kd():
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_embeddings_only_bridge_trains_the_vocabulary_rows_of_either_family(family, tie):
-    from cbd.bridge import trainable
-    from cbd.testing import tiny_gpt2_spec, tiny_spec
+    from random_chain import tiny_gpt2_spec, tiny_spec
+
+    from cbd.bridge.train import trainable
 
     spec = (tiny_spec if family == "llama" else tiny_gpt2_spec)(tie_word_embeddings=tie)
     student = build_model(spec, seed=0)

@@ -15,6 +15,7 @@ import shutil
 import pytest
 from conftest_service import arch, module_artifacts, redis_db, redis_server
 from fastapi.testclient import TestClient
+from random_chain import tiny_spec
 from redis import Redis
 from rq import SimpleWorker
 from rq.job import JobStatus
@@ -23,13 +24,16 @@ from typer.testing import CliRunner
 
 from app.core.config import Settings
 from app.main import create_app
-from cbd import assets, chain, cli, paths
+from cbd.chain import build as chain
+from cbd.cli import main as cli
+from cbd.core import paths
+from cbd.core.manifest import anchor_dir, chain_dir, load_manifest
+from cbd.core.recipe import Recipe, SeqKDRecipe, load_recipe
+from cbd.data.teachers import gemma_dir
+from cbd.data.tokenizers import tokenizer_dir
 from cbd.errors import AssetUnavailableError
-from cbd.io import write_safetensors
-from cbd.manifest import anchor_dir, chain_dir, load_manifest
-from cbd.model import build_model, eval_loss, random_state
-from cbd.recipe import Recipe, SeqKDRecipe, load_recipe
-from cbd.testing import tiny_spec
+from cbd.tensors.writer import write_safetensors
+from cbd.train.models import build_model, eval_loss, random_state
 from worker import queue
 
 DB = 11
@@ -78,7 +82,7 @@ def tiny_source(tmp_path_factory):
                      intermediate_size=64, vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     write_safetensors(folder / "model.safetensors", random_state(spec, seed=0))
     (folder / "config.json").write_text(json.dumps(spec.to_hf_config()))
-    for f in assets.tokenizer_dir("smollm2").iterdir():
+    for f in tokenizer_dir("smollm2").iterdir():
         shutil.copyfile(f, folder / f.name)
     return folder
 
@@ -208,7 +212,7 @@ def test_concurrent_submissions_make_one_build(env):
 
 # ---- anchor zero from a foreign source (Gemma-3-270M) ----------------------------------------------
 def test_seqkd_recipe_fields_are_seqkd_options():
-    from cbd.bridge import SeqKDOptions
+    from cbd.chain.anchor_zero import SeqKDOptions
 
     assert set(SeqKDRecipe.model_fields) <= set(SeqKDOptions.model_fields)
     recipe = load_recipe("gemma-tiny")
@@ -223,10 +227,10 @@ TARGET = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, num_k
 
 
 def test_gemma_bridged_chain_records_its_source_and_its_linit_beats_random(tmp_path, monkeypatch):
-    from cbd import study
+    from bench import study
 
     try:
-        assets.gemma_dir()
+        gemma_dir()
     except AssetUnavailableError as exc:
         pytest.skip(f"Gemma-3-270M is not available: {exc}")
     monkeypatch.setenv("CBD_CHAINS", str(tmp_path / "chains"))

@@ -18,11 +18,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cbd import paths
-from cbd.artifacts import artifact_dir
-from cbd.execute import run_plan
-from cbd.plan import make_plan
-from cbd.request import InitRequest
+from cbd.core import paths
+from cbd.core.artifacts import artifact_dir
+from cbd.core.plan import make_plan
+from cbd.core.request import InitRequest
+from cbd.run import run_plan
 
 pytestmark = pytest.mark.slow
 VERSION = "4.57.1"

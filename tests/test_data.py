@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from cbd.data import calibration_batch, encode_documents, eval_batches, token_file, train_batches
+from cbd.data.batches import calibration_batch, encode_documents, eval_batches, token_file, train_batches
 from cbd.errors import AssetUnavailableError, ShapeError, UnknownNameError
 
 IDS = np.arange(10_000, dtype=np.uint32)  # window contents reveal their start
@@ -141,7 +141,8 @@ def test_token_file_refuses_bad_names():
 
 @pytest.mark.teacher
 def test_token_file_is_cached_memmap_with_one_eos_per_document():
-    from cbd.assets import corpus, load_tokenizer
+    from cbd.data.corpora import corpus
+    from cbd.data.tokenizers import load_tokenizer
 
     ids = token_file("austen", "gpt2", "heldout")
     assert isinstance(ids, np.memmap) and ids.dtype == np.uint32

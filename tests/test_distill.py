@@ -17,16 +17,10 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from cbd.distill import (
-    DistillConfig,
-    _make_optimizer,
-    distill,
-    evaluate,
-    lr_at,
-    optimizer_from_flat,
-    optimizer_to_flat,
-)
 from cbd.errors import AssetUnavailableError, IntegrityError, ShapeError
+from cbd.train.checkpoints import optimizer_from_flat, optimizer_to_flat
+from cbd.train.config import DistillConfig, lr_at
+from cbd.train.loop import _make_optimizer, distill, evaluate
 
 _spec = importlib.util.spec_from_file_location("_ddp_script", Path(__file__).with_name("_ddp_script.py"))
 ddp_script = importlib.util.module_from_spec(_spec)

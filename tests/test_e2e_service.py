@@ -9,6 +9,7 @@ HTTP. Shapes differ per test so that no test is answered from another's cache.
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -66,13 +67,39 @@ def test_fast_job_answers_200_within_the_request_and_loads(service, tmp_path):
     r = client.post("/initialize", json={"architecture": arch(3, 3)})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["status"] == "finished" and body["alpha_source"] == "distance"
+    assert body["status"] == "finished" and body["alpha_source"] == "calibrate"  # the default: what was done
+    recipe_alpha = json.loads(client.get(body["files"]["recipe.json"]["url"]).content)
+    assert recipe_alpha["alpha_source"] == "calibrate" and recipe_alpha["alpha"] == body["alpha"]
     download(client, body["files"], tmp_path / "ckpt")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads) == (3, 48, 3)
     tok = AutoTokenizer.from_pretrained(tmp_path / "ckpt")
     ids = tok("the man said", return_tensors="pt").input_ids
     assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+
+
+@pytest.mark.parametrize("extra,source", [({"calibrate": False}, "distance"), ({"alpha": 0.25}, "request")])
+def test_alpha_source_says_what_chose_alpha(service, extra, source):
+    """``"calibrate": false`` gives alpha0 (the relative distance); an explicit alpha comes back as given."""
+    from cbd.core.plan import alpha0
+    from cbd.core.spec import ModelSpec
+
+    client, _, _ = service
+    r = client.post("/initialize", json={"architecture": arch(3, 3), **extra})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["alpha_source"] == source
+    recipe = json.loads(client.get(body["files"]["recipe.json"]["url"]).content)
+    assert recipe["alpha_source"] == source and "calibration_loss" not in recipe
+    if source == "request":
+        assert body["alpha"] == 0.25
+    else:
+        chains = client.get("/chains").json()["chains"]
+        anchors = {a["name"]: a for c in chains for a in c["anchors"]}
+        small, big = anchors[recipe["small"]], anchors[recipe["big"]]
+        size = ModelSpec.model_validate(recipe["target"]).non_embedding_params()
+        want = alpha0(small["non_embedding_params"], big["non_embedding_params"], size)
+        assert body["alpha"] == pytest.approx(want, abs=1e-6)
 
 
 def test_202_then_poll_until_finished(service, module_artifacts):
@@ -135,7 +162,7 @@ def test_metrics_report_jobs_and_cache(service):
 
 
 def cbd_cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from cbd.cli import main; main()", *args]
+    return [sys.executable, "-c", "from cbd.cli.main import main; main()", *args]
 
 
 def test_cbd_serve_embedded_redis_then_clean_shutdown(tmp_path, random_chain):

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cbd.artifacts import artifact_dir
-from cbd.execute import run_plan
-from cbd.plan import make_plan
-from cbd.request import InitRequest
+from cbd.core.artifacts import artifact_dir
+from cbd.core.plan import make_plan
+from cbd.core.request import InitRequest
+from cbd.run import run_plan
 
 
 def _plan(chain, **arch):
@@ -90,7 +90,7 @@ def test_any_valid_shape_loads_with_its_parameter_count(random_chain, tmp_path_f
 def test_inspect_reports_a_checkpoint_and_refuses_a_missing_path(random_chain, tmp_path, monkeypatch, capsys):
     import sys
 
-    from cbd import cli
+    from cbd.cli import main as cli
 
     info = run_plan(make_plan(InitRequest(chain="test", architecture=dict(num_hidden_layers=3, hidden_size=64,
                                                                           num_attention_heads=4,

@@ -50,7 +50,7 @@ from conftest_service import (
 )
 from redis import Redis
 
-from cbd import artifacts
+from cbd.core import artifacts
 from cbd.errors import IntegrityError, StorageFullError
 from worker import queue
 
@@ -237,9 +237,10 @@ def test_workers_killed_mid_interpolation(killable):
 # tensor written sleeps, so a job of a few seconds spends most of them training or writing.
 SLOW_BRIDGE_WORKER = """
 import os, time
-from cbd import bridge
+from cbd.bridge import runner
+from cbd.inits import publish
 step_s, tensor_s = float(os.environ["CBD_TEST_SLOW_BRIDGE_STEP_S"]), float(os.environ["CBD_TEST_SLOW_BRIDGE_TENSOR_S"])
-train, write = bridge.bridge_train, bridge.write_weights
+train, write = runner.bridge_train, publish.write_weights
 
 def slowed(report):
     def each_step(event):
@@ -252,8 +253,8 @@ def each_tensor(items):
         time.sleep(tensor_s)
         yield item
 
-bridge.bridge_train = lambda *a, report, **kw: train(*a, report=slowed(report), **kw)
-bridge.write_weights = lambda folder, spec, tensors, **kw: write(folder, spec, each_tensor(tensors), **kw)
+runner.bridge_train = lambda *a, report, **kw: train(*a, report=slowed(report), **kw)
+publish.write_weights = lambda folder, spec, tensors, **kw: write(folder, spec, each_tensor(tensors), **kw)
 from worker.main import main
 raise SystemExit(main())
 """
@@ -263,7 +264,7 @@ BRIDGE_STEPS = 12  # x 0.2 s: ~3 s of bridge run; ~30 tensors x 0.1 s: ~3 s of w
 
 
 def bridge_options(seed: int):
-    from cbd.plan import BridgeOptions
+    from cbd.core.plan import BridgeOptions
 
     return BridgeOptions(steps=BRIDGE_STEPS, batch_size=2, seq_len=32, warmup_steps=2, corpus="austen",
                          eval_batches=1, eval_batch_size=2, eval_seq_len=32, seed=seed)  # one plan per seed
@@ -314,12 +315,12 @@ def training(redis: Redis, aid: str, alive: dict):
 
 def enqueue_bridge(s: SimpleNamespace, seed: int):
     """A bridge job with a small budget, as the API enqueues one (its body has no bridge options)."""
-    from cbd.plan import make_plan
-    from cbd.request import InitRequest
+    from cbd.core.plan import make_plan
+    from cbd.core.request import InitRequest
 
     req = InitRequest(chain=s.chain.name, architecture=BRIDGE_ARCH, tokenizer="gpt2")
     plan = make_plan(req, s.chain, bridge_options=bridge_options(seed))
-    job, created = queue.enqueue_initialize(s.redis, plan.model_dump(mode="json"), plan.queue)
+    job, created = queue.enqueue_initialize(s.redis, plan.model_dump(mode="json"), queue.queue_for(plan))
     assert created and job.origin == "slow" and job.id == plan.id
     return plan
 
@@ -328,12 +329,12 @@ def verify_weights(c: httpx.Client, aid: str, files: dict) -> None:
     """The served weights parse and hold every tensor of the target, finite (not just the right hash)."""
     from safetensors.torch import load
 
-    from cbd import arch
-    from cbd.spec import ModelSpec
+    from cbd.core.spec import ModelSpec
+    from cbd.shape import arch
 
     state = load(c.get(files["model.safetensors"]["url"]).content)
     plan = artifacts.load_artifact(aid).plan
-    assert plan["bridge"] and set(state) == set(arch.param_names(ModelSpec.model_validate(plan["target"])))
+    assert plan["bridge_options"] and set(state) == set(arch.param_names(ModelSpec.model_validate(plan["target"])))
     assert all(bool(t.isfinite().all()) for t in state.values())
     assert state["model.embed_tokens.weight"].shape == (50304, 64)  # GPT-2's 50,257 rows padded to 64
 
@@ -403,8 +404,8 @@ def test_workers_killed_mid_bridge(bridge_killable):
 
 def test_worker_killed_mid_chain_build_on_the_slow_queue(killable):
     """A slow-queue job (a stub chain build writing anchor files for seconds) killed mid-write."""
-    from cbd.chainstore import load_anchor
-    from cbd.manifest import chain_dir, load_manifest
+    from cbd.core.manifest import chain_dir, load_manifest
+    from cbd.store.anchors import load_anchor
 
     redis = Redis.from_url(killable.url)
     job, created = queue.enqueue_build_chain(redis, "stub")
@@ -568,12 +569,12 @@ def verify_download_at(root: Path, c: httpx.Client, body: dict) -> None:
 
 def test_enospc_mid_write_leaves_nothing(random_chain, tmp_path, monkeypatch):
     """ENOSPC from the third tensor on (a stand-in for a full disk that runs without root)."""
-    from cbd import io
-    from cbd.execute import run_plan
-    from cbd.plan import make_plan
-    from cbd.request import InitRequest
+    from cbd.core.plan import make_plan
+    from cbd.core.request import InitRequest
+    from cbd.run import run_plan
+    from cbd.tensors.writer import StreamingWriter
 
-    original = io.StreamingWriter.write
+    original = StreamingWriter.write
 
     def full() -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -583,7 +584,7 @@ def test_enospc_mid_write_leaves_nothing(random_chain, tmp_path, monkeypatch):
             self._io(full)
         return original(self, name, tensor)
 
-    monkeypatch.setattr(io.StreamingWriter, "write", write)
+    monkeypatch.setattr(StreamingWriter, "write", write)
     plan = make_plan(InitRequest.model_validate({"architecture": arch(2, 3)}), random_chain)
     with pytest.raises(StorageFullError, match="no space left"):
         run_plan(plan, artifacts_root=tmp_path)
@@ -595,7 +596,8 @@ def test_enospc_mid_write_leaves_nothing(random_chain, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("case", sorted(malformed.cases()))
 def test_malformed_safetensors_are_refused(case, tmp_path):
-    from cbd.io import LazyReader, read_header
+    from cbd.tensors.header import read_header
+    from cbd.tensors.reader import LazyReader
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(malformed.cases()[case])
@@ -606,7 +608,7 @@ def test_malformed_safetensors_are_refused(case, tmp_path):
 
 
 def test_the_valid_corpus_file_is_accepted(tmp_path):
-    from cbd.io import LazyReader
+    from cbd.tensors.reader import LazyReader
 
     path = tmp_path / "model.safetensors"
     path.write_bytes(malformed.valid())
@@ -626,8 +628,9 @@ def with_sha(manifest, name: str, sha: str):
 
 
 def test_tampered_anchors_are_refused_at_load(chain_copy):
-    from cbd.chainstore import load_anchor
-    from cbd.manifest import anchor_dir, sha256_file
+    from cbd.core.files import sha256_file
+    from cbd.core.manifest import anchor_dir
+    from cbd.store.anchors import load_anchor
 
     root, manifest = chain_copy
     path = anchor_dir("test", "a2", root) / "model.safetensors"
@@ -655,7 +658,7 @@ def test_a_job_on_a_tampered_anchor_fails_clearly(chain_copy, redis_server, modu
 
     from app.core.config import Settings
     from app.main import create_app
-    from cbd.manifest import anchor_dir
+    from cbd.core.manifest import anchor_dir
     from worker.main import run_worker
 
     root, _ = chain_copy

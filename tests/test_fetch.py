@@ -11,7 +11,7 @@ import hashlib
 import httpx
 import pytest
 
-from cbd.fetch import FetchError, fetch
+from cbd.cli.fetch import FetchError, fetch
 
 DATA = b"weights" * 1000
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -55,7 +55,7 @@ def _app(state):
 @pytest.fixture
 def client_state(tmp_path, monkeypatch):
     monkeypatch.setenv("CBD_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr("cbd.fetch.time.sleep", lambda s: None)
+    monkeypatch.setattr("cbd.cli.fetch.time.sleep", lambda s: None)
     state = {"calls": [], "polls": 0}
     return httpx.Client(base_url="http://cbd", transport=httpx.MockTransport(_app(state))), state
 

@@ -1,4 +1,4 @@
-"""cbd.hub against a local Hub-compatible server (tests/hubserver.py), read back with stock clients.
+"""cbd.store.hub against a local Hub-compatible server (tests/hubserver.py), read back with stock clients.
 
 Large files take the LFS path (HF_HUB_DISABLE_XET): the Xet upload path cannot be exercised
 offline. Each test pushes to its own repo, so one server serves the whole module.
@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from cbd.errors import HubError
-from cbd.hub import (
+from cbd.store.hub import (
     HubAuthError,
     HubConflictError,
     HubPermissionError,
@@ -348,5 +348,5 @@ def test_token_echoed_by_the_server_is_scrubbed(checkpoint, tmp_path, caplog):
         errors = failing_pushes(hub, checkpoint[0], tmp_path)
     for e in errors:
         assert_no_token(str(e), repr(e), str(e.to_dict()))
-    assert any("***" in r.getMessage() for r in caplog.records if r.name == "cbd.hub")  # scrubbed, logged
+    assert any("***" in r.getMessage() for r in caplog.records if r.name == "cbd.store.hub")  # scrubbed, logged
     assert_no_token(caplog.text)

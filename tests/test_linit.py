@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from random_chain import tiny_spec
 
-from cbd import arch
-from cbd.chainstore import load_alignment, load_anchor
-from cbd.linit import make_linit
-from cbd.maps import choose_maps
-from cbd.model import build_model
-from cbd.testing import tiny_spec
-from cbd.trans import trans_state
+from cbd.shape import arch
+from cbd.shape.linit import make_linit
+from cbd.shape.maps import choose_maps
+from cbd.shape.trans import trans_state
+from cbd.store.anchors import load_alignment, load_anchor
+from cbd.train.models import build_model
 
 TOL = 1e-4
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbd.losses import (
+from cbd.train.losses import (
     TopK,
     cross_entropy,
     distill_loss,

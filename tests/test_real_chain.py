@@ -15,13 +15,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cbd.artifacts import artifact_dir
-from cbd.execute import run_plan
-from cbd.manifest import load_manifest
-from cbd.model import build_model, eval_loss, random_state
-from cbd.plan import make_plan
-from cbd.request import InitRequest
-from cbd.study import context, pruned_source_state
+from bench.study import context, pruned_source_state
+from cbd.core.artifacts import artifact_dir
+from cbd.core.manifest import load_manifest
+from cbd.core.plan import make_plan
+from cbd.core.request import InitRequest
+from cbd.run import run_plan
+from cbd.train.models import build_model, eval_loss, random_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.teacher]
 

@@ -36,7 +36,7 @@ from redis import Redis
 
 from app.core.config import Settings
 from app.main import MAX_BODY, create_app
-from cbd import artifacts
+from cbd.core import artifacts
 from worker import queue
 from worker.main import run_worker
 

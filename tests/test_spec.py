@@ -7,10 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from cbd.core.plan import alpha0, target_spec
+from cbd.core.request import Architecture
+from cbd.core.spec import MAX_LAYERS, ModelSpec, make_spec
 from cbd.errors import ChainIncompatibleError, ShapeError
-from cbd.plan import alpha0, target_spec
-from cbd.request import Architecture
-from cbd.spec import MAX_LAYERS, ModelSpec, make_spec
 
 BASE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=99)
 

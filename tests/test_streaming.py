@@ -10,16 +10,19 @@ import threading
 
 import pytest
 import torch
+from random_chain import tiny_gpt2_spec, tiny_spec
 
-from cbd import arch
-from cbd.chainstore import load_alignment, load_anchor
-from cbd.checkpoint import write_weights
-from cbd.importance import importance
-from cbd.io import BufferPool, LazyReader, StreamingWriter, pooled, read_header, write_safetensors
-from cbd.linit import Anchor, make_linit
-from cbd.model import build_model, random_state
-from cbd.testing import tiny_gpt2_spec, tiny_spec
-from cbd.trans import rows_independent
+from cbd.shape import arch
+from cbd.shape.importance import importance
+from cbd.shape.linit import Anchor, make_linit
+from cbd.shape.trans import rows_independent
+from cbd.store.anchors import load_alignment, load_anchor
+from cbd.store.checkpoint import write_weights
+from cbd.tensors.header import read_header
+from cbd.tensors.pool import BufferPool, pooled
+from cbd.tensors.reader import LazyReader
+from cbd.tensors.writer import StreamingWriter, write_safetensors
+from cbd.train.models import build_model, random_state
 
 BETWEEN = dict(num_hidden_layers=3, hidden_size=80, num_attention_heads=5, num_key_value_heads=5, intermediate_size=70)
 

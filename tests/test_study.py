@@ -1,11 +1,11 @@
-"""cbd.study on the tiny random chain: the evidence code measures what it claims to."""
+"""bench/study.py on the tiny random chain: the evidence code measures what it claims to."""
 
 from __future__ import annotations
 
 import torch
 
-from cbd import study
-from cbd.manifest import ChainManifest
+from bench import study
+from cbd.core.manifest import ChainManifest
 
 
 class RandomTextContext(study.Context):

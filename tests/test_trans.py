@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cbd import arch
-from cbd.importance import importance
-from cbd.maps import choose_maps, select_depth
-from cbd.model import build_model, random_state
-from cbd.spec import ModelSpec
-from cbd.trans import trans_state
+from cbd.core.spec import ModelSpec
+from cbd.shape import arch
+from cbd.shape.importance import importance
+from cbd.shape.maps import choose_maps, select_depth
+from cbd.shape.trans import trans_state
+from cbd.train.models import build_model, random_state
 
 TOL = 1e-4
 

@@ -14,16 +14,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from random_chain import tiny_gpt2_spec
 from transformers import AutoModelForCausalLM
 
-from cbd import arch
-from cbd.checkpoint import write_weights
-from cbd.importance import importance
-from cbd.linit import Anchor, make_linit, prune
-from cbd.maps import choose_maps
-from cbd.model import build_model, random_state
-from cbd.testing import tiny_gpt2_spec
-from cbd.trans import trans_state
+from cbd.shape import arch
+from cbd.shape.importance import importance
+from cbd.shape.linit import Anchor, make_linit, prune
+from cbd.shape.maps import choose_maps
+from cbd.shape.trans import trans_state
+from cbd.store.checkpoint import write_weights
+from cbd.train.models import build_model, random_state
 
 TOL = 1e-4
 
@@ -248,7 +248,8 @@ def test_positions_and_family_must_match(src):
 
 
 def _file_anchor(tmp_path, spec, state, imp):
-    from cbd.io import LazyReader, write_safetensors
+    from cbd.tensors.reader import LazyReader
+    from cbd.tensors.writer import write_safetensors
 
     path = tmp_path / f"{spec.num_hidden_layers}x{spec.hidden_size}.safetensors"
     write_safetensors(path, state)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from app.core.config import Settings
 from app.main import create_app
-from cbd import artifacts
+from cbd.core import artifacts
 from worker import queue
 from worker.main import run_worker
 
@@ -147,19 +147,20 @@ def test_run_worker_cleans_orphans_and_drains(redis_url, module_artifacts):
 def test_build_chain_job_then_initialize(redis_url, module_artifacts, monkeypatch, tmp_path):
     """A chain with a recipe but not built: POST -> build job (slow queue) -> POST again -> checkpoint.
 
-    ``cbd.chain.build_chain`` is stood in for by the random test chain (the real build distills).
+    ``cbd.chain.build.build_chain`` is stood in for by the random test chain (the real build distills).
     """
     import sys
     import types
 
-    from cbd import paths
-    from cbd.testing import build_random_chain
+    from random_chain import build_random_chain
+
+    from cbd.core import paths
 
     def build_chain(name, *, progress=None):
         progress({"stage": "distill", "fraction": 0.5, "anchor": "a1"})
         return build_random_chain(paths.chains_dir(), name)
 
-    monkeypatch.setitem(sys.modules, "cbd.chain", types.SimpleNamespace(build_chain=build_chain))
+    monkeypatch.setitem(sys.modules, "cbd.chain.build", types.SimpleNamespace(build_chain=build_chain))
     monkeypatch.setenv("CBD_CHAINS", str(tmp_path / "chains"))
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "fresh.toml").write_text("# recipe\n")

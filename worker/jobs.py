@@ -1,6 +1,6 @@
 """Thin RQ jobs: importable, JSON arguments and results, progress in ``job.meta``.
 
-torch is imported inside the jobs (via ``cbd.execute`` / ``cbd.chain``), never at module import,
+torch is imported inside the jobs (via ``cbd.run`` / ``cbd.chain``), never at module import,
 so the API can enqueue these by dotted path without loading them. Failures leave a clean
 ``job.meta["error"] = {"type", "message"}`` (no traceback) for ``GET /jobs/{id}``, then re-raise
 so rq records the failure and retries (``Retry(max=2)``; the outputs are content-addressed and
@@ -27,9 +27,9 @@ TRANSPORT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "h2", "hpack", 
 
 
 def initialize(plan: dict, push: dict | None = None, token_ref: str | None = None) -> dict:
-    """Run a plan (``cbd.plan.Plan`` as JSON); then push the artifact when ``push`` is given."""
-    from cbd.execute import run_plan
-    from cbd.plan import Plan
+    """Run a plan (``cbd.core.plan.Plan`` as JSON); then push the artifact when ``push`` is given."""
+    from cbd.core.plan import Plan
+    from cbd.run import run_plan
 
     with _tracked("initialize") as job:
         info = run_plan(Plan.model_validate(plan), progress=_reporter(job))
@@ -46,7 +46,7 @@ def build_chain(name: str) -> dict:
     Queued after one ``build_anchor`` job per anchor (``worker.queue.enqueue_build_chain``), it
     finds every anchor finished, verifies them and writes the manifest; alone, it builds them all.
     """
-    from cbd.chain import build_chain as build
+    from cbd.chain.build import build_chain as build
 
     with _tracked("build_chain") as job:
         manifest = build(name, progress=_reporter(job))
@@ -56,7 +56,7 @@ def build_chain(name: str) -> dict:
 
 def build_anchor(name: str, anchor: str) -> dict:
     """Build one anchor of chain ``name`` from its parent on disk; returns at once if it is finished."""
-    from cbd.chain import build_anchor as build
+    from cbd.chain.build import build_anchor as build
 
     with _tracked("build_anchor") as job:
         entry = build(name, anchor, progress=_reporter(job))
@@ -65,7 +65,8 @@ def build_anchor(name: str, anchor: str) -> dict:
 
 
 def _push(job: Job | None, artifact_id: str, push: dict, token_ref: str | None) -> dict:
-    from cbd import artifacts, hub
+    from cbd.core import artifacts
+    from cbd.store import hub
 
     token = _open_token(job, token_ref)
     _save_progress(job, {"stage": "push", "fraction": 0.0})

@@ -40,7 +40,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from cbd import artifacts
+from cbd.core import artifacts
 from worker import queue
 
 log = logging.getLogger("cbd.worker")

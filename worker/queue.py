@@ -27,6 +27,8 @@ from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from cbd.core.plan import Plan
+
 FAST, SLOW = "fast", "slow"
 QUEUES = (FAST, SLOW)
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -54,6 +56,11 @@ class Limits:
 
     def timeout(self, queue: str) -> int:
         return self.slow_timeout_s if queue == SLOW else self.fast_timeout_s
+
+
+def queue_for(plan: Plan) -> str:
+    """Interpolation is fast; bridge distillation is slow and goes to its own queue."""
+    return SLOW if plan.bridge else FAST
 
 
 def redis_url(url: str | None = None) -> str:

@@ -22,7 +22,6 @@ import base64
 import hashlib
 import hmac
 import os
-import secrets
 
 VERSION = b"c1"
 NONCE_BYTES = 16
@@ -32,11 +31,6 @@ MIN_KEY_CHARS = 16
 
 class SealError(ValueError):
     """A sealed value that does not authenticate under this key (tampered, moved or wrong key)."""
-
-
-def new_secret_key() -> str:
-    """A fresh key for ``CBD_SECRET_KEY`` (256 bits, URL-safe)."""
-    return secrets.token_urlsafe(32)
 
 
 def secret_key_from_env() -> str | None:

@@ -17,7 +17,7 @@ pydantic model still validates every value (a bad ``CBD_SYNC_WAIT_S`` fails at s
 | CBD_RESULT_TTL_S      | 604800                     | how long rq keeps finished job records               |
 | CBD_PUBLIC_URL        | (from the request)         | base of the file URLs in responses                   |
 
-Chains and artifacts live where ``cbd.paths`` says (CBD_HOME, CBD_CHAINS, CBD_ARTIFACTS).
+Chains and artifacts live where ``cbd.core.paths`` says (CBD_HOME, CBD_CHAINS, CBD_ARTIFACTS).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from cbd import paths
+from cbd.core import manifest, paths
+from cbd.core.names import NAME_PATTERN
 from worker import queue, tokens
 
 ENV = {
@@ -44,7 +45,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     redis_url: str = queue.DEFAULT_REDIS_URL
-    default_chain: str = Field(default="default", pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    default_chain: str = Field(default=manifest.DEFAULT_CHAIN, pattern=NAME_PATTERN)
     sync_wait_s: float = Field(default=20.0, ge=0, le=600)
     poll_interval_s: float = Field(default=0.1, gt=0, le=5)
     retry_after_s: int = Field(default=2, ge=1, le=3600)
@@ -54,7 +55,7 @@ class Settings(BaseModel):
     fast_timeout_s: int = Field(default=900, ge=10)
     slow_timeout_s: int = Field(default=6 * 3600, ge=10)
     result_ttl_s: int = Field(default=7 * 86400, ge=60)
-    recipes_dir: Path = paths.RECIPES_DIR  # not from the environment: cbd.recipe reads the same folder
+    recipes_dir: Path = paths.RECIPES_DIR  # not from the environment: cbd.core.recipe reads the same folder
     public_url: str | None = None
 
     @classmethod

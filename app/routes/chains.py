@@ -8,10 +8,10 @@ from fastapi.concurrency import run_in_threadpool
 from app import schemas
 from app.core.config import Settings
 from app.deps import SettingsDep
-from cbd import manifest
-from cbd.assets import list_tokenizers
-from cbd.manifest import ChainManifest
-from cbd.plan import MAX_GROWTH
+from cbd.core import manifest
+from cbd.core.catalog import list_tokenizers
+from cbd.core.manifest import ChainManifest
+from cbd.core.plan import MAX_GROWTH
 
 router = APIRouter(tags=["chains"])
 
@@ -32,7 +32,7 @@ def chain_info(m: ChainManifest) -> schemas.ChainInfo:
     base = m.base
     servable = schemas.ServableRange(
         family=base.family, model_type=base.model_type, vocab_size=base.vocab_size,
-        head_dim=base.head_dim or 0, min_non_embedding_params_interpolated=sizes[0],
+        head_dim=base.head_dim, min_non_embedding_params_interpolated=sizes[0],
         max_non_embedding_params_interpolated=sizes[-1],
         max_non_embedding_params=int(MAX_GROWTH * m.anchors[0].size))
     anchors = [schemas.AnchorInfo(name=a.name, parent=a.parent, spec=a.spec.model_dump(mode="json"),

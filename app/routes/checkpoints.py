@@ -16,7 +16,7 @@ from fastapi.responses import FileResponse
 
 from app import schemas
 from app.errors import NotFoundError
-from cbd import artifacts
+from cbd.core import artifacts
 
 router = APIRouter(tags=["checkpoints"])
 CACHE = "public, max-age=31536000, immutable"

@@ -14,7 +14,7 @@ from rq import Worker
 
 from app import schemas
 from app.deps import RedisDep, SettingsDep
-from cbd import manifest, paths
+from cbd.core import manifest, paths
 from worker import queue
 
 router = APIRouter(tags=["health"])

@@ -27,13 +27,13 @@ from app.core.config import Settings
 from app.deps import ApiKeyDep, HubTokenDep, RedisDep, SettingsDep
 from app.errors import InvalidHeaderError, JobFailedError, PushNotConfiguredError, status_of
 from app.metrics import Metrics
-from cbd import artifacts, manifest
-from cbd.assets import list_tokenizers
+from cbd.core import artifacts, manifest
+from cbd.core.catalog import list_tokenizers
+from cbd.core.manifest import ChainManifest
+from cbd.core.plan import make_plan
+from cbd.core.recipe import load_recipe
+from cbd.core.request import InitRequest
 from cbd.errors import RecipeError, UnknownNameError
-from cbd.manifest import ChainManifest
-from cbd.plan import make_plan
-from cbd.recipe import load_recipe
-from cbd.request import InitRequest
 from worker import queue, tokens
 
 router = APIRouter(tags=["initialize"])
@@ -120,9 +120,9 @@ def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redi
     def stale(job: RQJob) -> bool:  # finished, yet its artifact is gone (deleted by an operator)
         return job.get_status(refresh=False) == JobStatus.FINISHED and artifacts.load_artifact(plan.id) is None
 
-    job, _ = queue.enqueue_initialize(redis, plan.model_dump(mode="json"), plan.queue, push=push,
+    job, _ = queue.enqueue_initialize(redis, plan.model_dump(mode="json"), queue.queue_for(plan), push=push,
                                       token_ref=token_ref, limits=settings.limits, stale=stale)
-    return Submitted(views.job_view(job, base, warnings=warnings), job, wait=plan.queue == queue.FAST,
+    return Submitted(views.job_view(job, base, warnings=warnings), job, wait=queue.queue_for(plan) == queue.FAST,
                      warnings=warnings)
 
 
@@ -149,15 +149,12 @@ def resolve_chain(requested: str | None, settings: Settings) -> tuple[str, Chain
         if settings.recipe_exists(requested):
             return requested, None, []
         raise _no_chain(f"chain {requested!r} is not built and has no recipe", built, settings)
-    default = settings.default_chain
-    if default in built:
-        return default, manifest.load_manifest(default), []
-    if built:
-        return built[0], manifest.load_manifest(built[0]), [
-            f"the default chain {default!r} is not built; used chain {built[0]!r} instead"]
-    if settings.recipe_exists(default):
-        return default, None, []
-    raise _no_chain(f"no chain is built and the default chain {default!r} has no recipe", built, settings)
+    name, warning = manifest.pick_default_chain(settings.default_chain, built)
+    if name in built:
+        return name, manifest.load_manifest(name), [warning] if warning else []
+    if settings.recipe_exists(name):
+        return name, None, []
+    raise _no_chain(f"no chain is built and the default chain {name!r} has no recipe", built, settings)
 
 
 def _no_chain(what: str, built: list[str], settings: Settings) -> UnknownNameError:

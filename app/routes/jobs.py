@@ -17,7 +17,7 @@ from rq.job import JobStatus
 from app import schemas, views
 from app.deps import RedisDep
 from app.errors import NotFoundError
-from cbd import artifacts
+from cbd.core import artifacts
 from worker import queue
 
 router = APIRouter(tags=["jobs"])

@@ -1,0 +1,329 @@
+"""Build a chain: the source becomes anchor a0, each next anchor is pruned from the one
+before by importance and distilled from it (only the first step runs the source).
+
+Two pieces, one code path: ``build_anchor`` builds one anchor from its parent on disk (a0: the
+source converted, or a model of the source's family taught by a foreign model, see
+``cbd.core.recipe``), and ``write_chain_manifest`` publishes the chain. ``build_chain`` runs them in
+order in one process; the queued build (``worker.queue.enqueue_build_chain``) runs each as its
+own RQ job, each depending on the one before.
+
+Resumable at two levels: finished anchors are kept (``anchor.json`` + verified weights) and
+``cbd.train`` resumes an interrupted anchor from its last step checkpoint. The manifest is
+written last, so a half-built chain is never served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from cbd import __version__
+from cbd.core.catalog import TOKENIZER_FILES
+from cbd.core.manifest import (
+    AnchorEntry,
+    ChainManifest,
+    anchor_dir,
+    chain_dir,
+    list_chains,
+    load_manifest,
+    write_manifest,
+)
+from cbd.core.plan import target_spec
+from cbd.core.recipe import AnchorRecipe, Recipe, load_recipe
+from cbd.core.spec import ModelSpec
+from cbd.errors import ChainNotBuiltError
+from cbd.shape import arch
+from cbd.shape.importance import importance
+from cbd.shape.linit import prune
+from cbd.store.anchors import read_entry, write_anchor
+from cbd.tensors.reader import LazyReader
+from cbd.tensors.writer import write_safetensors
+from cbd.train.config import DistillConfig
+from cbd.train.ddp import is_main_process
+from cbd.train.loop import distill, evaluate
+from cbd.train.models import build_model, state_of
+
+log = logging.getLogger("cbd.chain")
+Progress = Callable[[dict], None]
+
+
+class ChainData:
+    """Token streams of a recipe: train windows by step, fixed held-out and validation batches."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        from cbd.data import batches as data
+
+        d = recipe.data
+        self.train = data.token_file(d.corpus, recipe.tokenizer, "train")
+        self.heldout = data.eval_batches(data.token_file(d.corpus, recipe.tokenizer, "heldout"),
+                                         batch_size=d.eval_batch_size, seq_len=d.eval_seq_len,
+                                         num_batches=d.eval_batches, seed=recipe.seed)
+        self.calibration = data.calibration_batch(self.train, batch_size=d.calibration_batch_size,
+                                                  seq_len=d.calibration_seq_len, seed=recipe.seed)
+        self.validation = data.eval_batches(self.train, batch_size=4, seq_len=d.calibration_seq_len,
+                                            num_batches=2, seed=recipe.seed + 7)
+        self._seq = recipe.train.seq_len
+        self._bs = recipe.train.batch_size
+
+    def batch_fn(self, seed: int) -> Callable[[int], torch.Tensor]:
+        from cbd.data import batches as data
+
+        return lambda step: next(data.train_batches(self.train, batch_size=self._bs, seq_len=self._seq,
+                                                    seed=seed, start_step=step))
+
+
+def build_chain(recipe_or_name: Recipe | str, *, root: Path | None = None, progress: Progress | None = None,
+                force: bool = False) -> ChainManifest:
+    """Every anchor in order, then the manifest; a chain built from the same recipe is returned as is."""
+    recipe = _recipe(recipe_or_name)
+    report = progress or (lambda _: None)
+    if not force and (built := built_manifest(recipe, root)) is not None:
+        log.info("chain %s is already built", recipe.name)
+        return built
+    if force and (chain_dir(recipe.name, root) / "manifest.json").exists() and is_main_process():
+        (chain_dir(recipe.name, root) / "manifest.json").unlink()
+    names = recipe.anchor_names
+    data: list[ChainData] = []  # tokenised once, on first need, for all anchors
+    for k, name in enumerate(names):
+        report({"stage": f"anchor {name} ({k + 1}/{len(names)})", "fraction": k / len(names)})
+        build_anchor(recipe, name, root=root, progress=report, data=data)
+    manifest = write_chain_manifest(recipe, root=root, data=data)
+    report({"stage": "done", "fraction": 1.0})
+    return manifest
+
+
+def built_manifest(recipe: Recipe, root: Path | None = None) -> ChainManifest | None:
+    """The chain's manifest when it is built from exactly this recipe, else None."""
+    if recipe.name not in list_chains(root):
+        return None
+    m = load_manifest(recipe.name, root)
+    return m if m.recipe == recipe.model_dump(mode="json") else None
+
+
+def build_anchor(recipe_or_name: Recipe | str, name: str, *, root: Path | None = None,
+                 progress: Progress | None = None, data: list[ChainData] | None = None) -> AnchorEntry:
+    """Build anchor ``name`` of the recipe's chain from its parent on disk; idempotent.
+
+    A finished anchor of the expected shape is returned at once; an interrupted one resumes from
+    its last step checkpoint. ``data``: a one-element cache of the recipe's ``ChainData``.
+    """
+    recipe = _recipe(recipe_or_name)
+    report = progress or (lambda _: None)
+    data = data if data is not None else []
+    if name == "a0":
+        return _anchor_zero(recipe, root, data, report)
+    a = recipe.anchor(name)
+    parent = _parent(recipe, name, root)
+    spec = target_spec(a, parent.spec)
+    done = read_entry(root, recipe.name, name)
+    if done is not None and done.spec == spec:
+        log.info("anchor %s already built: reusing it", name)
+        return done
+    _unpublish_stale(recipe, root)
+    torch.manual_seed(recipe.seed)
+    folder = anchor_dir(recipe.name, parent.name, root)
+    state = LazyReader(folder / "model.safetensors").load_all()
+    imp = LazyReader(folder / "importance.safetensors").load_all()
+    return _build_anchor(recipe, a, parent, state, imp, _data(recipe, data), root, report)
+
+
+def write_chain_manifest(recipe_or_name: Recipe | str, *, root: Path | None = None,
+                         data: list[ChainData] | None = None) -> ChainManifest:
+    """Publish the chain: tokenizer, validation batch, then ``manifest.json`` last and atomically.
+
+    Every anchor of the recipe must be finished and verified (sha256) on disk; otherwise
+    ``ChainNotBuiltError`` names the first missing one and nothing is published.
+    """
+    recipe = _recipe(recipe_or_name)
+    entries = []
+    for name in recipe.anchor_names:
+        entry = read_entry(root, recipe.name, name)
+        if entry is None:
+            raise ChainNotBuiltError(f"anchor {name} of chain {recipe.name!r} is not built (or its weights differ "
+                                     f"from its anchor.json): build it first; nothing was published")
+        entries.append(entry)
+    manifest = ChainManifest(name=recipe.name, source=recipe.source_repo, tokenizer=recipe.tokenizer,
+                             recipe=recipe.model_dump(mode="json"), anchors=entries, code_version=__version__,
+                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if is_main_process():
+        cdir = chain_dir(recipe.name, root)
+        _write_tokenizer(cdir, source_dir(recipe))
+        validation = _data(recipe, data if data is not None else []).validation
+        write_safetensors(cdir / "validation.safetensors", {"tokens": torch.cat(validation).contiguous()})
+        write_manifest(manifest, root)
+        shutil.rmtree(cdir / ".work", ignore_errors=True)
+    return manifest
+
+
+def source_dir(recipe: Recipe) -> Path:
+    """The recipe's source model folder: a0's weights, or with ``anchor_zero`` its family and tokenizer."""
+    from cbd.data.teachers import teacher_dir
+
+    return teacher_dir(recipe.source)
+
+
+# ---- pieces ----------------------------------------------------------------------------------------
+def _recipe(recipe_or_name: Recipe | str) -> Recipe:
+    return load_recipe(recipe_or_name) if isinstance(recipe_or_name, str) else recipe_or_name
+
+
+def _data(recipe: Recipe, cache: list[ChainData]) -> ChainData:
+    if not cache:
+        cache.append(ChainData(recipe))
+    return cache[0]
+
+
+def _parent(recipe: Recipe, name: str, root: Path | None) -> AnchorEntry:
+    names = recipe.anchor_names
+    parent = "a0" if recipe.mode == "direct" else names[names.index(name) - 1]
+    entry = read_entry(root, recipe.name, parent)
+    if entry is None:
+        raise ChainNotBuiltError(f"anchor {name} of chain {recipe.name!r} is pruned from {parent}, which is not "
+                                 f"built yet: build {parent} first", allowed={"parent": parent})
+    return entry
+
+
+def _unpublish_stale(recipe: Recipe, root: Path | None) -> None:
+    """About to (re)write an anchor: a manifest of another recipe must not list it meanwhile."""
+    path = chain_dir(recipe.name, root) / "manifest.json"
+    if path.exists() and is_main_process() and built_manifest(recipe, root) is None:
+        log.warning("chain %s: recipe changed, unpublishing its manifest until the rebuild ends", recipe.name)
+        path.unlink(missing_ok=True)
+
+
+def _publish_anchor(recipe: Recipe, name: str, root: Path | None, write: Callable[[], AnchorEntry]) -> AnchorEntry:
+    """Rank 0 writes the anchor; under torchrun every rank then reads it back after a barrier."""
+    entry = write() if is_main_process() else None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return entry if entry is not None else read_entry(root, recipe.name, name)
+
+
+def _write_tokenizer(cdir: Path, source: Path) -> None:
+    tok = cdir / "tokenizer"
+    if (tok / "tokenizer.json").is_file():
+        return
+    tmp = cdir / ".tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in TOKENIZER_FILES:
+        if (source / f).is_file():
+            shutil.copyfile(source / f, tmp / f)
+    tmp.rename(tok)
+
+
+# ---- anchor zero: the source itself, or a foreign model's pupil -------------------------------------
+def _source_spec(recipe: Recipe) -> ModelSpec:
+    return ModelSpec.from_hf_config(json.loads((source_dir(recipe) / "config.json").read_text()))
+
+
+def _anchor_zero(recipe: Recipe, root: Path | None, data: list[ChainData], report: Progress) -> AnchorEntry:
+    z = recipe.anchor_zero
+    spec = _source_spec(recipe) if z is None else target_spec(z, _source_spec(recipe))
+    done = read_entry(root, recipe.name, "a0")
+    teacher = done.metrics.get("foreign", {}).get("teacher") if done is not None else None
+    if done is not None and done.spec == spec and teacher == (z.foreign if z else None):
+        log.info("anchor a0 already built: reusing it")
+        return done
+    _unpublish_stale(recipe, root)
+    torch.manual_seed(recipe.seed)
+    if z is None:
+        return _source_anchor(recipe, spec, _data(recipe, data), root)
+    return _foreign_anchor(recipe, spec, _data(recipe, data), root, report)
+
+
+def _source_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path | None) -> AnchorEntry:
+    t0 = time.perf_counter()
+    state = LazyReader(source_dir(recipe) / "model.safetensors").load_all()
+    state = {n: state[n] for n in arch.param_names(spec)}
+    model = build_model(spec, state)
+    imp = importance(model, spec, data.calibration)
+    metrics = {"heldout_loss": round(evaluate(model, data.heldout), 4), "tokens": 0, "teacher_tokens": 0,
+               "wall_s": round(time.perf_counter() - t0, 1), "note": "the source model (Q4_1 de-quantised)"}
+    log.info("anchor a0 (source) held-out loss %.3f", metrics["heldout_loss"])
+    return _publish_anchor(recipe, "a0", root, lambda: write_anchor(
+        root, recipe.name, "a0", spec, state, importance=imp, alignment=None, parent=None, metrics=metrics))
+
+
+def _foreign_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path | None,
+                    report: Progress) -> AnchorEntry:
+    """a0 of ``spec`` (the source's family and tokenizer) taught by a foreign model (sequence-level KD)."""
+    from cbd.chain.anchor_zero import SeqKDOptions, foreign_anchor_zero
+    from cbd.data.teachers import teacher_dir
+    from cbd.data.tokenizers import load_tokenizer
+
+    z = recipe.anchor_zero
+    t0 = time.perf_counter()
+    opts = SeqKDOptions.model_validate(
+        {"teacher": z.foreign, "seed": recipe.seed} | z.seqkd.model_dump(exclude_none=True))
+    chain_tok = load_tokenizer(recipe.tokenizer)
+    state, kd = foreign_anchor_zero(spec, chain_tok, recipe.data.corpus, opts,
+                                    report=lambda e: report({**e, "anchor": "a0"}))
+    model = build_model(spec, state)
+    imp = importance(model, spec, data.calibration)
+    provenance = json.loads((teacher_dir(z.foreign) / "source.json").read_text())
+    metrics = {"heldout_loss": round(evaluate(model, data.heldout), 4), "tokens": kd["tokens"],
+               "teacher_tokens": kd["teacher_tokens"], "wall_s": round(time.perf_counter() - t0, 1),
+               "note": f"taught by {z.foreign} (another family) by sequence-level KD on its continuations of "
+                       f"{recipe.data.corpus} prompts",
+               "foreign": {"teacher": z.foreign, "method": "sequence-level KD", "provenance": provenance,
+                           "options": opts.model_dump(mode="json"), **{k: v for k, v in kd.items() if k != "teacher"}}}
+    log.info("anchor a0 (taught by %s) held-out loss %.3f", z.foreign, metrics["heldout_loss"])
+    return _publish_anchor(recipe, "a0", root, lambda: write_anchor(
+        root, recipe.name, "a0", spec, state, importance=imp, alignment=None, parent=None, metrics=metrics))
+
+
+# ---- a1..aK: pruned from the parent, distilled from it ---------------------------------------------
+def step_config(recipe: Recipe, a: AnchorRecipe, steps: int, **overrides) -> DistillConfig:
+    """The distillation settings of one chain step (also used to compare against direct KD)."""
+    t = recipe.train
+    cfg = dict(kl_weight=t.kl_weight, ce_weight=t.ce_weight, temperature=t.temperature, lr=a.lr or t.lr,
+               min_lr_ratio=t.min_lr_ratio, warmup_steps=min(t.warmup_steps, steps), weight_decay=t.weight_decay,
+               batch_size=t.batch_size, seq_len=t.seq_len, total_steps=steps, eval_every=t.eval_every,
+               ckpt_every=t.ckpt_every, seed=recipe.seed, topk_cache=t.topk_cache, device=recipe.device)
+    return DistillConfig(**(cfg | overrides))
+
+
+def step_batches(recipe: Recipe, data: ChainData, a: AnchorRecipe, steps: int) -> Callable[[int], torch.Tensor]:
+    """The training windows of one chain step, by step index."""
+    return data.batch_fn(recipe.seed + 1000 * len(a.name) + steps)
+
+
+def _build_anchor(recipe: Recipe, a: AnchorRecipe, parent: AnchorEntry, parent_state, parent_imp,
+                  data: ChainData, root: Path | None, report: Progress) -> AnchorEntry:
+    parent_spec = parent.spec
+    spec = target_spec(a, parent_spec)
+    t0 = time.perf_counter()
+    state, alignment = prune(parent_state, parent_spec, parent_imp, spec, recipe.prune)
+    student = build_model(spec, state)
+    pruned_loss = evaluate(student, data.heldout)
+    log.info("anchor %s %s pruned from %s: held-out loss %.3f", a.name, spec.shape, parent.name, pruned_loss)
+    steps = a.steps if a.steps is not None else recipe.train.steps
+    result = None
+    if steps:
+        teacher = build_model(parent_spec, parent_state)
+        cfg = step_config(recipe, a, steps)
+        work = chain_dir(recipe.name, root) / ".work" / a.name
+        student.train()
+        result = distill(student, teacher, step_batches(recipe, data, a, steps), data.heldout,
+                         cfg, work_dir=work, progress=lambda p: report({"stage": f"distilling {a.name}", **p}))
+        del teacher
+    student.eval()
+    state = state_of(student, spec)
+    imp = importance(student, spec, data.calibration)
+    metrics = {"heldout_loss_pruned": round(pruned_loss, 4),
+               "heldout_loss": round(result.final_eval_loss if result and result.final_eval_loss is not None
+                                     else evaluate(student, data.heldout), 4),
+               "tokens": result.tokens if result else 0, "teacher_tokens": result.teacher_tokens if result else 0,
+               "tokens_per_s": round(result.tokens_per_s, 1) if result else 0.0,
+               "wall_s": round(time.perf_counter() - t0, 1)}
+    log.info("anchor %s done: held-out loss %.3f (%s)", a.name, metrics["heldout_loss"], metrics)
+    return _publish_anchor(recipe, a.name, root, lambda: write_anchor(
+        root, recipe.name, a.name, spec, state, importance=imp, alignment=alignment, parent=parent.name,
+        metrics=metrics))

@@ -1,0 +1,1 @@
+"""The cbd command line."""

@@ -1,0 +1,3 @@
+from cbd.cli.main import main
+
+main()

@@ -1,0 +1,159 @@
+"""``cbd fetch``: the CI client. POST a shape, poll the job, download and verify the files.
+
+    cbd fetch --layers 4 --hidden 256 --heads 4 --kv-heads 2 --ffn 512 --out ./init
+    CBD_URL=https://cbd.internal CBD_API_KEY=... cbd fetch --spec shape.json --out ./init
+
+Downloads resume (HTTP Range on a ``.part`` file), every file is checked against the sha256
+the service reports, and finished checkpoints are cached by id under ``$CBD_HOME/fetch``: a
+second fetch of the same shape downloads nothing. Exit codes: 0 done, 2 the service refused
+the request (4xx), 3 the job failed, 4 a checksum mismatch, 5 the service is unreachable or
+did not finish in ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+
+from cbd.cli.options import Ffn, Heads, Hidden, KvHeads, Layers, SpecFile, request_from
+from cbd.core import paths
+
+CHUNK = 1 << 20
+
+
+class FetchError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fetch")(fetch_command)
+
+
+def fetch_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to place the checkpoint in")],
+    spec: SpecFile = None, layers: Layers = None, hidden: Hidden = None, heads: Heads = None,
+    kv_heads: KvHeads = None, ffn: Ffn = None,
+    chain: Annotated[str | None, typer.Option(help="chain name")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16")] = None,
+    url: Annotated[str, typer.Option(envvar="CBD_URL", help="service URL")] = "http://127.0.0.1:8000",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the job")] = 3600.0,
+) -> None:
+    """Fetch an initialisation from a cbd service into OUT (resumable, verified, cached)."""
+    req = request_from(spec, layers, hidden, heads, kv_heads, ffn, chain=chain, dtype=dtype)
+    try:
+        folder = fetch(req.model_dump(mode="json", exclude_none=True), out, url=url, timeout=timeout,
+                       api_key=os.environ.get("CBD_API_KEY"), progress=sys.stderr.isatty())
+    except FetchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from None
+    typer.echo(str(folder))
+
+
+def fetch(body: dict, out: Path, *, url: str, timeout: float = 3600.0, api_key: str | None = None,
+          progress: bool = False, client: httpx.Client | None = None) -> Path:
+    headers = {"X-API-Key": api_key} if api_key else {}
+    http = client or httpx.Client(base_url=url, headers=headers, timeout=60.0)
+    try:
+        deadline = time.monotonic() + timeout
+        job = _wait(http, _request(http, "POST", "/initialize", json=body), deadline, progress)
+        if job.get("kind") == "build_chain":  # the chain was built on demand: ask again
+            job = _wait(http, _request(http, "POST", "/initialize", json=body), deadline, progress)
+        cached = download(http, job, progress=progress)
+    finally:
+        if client is None:
+            http.close()
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(cached, out)
+    return out
+
+
+def _request(http: httpx.Client, method: str, path: str, **kw) -> dict:
+    try:
+        r = http.request(method, path, **kw)
+    except httpx.HTTPError as exc:
+        raise FetchError(f"cannot reach the service at {http.base_url}: {exc}", 5) from None
+    if r.status_code >= 500:
+        raise FetchError(f"the service answered {r.status_code}: {r.text[:300]}", 5)
+    if r.status_code >= 400:
+        raise FetchError(f"the service refused the request ({r.status_code}): {r.text[:500]}", 2)
+    return r.json()
+
+
+def _wait(http: httpx.Client, job: dict, deadline: float, progress: bool) -> dict:
+    """Poll ``/jobs/{id}`` until the job finishes; a failed job raises with its clean error."""
+    while job["status"] != "finished":
+        if job["status"] == "failed":
+            err = job.get("error") or {}
+            raise FetchError(f"job {job['id']} failed: {err.get('type')}: {err.get('message')}", 3)
+        if time.monotonic() > deadline:
+            raise FetchError(f"job {job['id']} did not finish in time (--timeout)", 5)
+        if progress and job.get("progress"):
+            p = job["progress"]
+            typer.echo(f"\r{p.get('stage', '')} {100 * p.get('fraction', 0):.0f}%   ", err=True, nl=False)
+        time.sleep(1.0)
+        job = _request(http, "GET", f"/jobs/{job['id']}")
+    return job
+
+
+def download(http: httpx.Client, job: dict, *, progress: bool = False) -> Path:
+    """Every file of a finished job into the cache folder of its artifact id, verified."""
+    aid = job.get("artifact_id") or job["id"]
+    folder = paths.home() / "fetch" / aid
+    if (folder / ".complete").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, f in sorted(job["files"].items()):
+        _download_file(http, f["url"], folder / name, f["size"], f["sha256"], progress)
+    (folder / ".complete").write_text(json.dumps({n: f["sha256"] for n, f in job["files"].items()}))
+    return folder
+
+
+def _download_file(http: httpx.Client, url: str, dest: Path, size: int, sha256: str, progress: bool) -> None:
+    if dest.is_file() and dest.stat().st_size == size and _sha256(dest) == sha256:
+        return
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        with http.stream("GET", url, headers=headers, timeout=300.0) as r:
+            if r.status_code == 416 and have == size:
+                pass
+            elif r.status_code not in (200, 206):
+                raise FetchError(f"download of {dest.name} answered {r.status_code}", 5)
+            else:
+                mode = "ab" if r.status_code == 206 else "wb"
+                with open(part, mode) as fh:
+                    for chunk in r.iter_bytes(CHUNK):
+                        fh.write(chunk)
+                        if progress:
+                            typer.echo(f"\r{dest.name}: {fh.tell() / 1e6:.1f}/{size / 1e6:.1f} MB", err=True, nl=False)
+    except httpx.HTTPError as exc:
+        raise FetchError(f"download of {dest.name} broke off ({exc}); run the same command again to resume", 5) \
+            from None
+    if _sha256(part) != sha256:
+        part.unlink()
+        raise FetchError(f"{dest.name}: sha256 mismatch; the partial file was removed, run again", 4)
+    os.replace(part, dest)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,45 @@
+"""The LInit runner: a plan's two adjacent anchors interpolated and streamed into a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cbd.core.artifacts import ArtifactInfo
+from cbd.core.manifest import ChainManifest
+from cbd.core.plan import Plan
+from cbd.inits.calibration import calibrate, validation_batches
+from cbd.inits.publish import Progress, publish_checkpoint, recipe_of
+from cbd.shape.linit import LInit, make_linit
+from cbd.store.anchors import load_alignment, load_anchor, tokenizer_dir
+
+
+def run_linit(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_root: Path | None = None,
+              artifacts_root: Path | None = None) -> ArtifactInfo:
+    progress({"stage": "loading anchors", "fraction": 0.0})
+    li = linit_for(plan, manifest, chains_root)
+    alpha, calib = plan.alpha, {}
+    if plan.calibrate:
+        progress({"stage": "calibrating alpha", "fraction": 0.05})
+        alpha, calib = calibrate(li, validation_batches(manifest, chains_root))
+    recipe = recipe_of(plan, manifest, alpha, calib)
+    total = plan.target.num_params()  # every stored tensor's elements
+
+    def tensors():
+        done = 0
+        for k, (name, t) in enumerate(li.chunks(alpha)):
+            yield name, t
+            done += t.numel()
+            if k % 8 == 0:
+                progress({"stage": "writing", "fraction": 0.1 + 0.85 * done / total})
+
+    info = publish_checkpoint(plan, manifest, plan.target, tensors(), recipe=recipe, alpha=alpha, metrics=calib,
+                              tokenizer_src=tokenizer_dir(manifest, chains_root), artifacts_root=artifacts_root)
+    progress({"stage": "done", "fraction": 1.0})
+    return info
+
+
+def linit_for(plan: Plan, manifest: ChainManifest, chains_root: Path | None = None) -> LInit:
+    small = load_anchor(manifest, plan.small, chains_root) if plan.small else None
+    big = load_anchor(manifest, plan.big, chains_root) if plan.big and plan.big != plan.small else None
+    alignment = load_alignment(manifest, plan.small, plan.big, chains_root) if small and big else None
+    return make_linit(plan.target, small, big, alpha=plan.alpha, alignment=alignment, opts=plan.trans)

@@ -1,0 +1,177 @@
+"""LInit: ``theta_T = alpha * Trans(S -> T) + (1 - alpha) * Trans(B -> T)`` (METHOD.md 1.2).
+
+S is the smaller adjacent anchor, B the bigger. The target's units are chosen in B's
+coordinates preferring units S also has (``cbd.shape.maps.choose_maps(prefer=alignment)``), and S is
+mapped onto the same units through its alignment (``cbd.shape.maps.compose``), so the two terms
+are in the same coordinates. With one anchor (outside the chain's range, or an exact anchor
+shape) the target is Trans of that anchor alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from cbd.core.plan import TransOptions
+from cbd.core.spec import ModelSpec
+from cbd.shape import arch
+from cbd.shape.maps import Alignment, Importance, Maps, choose_maps, compose
+from cbd.shape.trans import Reader, rows_independent, trans_tensor
+from cbd.tensors.pool import empty, recycle, scratch
+
+
+@dataclass
+class Anchor:
+    """An anchor as LInit sees it: a spec, a tensor reader and its importance scores.
+
+    When ``read`` also offers ``view`` and ``is_view`` (:class:`cbd.tensors.reader.LazyReader`), LInit
+    reads through zero-copy read-only views: Trans and the blend only read their inputs, and
+    whatever LInit returns is copied out of a view first.
+    """
+
+    spec: ModelSpec
+    read: Reader
+    importance: Importance | None = None
+
+    def reader(self) -> Reader:
+        return getattr(self.read, "view", self.read)
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is (part of) the anchor's own storage, which callers must not modify."""
+        is_view = getattr(self.read, "is_view", None)
+        return is_view is not None and is_view(t)
+
+
+@dataclass
+class LInit:
+    """Maps for both anchors onto one target; ``tensor(name)`` computes one target tensor."""
+
+    target: ModelSpec
+    small: Anchor | None
+    big: Anchor | None
+    maps_small: Maps | None
+    maps_big: Maps | None
+    alpha: float
+    opts: TransOptions
+
+    def tensor(self, name: str, alpha: float | None = None, rows: slice | None = None) -> torch.Tensor:
+        """One target tensor, owned by the caller (from the active :class:`cbd.tensors.pool.BufferPool`, if any).
+
+        ``rows``: only that block of rows, for a tensor whose rows Trans maps independently
+        (:func:`cbd.shape.trans.rows_independent`).
+        """
+        if rows is not None and not rows_independent(name, self.target):
+            raise ValueError(f"{name}: Trans mixes its rows, so it is computed whole, not in blocks of rows")
+        a = self.alpha if alpha is None else alpha
+        kw = {"width_expand": self.opts.width_expand, "depth_expand": self.opts.depth_expand}
+        parts = []
+        for anchor, maps, w in ((self.small, self.maps_small, a), (self.big, self.maps_big, 1.0 - a)):
+            if anchor is None or w == 0.0:
+                continue
+            read = anchor.reader()
+            if rows is not None:
+                read = _rows_of(read, rows)
+            parts.append((w, trans_tensor(name, read, anchor.spec, self.target, maps, **kw), anchor))
+        if len(parts) == 1:  # alpha 0 or 1: exactly one anchor's Trans, bit for bit
+            _, t, anchor = parts[0]
+            return empty(t.shape, t.dtype).copy_(t) if anchor.owns(t) else t
+        (wa, ta, _), (_, tb, _) = parts
+        # wa * ta + (1 - wa) * tb in one pass, over one of the two when it is a pooled Trans output
+        # (elementwise, so writing over an input gives the same bits as a separate output)
+        out = torch.lerp(tb, ta, wa, out=scratch(tb, ta))
+        for t in (ta, tb):
+            if t is not out:
+                recycle(t)  # Trans outputs go back to the pool; views of the anchors are ignored
+        return out
+
+    def tensors(self, alpha: float | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in arch.param_names(self.target):
+            yield name, self.tensor(name, alpha)
+
+    def chunks(self, alpha: float | None = None, *, max_bytes: int = 8 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+        """``tensors()`` for a streamed write: a large tensor whose rows are independent (the
+        embedding: vocabulary x hidden) comes as consecutive blocks of rows of at most
+        ``max_bytes`` (float32), so the write recycles a few block buffers instead of touching
+        fresh memory for the whole tensor, and the disk starts on it while the rest is computed.
+        The blocks concatenate to exactly ``tensor(name)``."""
+        for name, rows in self.blocks(max_bytes):
+            yield name, self.tensor(name, alpha, rows=rows)
+
+    def blocks(self, max_bytes: int = 8 << 20) -> Iterator[tuple[str, slice | None]]:
+        """The (name, rows) pieces ``chunks`` computes, in file order (rows None: whole)."""
+        for name in arch.param_names(self.target):
+            shape = arch.tensor_shape(self.target, name)
+            row_bytes = 4 * math.prod(shape[1:])
+            if shape[0] * row_bytes <= max_bytes or not rows_independent(name, self.target):
+                yield name, None
+                continue
+            step = max(1, max_bytes // row_bytes)
+            for r in range(0, shape[0], step):
+                yield name, slice(r, min(r + step, shape[0]))
+
+    def state(self, alpha: float | None = None) -> dict[str, torch.Tensor]:
+        return dict(self.tensors(alpha))
+
+
+def _rows_of(read: Reader, rows: slice) -> Reader:
+    return lambda name: read(name)[rows]
+
+
+def make_linit(target: ModelSpec, small: Anchor | None, big: Anchor | None, *, alpha: float,
+               alignment: Alignment | None = None, opts: TransOptions | None = None) -> LInit:
+    """Choose the maps. ``alignment`` places ``small`` inside ``big`` (None: not aligned)."""
+    opts = opts or TransOptions()
+    sel = {"depth_by": "even" if opts.depth_subset == "even" else "importance",
+           "width_by": opts.width_subset}
+    if small is not None and big is not None:
+        maps_big = choose_maps(big.spec, target, big.importance, prefer=alignment, **sel)
+        if alignment is not None:
+            maps_small = compose(maps_big, alignment, small.spec, small.importance)
+        else:
+            maps_small = choose_maps(small.spec, target, small.importance, **sel)
+        return LInit(target, small, big, maps_small, maps_big, alpha, opts)
+    one = small or big
+    if one is None:
+        raise ValueError("LInit needs at least one anchor")
+    maps = choose_maps(one.spec, target, one.importance, **sel)
+    return LInit(target, small, big, maps if small else None, maps if big else None,
+                 1.0 if small else 0.0, opts)
+
+
+def compose_alignments(a_in_b: Alignment, b_in_c: Alignment) -> Alignment:
+    """A inside C from A inside B and B inside C (anchors more than one step apart)."""
+    layers = [b_in_c.layers[x] for x in a_in_b.layers]
+    return Alignment(
+        layers=layers,
+        resid=[b_in_c.resid[x] for x in a_in_b.resid],
+        q=[[b_in_c.q[b][h] for h in a_in_b.q[s]] for s, b in enumerate(a_in_b.layers)],
+        kv=[[b_in_c.kv[b][g] for g in a_in_b.kv[s]] for s, b in enumerate(a_in_b.layers)],
+        ffn=[[b_in_c.ffn[b][n] for n in a_in_b.ffn[s]] for s, b in enumerate(a_in_b.layers)],
+    )
+
+
+def alpha_grid(alpha0: float, *, step: float = 0.1, width: int = 2) -> list[float]:
+    """Candidates for calibration: alpha0, neighbours ``step`` apart, and both endpoints."""
+    cands = {0.0, 1.0, round(alpha0, 4)}
+    cands |= {round(min(1.0, max(0.0, alpha0 + k * step)), 4) for k in range(-width, width + 1)}
+    return sorted(cands)
+
+
+def prune(state: dict[str, torch.Tensor], spec: ModelSpec, importance: Importance | None, child: ModelSpec,
+          opts: TransOptions | None = None) -> tuple[dict[str, torch.Tensor], Alignment]:
+    """The start of the next anchor: a subset of ``state`` by importance, and its alignment.
+
+    Every axis of ``child`` must be at most ``spec``'s (anchors shrink along the chain).
+    """
+    opts = opts or TransOptions()
+    if any(c > p for c, p in zip(child.shape, spec.shape, strict=True)) or child.kv_group_size > spec.kv_group_size:
+        raise ValueError(f"anchor {child.shape} (query heads per kv head {child.kv_group_size}) is not a subset of "
+                         f"its parent {spec.shape} ({spec.kv_group_size}): every axis must shrink or stay")
+    from cbd.shape.trans import trans_state
+
+    maps = choose_maps(spec, child, importance, depth_by="even" if opts.depth_subset == "even" else "importance",
+                       width_by=opts.width_subset)
+    return trans_state(state, spec, child, maps), Alignment.from_maps(maps)

@@ -1,0 +1,281 @@
+"""Which source units each target unit comes from: the plan half of Trans.
+
+A :class:`Maps` says, for every axis of the target, the source index of each unit and whether
+that unit is *new* (an expansion: a duplicate head or neuron, a zero residual channel, an
+identity block). ``cbd.shape.trans`` executes maps on tensors; this module only chooses them from
+importance scores (METHOD.md section 2), so it is cheap and testable without weights.
+
+An :class:`Alignment` records how a smaller anchor S sits inside a bigger anchor B (S was
+pruned from B, then distilled): S's unit k is B's unit ``alignment.<axis>[k]``. LInit chooses
+the target's units in B's coordinates, preferring units S also has, and maps S through the
+alignment, so both anchors land on the same target coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from cbd.core.spec import ModelSpec
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    idx: tuple[int, ...]
+    new: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.idx) != len(self.new):
+            raise ValueError("idx and new differ in length")
+
+    @classmethod
+    def keep(cls, idx: Sequence[int]) -> AxisMap:
+        return cls(tuple(int(i) for i in idx), (False,) * len(idx))
+
+    @cached_property
+    def is_identity(self) -> bool:
+        return not any(self.new) and self.idx == tuple(range(len(self.idx)))
+
+    def cached(self, key: tuple, make: Callable[[], T]) -> T:
+        """A tensor derived from this map (gather indices, scale factors), made once: Trans
+        applies the same maps to every tensor of a layer and the same resid map to all."""
+        cache = self.__dict__.setdefault("_derived", {})  # frozen: fields only; this is a cache
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+
+@dataclass(frozen=True)
+class Maps:
+    """Per-target-layer maps are indexed by target layer."""
+
+    resid: AxisMap
+    layers: AxisMap  # source layer per target layer; new = identity (or copied) block
+    q: tuple[AxisMap, ...]
+    kv: tuple[AxisMap, ...]
+    ffn: tuple[AxisMap, ...]
+
+
+class Alignment(BaseModel):
+    """S inside B: S's unit k is B's unit ``axis[k]`` (per S layer for per-layer axes)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layers: list[int]
+    resid: list[int]
+    q: list[list[int]]
+    kv: list[list[int]]
+    ffn: list[list[int]]
+
+    @classmethod
+    def from_maps(cls, maps: Maps) -> Alignment:
+        if any(maps.resid.new) or any(maps.layers.new):
+            raise ValueError("an alignment comes from a pure subset (no expansion)")
+        return cls(layers=list(maps.layers.idx), resid=list(maps.resid.idx),
+                   q=[list(m.idx) for m in maps.q], kv=[list(m.idx) for m in maps.kv],
+                   ffn=[list(m.idx) for m in maps.ffn])
+
+    @classmethod
+    def identity(cls, spec: ModelSpec) -> Alignment:
+        L, d, H, G, _, f = spec.shape
+        return cls(layers=list(range(L)), resid=list(range(d)), q=[list(range(H))] * L,
+                   kv=[list(range(G))] * L, ffn=[list(range(f))] * L)
+
+
+Importance = dict[str, torch.Tensor]  # resid (d,), block (L,), q (L, H), ffn (L, f)
+
+
+def select(n_src: int, n_tgt: int, scores: torch.Tensor | None, *, preferred: Sequence[int] = (),
+           by: str = "importance") -> AxisMap:
+    """Choose ``n_tgt`` of ``n_src`` units; duplicates (``new``) when ``n_tgt > n_src``.
+
+    Preferred units come first (by score), then the rest; ``by="prefix"`` ranks by index
+    instead of score. Kept units stay in source order (order matters for depth).
+    """
+    ranked = _rank(n_src, scores, by)
+    pref = set(preferred)
+    order = [i for i in ranked if i in pref] + [i for i in ranked if i not in pref]
+    if n_tgt <= n_src:
+        return AxisMap.keep(sorted(order[:n_tgt]))
+    extra = [order[k % n_src] for k in range(n_tgt - n_src)]
+    return AxisMap(tuple(range(n_src)) + tuple(extra), (False,) * n_src + (True,) * len(extra))
+
+
+def select_depth(n_src: int, n_tgt: int, scores: torch.Tensor | None, *, preferred: Sequence[int] = (),
+                 by: str = "importance") -> AxisMap:
+    """Layers: subset by block importance (or evenly spaced), expand with inserted blocks.
+
+    Evenly spaced keeps first and last: ``pi(l) = round(l*(L_A-1)/(L_T-1))`` (METHOD.md 2).
+    Inserted blocks go after evenly spaced source layers and copy the layer before them.
+    """
+    if n_tgt <= n_src:
+        if by == "even" and not preferred:
+            if n_tgt == 1:
+                return AxisMap.keep([0])
+            return AxisMap.keep(sorted({round(k * (n_src - 1) / (n_tgt - 1)) for k in range(n_tgt)}))
+        return select(n_src, n_tgt, scores, preferred=preferred, by="importance" if by == "even" else by)
+    extra = n_tgt - n_src
+    after = [min(n_src - 1, (2 * k + 1) * n_src // (2 * extra)) for k in range(extra)]
+    idx, new = [], []
+    for i in range(n_src):
+        idx.append(i)
+        new.append(False)
+        for _ in range(after.count(i)):
+            idx.append(i)
+            new.append(True)
+    return AxisMap(tuple(idx), tuple(new))
+
+
+def select_heads(src: ModelSpec, tgt: ModelSpec, q_scores: torch.Tensor | None, *,
+                 preferred_q: Sequence[int] = (), by: str = "importance") -> tuple[AxisMap, AxisMap]:
+    """GQA bookkeeping: pick kv groups first (group importance), then query heads per group.
+
+    Every target query head comes from the source group its target kv head comes from, so
+    attention stays exact for kept heads; repeated groups split a source group's heads.
+    """
+    r_src = src.kv_group_size
+    r_tgt = tgt.kv_group_size
+    g_scores = None if q_scores is None else q_scores.view(src.kv_heads, r_src).sum(1)
+    kv = select(src.kv_heads, tgt.kv_heads, g_scores,
+                preferred=sorted({h // r_src for h in preferred_q}), by=by)
+    q_idx: list[int] = []
+    q_new: list[bool] = []
+    used: dict[int, list[int]] = {}
+    for k in kv.idx:
+        if k not in used:
+            m = kv.idx.count(k)
+            heads = list(range(k * r_src, (k + 1) * r_src))
+            local = None if q_scores is None else q_scores[heads]
+            pick = select(r_src, m * r_tgt, local, preferred=[h - k * r_src for h in preferred_q
+                                                             if h // r_src == k], by=by)
+            used[k] = [(k * r_src + i, n) for i, n in zip(pick.idx, pick.new, strict=True)]
+        chunk, used[k] = used[k][:r_tgt], used[k][r_tgt:]
+        for h, n in sorted(chunk):
+            q_idx.append(h)
+            q_new.append(n)
+    return kv, AxisMap(tuple(q_idx), tuple(q_new))
+
+
+def choose_maps(src: ModelSpec, tgt: ModelSpec, imp: Importance | None, *,
+                depth_by: str = "importance", width_by: str = "importance",
+                prefer: Alignment | None = None) -> Maps:
+    """Target units in the source's coordinates, preferring units of ``prefer`` (S in B)."""
+    imp = imp or {}
+    layers = select_depth(src.num_hidden_layers, tgt.num_hidden_layers, imp.get("block"),
+                          preferred=prefer.layers if prefer else (), by=depth_by)
+    resid = select(src.hidden_size, tgt.hidden_size, imp.get("resid"),
+                   preferred=prefer.resid if prefer else (), by=width_by)
+    s_of_b = {b: s for s, b in enumerate(prefer.layers)} if prefer else {}
+    q, kv, ffn = [], [], []
+    for b in layers.idx:
+        s = s_of_b.get(b)
+        qs = None if "q" not in imp else imp["q"][b]
+        fs = None if "ffn" not in imp else imp["ffn"][b]
+        k_map, q_map = select_heads(src, tgt, qs, preferred_q=prefer.q[s] if s is not None else (), by=width_by)
+        kv.append(k_map)
+        q.append(q_map)
+        ffn.append(select(src.ffn, tgt.ffn, fs, preferred=prefer.ffn[s] if s is not None else (), by=width_by))
+    return Maps(resid=resid, layers=layers, q=tuple(q), kv=tuple(kv), ffn=tuple(ffn))
+
+
+def compose(maps_b: Maps, align: Alignment, s_spec: ModelSpec, s_imp: Importance | None) -> Maps:
+    """Maps for S onto the same target units as ``maps_b`` (which is in B's coordinates).
+
+    A target unit that S has (through the alignment) is taken from S; any other unit is new
+    for S: a zero residual channel, a duplicate head or neuron, or an identity block. S
+    therefore keeps its function wherever the target is at least as large as S.
+    """
+    s_imp = s_imp or {}
+    resid = _through(maps_b.resid, align.resid, s_imp.get("resid"))
+    s_of_b = {b: s for s, b in enumerate(align.layers)}
+    l_idx: list[int] = []
+    l_new: list[bool] = []
+    real: list[int] = []
+    for b, b_new in zip(maps_b.layers.idx, maps_b.layers.new, strict=True):
+        s = s_of_b.get(b)
+        if s is not None and not b_new and s not in real:
+            real.append(s)
+            l_idx.append(s)
+            l_new.append(False)
+        else:  # identity block copying the last real S layer so far (or S's first layer)
+            l_idx.append(real[-1] if real else 0)
+            l_new.append(True)
+    q, kv, ffn = [], [], []
+    tgt_like = _spec_like(s_spec, maps_b)
+    for j, (s, n) in enumerate(zip(l_idx, l_new, strict=True)):
+        if n:  # an identity block's own units do not matter for S's function: pick S's best
+            qs = None if "q" not in s_imp else s_imp["q"][s]
+            k_map, q_map = select_heads(s_spec, tgt_like, qs)
+            kv.append(k_map)
+            q.append(q_map)
+            fs = None if "ffn" not in s_imp else s_imp["ffn"][s]
+            ffn.append(select(s_spec.ffn, len(maps_b.ffn[j].idx), fs))
+            continue
+        k_map = _through(maps_b.kv[j], align.kv[s], None)
+        kv.append(k_map)
+        q.append(_heads_through(maps_b.q[j], align.q[s], k_map, s_spec))
+        ffn.append(_through(maps_b.ffn[j], align.ffn[s], None if "ffn" not in s_imp else s_imp["ffn"][s]))
+    return Maps(resid=resid, layers=AxisMap(tuple(l_idx), tuple(l_new)), q=tuple(q), kv=tuple(kv),
+                ffn=tuple(ffn))
+
+
+def _through(m_b: AxisMap, align: Sequence[int], s_scores: torch.Tensor | None) -> AxisMap:
+    """Map target units given as B units onto S units; units S lacks become new duplicates."""
+    s_of_b: dict[int, int] = {}
+    for s, b in enumerate(align):
+        s_of_b.setdefault(b, s)
+    ranked = _rank(len(align), s_scores, "importance")
+    idx, new, seen = [], [], set()
+    k = 0
+    for b, b_new in zip(m_b.idx, m_b.new, strict=True):
+        s = s_of_b.get(b)
+        if s is not None:  # S has this unit: take it (a repeat of it is S's own duplicate)
+            idx.append(s)
+            new.append(b_new or s in seen)
+            seen.add(s)
+        else:
+            idx.append(ranked[k % len(ranked)])
+            new.append(True)
+            k += 1
+    return AxisMap(tuple(idx), tuple(new))
+
+
+def _heads_through(q_b: AxisMap, align_q: Sequence[int], kv_s: AxisMap, s_spec: ModelSpec) -> AxisMap:
+    """Query heads of S for target heads given in B units, consistent with S's kv map."""
+    r_t = len(q_b.idx) // len(kv_s.idx)
+    r_s = s_spec.kv_group_size
+    s_of_b = {b: s for s, b in enumerate(align_q)}
+    idx, new = [], []
+    for g, k in enumerate(kv_s.idx):
+        group = [k * r_s + i for i in range(r_s)]
+        spare = 0
+        for b, b_new in zip(q_b.idx[g * r_t:(g + 1) * r_t], q_b.new[g * r_t:(g + 1) * r_t], strict=True):
+            s = s_of_b.get(b)
+            if s is not None and s // r_s == k:
+                new.append(b_new or s in idx)
+                idx.append(s)
+            else:
+                idx.append(group[spare % r_s])
+                new.append(True)
+                spare += 1
+    return AxisMap(tuple(idx), tuple(new))
+
+
+def _spec_like(s_spec: ModelSpec, maps_b: Maps) -> ModelSpec:
+    heads = len(maps_b.q[0].idx) if maps_b.q else s_spec.num_attention_heads
+    kv = len(maps_b.kv[0].idx) if maps_b.kv else s_spec.kv_heads
+    return s_spec.model_copy(update={"num_attention_heads": heads, "num_key_value_heads": kv})
+
+
+def _rank(n: int, scores: torch.Tensor | None, by: str) -> list[int]:
+    if scores is None or by == "prefix":
+        return list(range(n))
+    # stable: ties keep index order, so equal scores give a deterministic choice
+    return [int(i) for i in torch.sort(scores.float(), descending=True, stable=True).indices]

@@ -1,0 +1,106 @@
+"""A Hugging Face checkpoint folder: weights, config, generation config, tokenizer, model card.
+
+Every artifact carries its recipe: ``recipe.json`` beside the weights and the same JSON in the
+safetensors ``__metadata__`` (STYLE.md, guideline 5). Nothing time- or host-dependent is
+written, so the same plan on the same chain gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from cbd import __version__
+from cbd.core.catalog import TOKENIZER_FILES
+from cbd.core.files import canonical_json, write_json
+from cbd.core.spec import ModelSpec
+from cbd.shape import arch
+from cbd.tensors.header import DTYPES
+from cbd.tensors.pool import BufferPool, pooled, recycle
+from cbd.tensors.writer import StreamingWriter
+
+
+def write_weights(folder: Path, spec: ModelSpec, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                  dtype: str, recipe: dict, durable: bool = True) -> None:
+    """Stream ``tensors`` (in ``arch.param_names`` order) into ``model.safetensors``.
+
+    A tensor may come whole or as consecutive blocks of its rows (``LInit.chunks``).
+    ``tensors`` is consumed with a :class:`~cbd.tensors.pool.BufferPool` active, so a lazy producer
+    computes into recycled memory and each tensor's memory is reused once the writer has
+    written it. The file is fsynced before this returns (``durable=False``: only for benchmarks
+    that compare with writers that don't sync).
+    """
+    tdtype = DTYPES[dtype]
+    layout = [(n, tdtype, arch.tensor_shape(spec, n)) for n in arch.param_names(spec)]
+    meta = {"format": "pt", "cbd_recipe": canonical_json(recipe), "cbd_version": __version__}
+    pool = BufferPool()
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == tdtype:
+            return t
+        out = pool.empty(t.shape, tdtype).copy_(t)
+        recycle(t)
+        return out
+
+    with StreamingWriter(folder / "model.safetensors", layout, meta, durable=durable) as w, pooled(pool):
+        w.write_all(((name, cast(t)) for name, t in tensors), written=pool.give)
+
+
+def write_config_files(folder: Path, spec: ModelSpec, *, dtype: str, recipe: dict, tokenizer_src: Path | None,
+                       card: str) -> None:
+    write_json(folder / "config.json", spec.to_hf_config(dtype=dtype))
+    gen = {"bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id,
+           "pad_token_id": spec.pad_token_id, "do_sample": False}
+    write_json(folder / "generation_config.json", {k: v for k, v in gen.items() if v is not None} | {"_from_model_config": True})
+    write_json(folder / "recipe.json", recipe)
+    if tokenizer_src is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_src / name).is_file():
+                shutil.copyfile(tokenizer_src / name, folder / name)
+    (folder / "README.md").write_text(card)
+
+
+def model_card(*, repo_name: str, recipe: dict, base_model: str, license: str = "apache-2.0") -> str:
+    """README.md with the YAML front matter the Hub reads and the recipe in the body."""
+    t = recipe["target"]
+    anchors = "\n".join(f"| `{a['name']}` | {a['shape']} | {a['non_embedding_params']:,} | `{a['sha256'][:16]}` |"
+                        for a in recipe["anchors"])
+    warnings = "".join(f"\n> **Note:** {w}\n" for w in recipe.get("warnings", []))
+    return f"""---
+library_name: transformers
+license: {license}
+base_model: {base_model}
+pipeline_tag: text-generation
+tags:
+- cbd
+- linit
+- chain-based-distillation
+- initialization
+---
+
+# {repo_name}
+
+An **initialisation** (not a trained model) of a {t['model_type']} decoder with
+{t['num_hidden_layers']} layers, hidden size {t['hidden_size']}, {t['num_attention_heads']} query heads /
+{t['num_key_value_heads']} kv heads, FFN {t['intermediate_size']}, vocabulary {t['vocab_size']}
+({recipe['num_params']:,} parameters), made by chain-based distillation (CBD, arXiv 2605.07783):
+LInit interpolation of the two adjacent anchors of chain `{recipe['chain']}`,
+`theta = alpha * Trans(S) + (1 - alpha) * Trans(B)` with **alpha = {recipe['alpha']:.4f}**
+({recipe['alpha_source']}). Train it further; its loss at step 0 is far below a random init's.
+{warnings}
+| anchor | shape (L, d, H, G, d_h, f) | non-embedding params | sha256 |
+|---|---|---|---|
+{anchors}
+
+Chain source: `{base_model}` (weights de-quantised from its Q4_1 GGUF). Code: cbd {recipe['code_version']}.
+The full recipe is in `recipe.json` and in the safetensors metadata (`cbd_recipe`).
+
+```json
+{json.dumps(recipe['request'], indent=2, sort_keys=True)}
+```
+"""
+

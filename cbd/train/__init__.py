@@ -1,0 +1,1 @@
+"""Training: distillation config, loop, resumable checkpoints, top-k teacher cache, DDP, losses, models."""
