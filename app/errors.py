@@ -1,8 +1,9 @@
-"""One place that turns exceptions into HTTP answers.
+"""One place that turns exceptions into HTTP answers: the HTTP status of every error class.
 
-Every ``cbd.errors.CBDError`` (and the service's own subclasses below) answers with its
-``.status`` and ``.to_dict()``; Redis being unreachable is 503 with ``Retry-After`` (never 500);
-a full disk is 507. pydantic's ``RequestValidationError`` keeps FastAPI's 422.
+Every ``cbd.errors.CBDError`` (and the service's own subclasses below) answers with its status in
+``HTTP_STATUS`` (the nearest class of its MRO listed there) and ``.to_dict()``; Redis being
+unreachable is 503 with ``Retry-After`` (never 500); a full disk is 507. pydantic's
+``RequestValidationError`` keeps FastAPI's 422. The CLI's exit codes are ``cbd.cli.main.EXIT``.
 """
 
 from __future__ import annotations
@@ -27,35 +28,25 @@ MAX_ECHO_CHARS = 2000
 class UnauthorizedError(CBDError):
     """A POST without a valid ``X-API-Key`` while ``CBD_API_KEYS`` is set."""
 
-    status = 401
-
 
 class InvalidHeaderError(CBDError):
     """A header that is present but malformed (its value is never echoed)."""
-
-    status = 422
 
 
 class NotFoundError(CBDError):
     """No such job, checkpoint or file."""
 
-    status = 404
-
 
 class PushNotConfiguredError(CBDError):
     """push_to_hub asked for, but the service has no CBD_SECRET_KEY to seal the token with."""
-
-    status = 503
 
 
 class QueueUnavailableError(CBDError):
     """Redis cannot be reached."""
 
-    status = 503
-
 
 class JobFailedError(CBDError):
-    """The job behind a request failed; ``status`` follows the error the job raised."""
+    """The job behind a request failed; ``status`` (of this instance) follows the error the job raised."""
 
     def __init__(self, job_id: str, error: dict, status: int) -> None:
         super().__init__(f"job {job_id} failed: {error.get('type')}: {error.get('message')}")
@@ -68,14 +59,48 @@ class JobFailedError(CBDError):
                 "cause": self.error}
 
 
+HTTP_STATUS: dict[type[CBDError], int] = {
+    CBDError: 400,
+    cbd_errors.ShapeError: 422,
+    cbd_errors.UnknownNameError: 422,
+    cbd_errors.RecipeError: 422,
+    cbd_errors.ChainIncompatibleError: 422,
+    cbd_errors.ChainNotBuiltError: 409,
+    cbd_errors.IntegrityError: 500,
+    cbd_errors.AssetUnavailableError: 503,
+    cbd_errors.StorageFullError: 507,
+    cbd_errors.HubError: 502,
+    cbd_errors.InvalidPushError: 422,  # and InvalidRepoIdError
+    cbd_errors.HubAuthError: 401,
+    cbd_errors.HubPermissionError: 403,
+    cbd_errors.HubNotFoundError: 404,
+    cbd_errors.HubConflictError: 409,
+    cbd_errors.HubUnavailableError: 503,
+    cbd_errors.FetchError: 502,  # raised by the client of another cbd service only, never here
+    UnauthorizedError: 401,
+    InvalidHeaderError: 422,
+    NotFoundError: 404,
+    PushNotConfiguredError: 503,
+    QueueUnavailableError: 503,
+}
+
+
+def http_status(exc: CBDError | type[CBDError]) -> int:
+    """The HTTP status of an error (or error class): the nearest class of its MRO in HTTP_STATUS."""
+    if isinstance(exc, JobFailedError):
+        return exc.status
+    cls = exc if isinstance(exc, type) else type(exc)
+    return next(HTTP_STATUS[c] for c in cls.__mro__ if c in HTTP_STATUS)
+
+
 def status_of(error_type: str, default: int = 500) -> int:
     """The HTTP status of a cbd error class, by name (jobs report errors as names)."""
     cls = getattr(cbd_errors, error_type, None)
     if isinstance(cls, type) and issubclass(cls, CBDError):
-        return cls.status
+        return http_status(cls)
     for sub in _subclasses(CBDError):
-        if sub.__name__ == error_type:
-            return sub.status
+        if sub.__name__ == error_type and sub is not JobFailedError:
+            return http_status(sub)
     return default
 
 
@@ -91,10 +116,11 @@ def _retry_after(request: Request) -> str:
 
 
 async def cbd_error(request: Request, exc: CBDError) -> JSONResponse:
-    headers = {"Retry-After": _retry_after(request)} if exc.status == 503 else None
-    if exc.status == 401:
+    status = http_status(exc)
+    headers = {"Retry-After": _retry_after(request)} if status == 503 else None
+    if status == 401:
         headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
-    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.to_dict(), status_code=status, headers=headers)
 
 
 async def redis_error(request: Request, exc: Exception) -> JSONResponse:

@@ -10,6 +10,7 @@ from rq.job import JobStatus
 from rq.results import Result
 
 from app import schemas
+from app.errors import status_of
 from cbd.core import artifacts
 from cbd.core.artifacts import ArtifactInfo
 
@@ -86,9 +87,9 @@ def job_error(job: RQJob) -> schemas.JobError:
     """The job's own clean error, else the last line of rq's exception text (never a traceback)."""
     err = job.get_meta(refresh=False).get("error")
     if isinstance(err, dict) and err.get("type"):
-        status = err.get("status")
+        status = err.get("status")  # written by workers before the API held the status map
         return schemas.JobError(type=str(err["type"]), message=str(err.get("message", ""))[:MAX_MESSAGE],
-                                status=status if isinstance(status, int) else None)
+                                status=status if isinstance(status, int) else status_of(str(err["type"])))
     result = job.latest_result()
     text = result.exc_string if result is not None and result.type == Result.Type.FAILED else None
     if text and "AbandonedJobError" in text:  # rq: the worker died mid-job on the last try

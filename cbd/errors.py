@@ -1,16 +1,16 @@
-"""One flat module of precisely named exceptions (the rq / huggingface_hub style).
+"""One flat module of precisely named exceptions (the rq / huggingface_hub style): every exception
+the library raises is defined here.
 
-Every error carries the offending values and a remedy; the service maps each class to one HTTP
-status in a single handler (``app/errors.py``), the CLI maps them to exit codes.
+Every error carries the offending values and a remedy. What an error *means* to a caller lives
+with the caller, one map each: the service's HTTP status (``app.errors.HTTP_STATUS``) and the
+CLI's exit code (``cbd.cli.main.EXIT``); tests/test_errors.py checks that both cover every class.
 """
 
 from __future__ import annotations
 
 
 class CBDError(Exception):
-    """Base class. ``status`` is the HTTP status the service answers with."""
-
-    status: int = 400
+    """Base class."""
 
     def __init__(self, message: str, *, allowed: object | None = None) -> None:
         super().__init__(message)
@@ -27,13 +27,9 @@ class CBDError(Exception):
 class ShapeError(CBDError, ValueError):
     """A model shape that is impossible (sizes do not divide) or out of the configured bounds."""
 
-    status = 422
-
 
 class UnknownNameError(CBDError, KeyError):
     """A chain, tokenizer, recipe, mode or file name that does not exist."""
-
-    status = 422
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.message
@@ -42,40 +38,76 @@ class UnknownNameError(CBDError, KeyError):
 class ChainNotBuiltError(CBDError):
     """The chain exists as a recipe but has no built anchors yet."""
 
-    status = 409
-
 
 class ChainIncompatibleError(CBDError):
     """The target cannot be served from this chain (other family, head dim, vocabulary)."""
-
-    status = 422
 
 
 class IntegrityError(CBDError):
     """A stored file is corrupt, truncated, tampered with or not what its manifest says."""
 
-    status = 500
-
 
 class AssetUnavailableError(CBDError):
     """A model, tokenizer or corpus package cannot be fetched or read."""
-
-    status = 503
 
 
 class StorageFullError(CBDError):
     """The artifact store ran out of space while writing."""
 
-    status = 507
-
 
 class RecipeError(CBDError, ValueError):
     """A chain recipe that does not validate."""
 
-    status = 422
 
-
+# ---- the Hugging Face Hub (cbd.store.hub): one class per remedy; messages never contain the token ----
 class HubError(CBDError):
     """A push to the Hugging Face Hub failed; the message never contains the token."""
 
-    status = 502
+
+class InvalidPushError(HubError):
+    """The push itself is malformed (folder, parent commit, README metadata): fix the request."""
+
+
+class InvalidRepoIdError(InvalidPushError):
+    """``repo_id`` is not ``namespace/name`` with the characters the Hub accepts."""
+
+
+class HubAuthError(HubError):
+    """The Hub rejected the token (401) or no token was given."""
+
+
+class HubPermissionError(HubError):
+    """The token is valid but may not write to this namespace or repo (403)."""
+
+
+class HubNotFoundError(HubError):
+    """The repo or revision does not exist, or is private to someone else (404)."""
+
+
+class HubConflictError(HubError):
+    """The branch moved past ``parent_commit`` (412) or a concurrent operation conflicted (409)."""
+
+
+class HubUnavailableError(HubError):
+    """The Hub endpoint could not be reached (connection refused, DNS, timeout, offline mode)."""
+
+
+# ---- ``cbd fetch``, the client of a cbd service (cbd.cli.fetch) ---------------------------------------
+class FetchError(CBDError):
+    """``cbd fetch`` could not bring a checkpoint from the service."""
+
+
+class FetchRefusedError(FetchError):
+    """The service refused the request (4xx): fix the request."""
+
+
+class FetchJobFailedError(FetchError):
+    """The service accepted the request but its job failed."""
+
+
+class FetchChecksumError(FetchError):
+    """A downloaded file does not match the sha256 the service reported (the part file is removed)."""
+
+
+class FetchUnavailableError(FetchError):
+    """The service is unreachable, answered 5xx, broke off a download or did not finish in time."""

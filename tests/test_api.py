@@ -322,6 +322,22 @@ def test_a_failed_job_answers_with_its_errors_status():
         assert info.value.status == status and info.value.to_dict()["cause"]["message"] == error["message"]
 
 
+def test_each_job_limit_is_defined_once():
+    """worker.queue.Limits defines the limits; the API's Settings and a worker (no Settings) read the
+    same variables; the library's orphan cleanup takes its age from the caller."""
+    import inspect
+
+    from cbd.core import artifacts
+    from worker import queue
+
+    env = {"CBD_FAST_TIMEOUT_S": "60", "CBD_SLOW_TIMEOUT_S": "7200", "CBD_RESULT_TTL_S": "3600"}
+    assert Settings().limits == queue.Limits()
+    assert Settings.from_env(env).limits == queue.Limits.from_env(env) == queue.Limits(60, 7200, 3600)
+    assert queue.Limits.from_env({}).orphan_age_s == 6 * 3600 + 600
+    assert inspect.signature(artifacts.cleanup_orphans).parameters["older_than_s"].default is inspect.Parameter.empty
+    assert not hasattr(artifacts, "orphan_age_s")
+
+
 def test_settings_from_env():
     s = Settings.from_env({"REDIS_URL": "redis://r:6379/2", "CBD_API_KEYS": " a, b ,", "CBD_SYNC_WAIT_S": "1.5",
                            "CBD_DEFAULT_CHAIN": "tiny", "CBD_SECRET_KEY": "k" * 20})

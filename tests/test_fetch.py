@@ -11,7 +11,9 @@ import hashlib
 import httpx
 import pytest
 
-from cbd.cli.fetch import FetchError, fetch
+from cbd.cli.fetch import fetch
+from cbd.cli.main import exit_code
+from cbd.errors import FetchError
 
 DATA = b"weights" * 1000
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -84,7 +86,7 @@ def test_broken_connection_is_exit_5(client_state, tmp_path):
     state["cut"] = True
     with pytest.raises(FetchError) as e:
         fetch({"architecture": {}}, tmp_path / "out", url="http://cbd", client=client)
-    assert e.value.code == 5 and "run the same command again" in str(e.value)
+    assert exit_code(e.value) == 5 and "run the same command again" in str(e.value)
 
 
 def test_checksum_mismatch_is_exit_4_and_leaves_nothing(client_state, tmp_path):
@@ -92,7 +94,7 @@ def test_checksum_mismatch_is_exit_4_and_leaves_nothing(client_state, tmp_path):
     state["sha"] = "f" * 64
     with pytest.raises(FetchError) as e:
         fetch({"architecture": {}}, tmp_path / "out", url="http://cbd", client=client)
-    assert e.value.code == 4 and not (tmp_path / "out").exists()
+    assert exit_code(e.value) == 4 and not (tmp_path / "out").exists()
 
 
 def test_refusal_is_exit_2(client_state, tmp_path):
@@ -100,7 +102,7 @@ def test_refusal_is_exit_2(client_state, tmp_path):
     state["refuse"] = True
     with pytest.raises(FetchError) as e:
         fetch({"architecture": {}}, tmp_path / "out", url="http://cbd", client=client)
-    assert e.value.code == 2
+    assert exit_code(e.value) == 2
 
 
 def test_second_fetch_uses_the_cache(client_state, tmp_path):

@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from app.errors import http_status
 from cbd.errors import HubError
 from cbd.store.hub import (
     HubAuthError,
@@ -230,7 +231,7 @@ def test_stale_parent_commit_conflicts(hub, checkpoint, repo_id, tmp_path):
 
     with pytest.raises(HubConflictError, match="parent_commit") as err:
         push_folder(folder, repo_id, token=ALICE, endpoint=hub.url, parent_commit=v1.commit_sha)
-    assert err.value.status == 409
+    assert http_status(err.value) == 409
     assert hub.history(repo_id)[-1].oid == v2.commit_sha
     # Already-present content is a no-op even with a stale parent (idempotent retries).
     (folder / "README.md").write_text(README + "\nv2\n")
@@ -244,7 +245,7 @@ def test_stale_parent_commit_conflicts(hub, checkpoint, repo_id, tmp_path):
 def test_wrong_token_is_an_auth_error_without_the_token(hub, checkpoint, repo_id):
     with pytest.raises(HubAuthError) as err:
         push_folder(checkpoint[0], repo_id, token=WRONG, endpoint=hub.url)
-    assert err.value.status == 401 and "token" in str(err.value)
+    assert http_status(err.value) == 401 and "token" in str(err.value)
     assert WRONG not in str(err.value) and WRONG not in repr(err.value)
 
 
@@ -258,7 +259,7 @@ def test_writing_into_another_namespace_is_forbidden(hub, checkpoint, repo_id, e
         (folder / "README.md").write_text(README + "\nby bob\n")
     with pytest.raises(HubPermissionError) as err:
         push_folder(folder, repo_id, token=BOB, endpoint=hub.url)
-    assert err.value.status == 403 and "namespace" in str(err.value) and BOB not in str(err.value)
+    assert http_status(err.value) == 403 and "namespace" in str(err.value) and BOB not in str(err.value)
     assert len(hub.history(repo_id)) == 2 if existing else repo_id not in hub.repos
 
 
@@ -267,7 +268,7 @@ def test_invalid_readme_metadata_is_refused(hub, checkpoint, repo_id, tmp_path):
     (folder / "README.md").write_text("---\nlicense: [unclosed\n---\n# card\n")
     with pytest.raises(InvalidPushError, match="README") as err:
         push_folder(folder, repo_id, token=ALICE, endpoint=hub.url)
-    assert err.value.status == 422 and len(hub.history(repo_id)) == 1  # nothing but the initial commit
+    assert http_status(err.value) == 422 and len(hub.history(repo_id)) == 1  # nothing but the initial commit
 
 
 def test_unreachable_endpoint_is_unavailable(checkpoint, repo_id):
@@ -287,7 +288,7 @@ def test_invalid_repo_ids_are_refused_before_any_request(hub, checkpoint, bad):
     hub.requests.clear()
     with pytest.raises(InvalidRepoIdError) as err:
         push_folder(checkpoint[0], bad, token=ALICE, endpoint=hub.url)
-    assert err.value.status == 422 and repr(bad) in str(err.value) and hub.requests == []
+    assert http_status(err.value) == 422 and repr(bad) in str(err.value) and hub.requests == []
 
 
 def test_valid_repo_ids_pass():

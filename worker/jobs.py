@@ -138,8 +138,7 @@ def _tracked(func: str) -> Iterator[Job | None]:
     except Exception as exc:
         exc = _storage_full(exc) or exc
         if job is not None:
-            job.meta["error"] = {"type": type(exc).__name__, "message": _message(exc),
-                                 "status": getattr(exc, "status", 500)}
+            job.meta["error"] = {"type": type(exc).__name__, "message": _message(exc)}  # status: the API's
             job.save_meta()
             queue.record_job(job.connection, func, time.monotonic() - start, ok=False)
         raise exc from None

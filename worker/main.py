@@ -106,7 +106,7 @@ def run_worker(queues: Sequence[str] = queue.QUEUES, redis_url: str | None = Non
     """
     for name in queues:
         queue.get_queue(name, queue.connect(redis_url))  # validates the names early
-    removed = artifacts.cleanup_orphans(older_than_s=artifacts.orphan_age_s())
+    removed = artifacts.cleanup_orphans(older_than_s=queue.Limits.from_env().orphan_age_s)
     if removed:
         log.info("removed %d orphaned staging folders", len(removed))
     worked = False

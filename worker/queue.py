@@ -17,7 +17,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -45,17 +45,36 @@ DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 
 DEAD = frozenset({JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
 
 
+# The environment variables of the limits; the API's Settings and the workers read the same ones.
+LIMITS_ENV = {"fast_timeout_s": "CBD_FAST_TIMEOUT_S", "slow_timeout_s": "CBD_SLOW_TIMEOUT_S",
+              "result_ttl_s": "CBD_RESULT_TTL_S"}
+ORPHAN_MARGIN_S = 600
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Per-queue job timeouts and how long rq keeps job records (artifacts live on disk)."""
+    """Per-queue job timeouts and how long rq keeps job records (artifacts live on disk): the one
+    definition of each (``app.core.config.Settings`` takes its defaults from here)."""
 
     fast_timeout_s: int = 900
     slow_timeout_s: int = 6 * 3600
     result_ttl_s: int = 7 * 86400
     failure_ttl_s: int = 86400
 
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
+        """The limits ``LIMITS_ENV`` sets, the defaults for the rest (a worker has no Settings)."""
+        env = os.environ if env is None else env
+        return cls(**{k: int(env[v]) for k, v in LIMITS_ENV.items() if env.get(v)})
+
     def timeout(self, queue: str) -> int:
         return self.slow_timeout_s if queue == SLOW else self.fast_timeout_s
+
+    @property
+    def orphan_age_s(self) -> int:
+        """How old a staging folder of another host must be before it counts as abandoned
+        (``cbd.core.artifacts.cleanup_orphans``): longer than the longest job may run, plus ten minutes."""
+        return max(self.fast_timeout_s, self.slow_timeout_s) + ORPHAN_MARGIN_S
 
 
 def queue_for(plan: Plan) -> str:

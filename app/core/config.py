@@ -17,7 +17,8 @@ pydantic model still validates every value (a bad ``CBD_SYNC_WAIT_S`` fails at s
 | CBD_RESULT_TTL_S      | 604800                     | how long rq keeps finished job records               |
 | CBD_PUBLIC_URL        | (from the request)         | base of the file URLs in responses                   |
 
-Chains and artifacts live where ``cbd.core.paths`` says (CBD_HOME, CBD_CHAINS, CBD_ARTIFACTS).
+The job limits (``CBD_*_TIMEOUT_S``, ``CBD_RESULT_TTL_S``) are defined by ``worker.queue.Limits``,
+which the workers read from the same variables. Chains and artifacts live where ``cbd.core.paths`` says (CBD_HOME, CBD_CHAINS, CBD_ARTIFACTS).
 """
 
 from __future__ import annotations
@@ -35,9 +36,7 @@ from worker import queue, tokens
 ENV = {
     "redis_url": "REDIS_URL", "default_chain": "CBD_DEFAULT_CHAIN", "sync_wait_s": "CBD_SYNC_WAIT_S",
     "retry_after_s": "CBD_RETRY_AFTER_S", "api_keys": "CBD_API_KEYS", "secret_key": "CBD_SECRET_KEY",
-    "token_ttl_s": "CBD_TOKEN_TTL_S", "fast_timeout_s": "CBD_FAST_TIMEOUT_S",
-    "slow_timeout_s": "CBD_SLOW_TIMEOUT_S", "result_ttl_s": "CBD_RESULT_TTL_S",
-    "public_url": "CBD_PUBLIC_URL",
+    "token_ttl_s": "CBD_TOKEN_TTL_S", **queue.LIMITS_ENV, "public_url": "CBD_PUBLIC_URL",
 }
 
 
@@ -52,9 +51,9 @@ class Settings(BaseModel):
     api_keys: tuple[SecretStr, ...] = ()
     secret_key: SecretStr | None = None
     token_ttl_s: int = Field(default=1800, ge=10, le=86400)
-    fast_timeout_s: int = Field(default=900, ge=10)
-    slow_timeout_s: int = Field(default=6 * 3600, ge=10)
-    result_ttl_s: int = Field(default=7 * 86400, ge=60)
+    fast_timeout_s: int = Field(default=queue.Limits.fast_timeout_s, ge=10)  # the limits: worker.queue.Limits
+    slow_timeout_s: int = Field(default=queue.Limits.slow_timeout_s, ge=10)
+    result_ttl_s: int = Field(default=queue.Limits.result_ttl_s, ge=60)
     recipes_dir: Path = paths.RECIPES_DIR  # not from the environment: cbd.core.recipe reads the same folder
     public_url: str | None = None
 

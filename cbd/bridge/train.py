@@ -9,8 +9,8 @@ from torch import Tensor
 from cbd.bridge.aligned import BridgeData
 from cbd.bridge.vocab import VocabMap
 from cbd.core.plan import BridgeOptions
+from cbd.core.training import lr_at
 from cbd.shape import arch
-from cbd.train.config import DistillConfig, lr_at
 
 
 # ---- losses (pure) ----------------------------------------------------------------------------
@@ -81,9 +81,8 @@ def trainable(student, train: str) -> list:
 def bridge_train(student, teacher, data: BridgeData, opts: BridgeOptions, *, shared=None, report=None) -> dict:
     """Train ``student`` in place; returns the step losses and the teacher's token count."""
     params = trainable(student, opts.train)
-    opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    schedule = DistillConfig(lr=opts.lr, min_lr_ratio=opts.min_lr_ratio, warmup_steps=min(opts.warmup_steps, opts.steps),
-                             total_steps=opts.steps)  # the chain's warmup + cosine schedule
+    settings = opts.optimization(opts.steps)  # the chain's AdamW, warmup + cosine schedule and clipping
+    opt = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
     student.train()
     if teacher is not None:
         teacher.eval()
@@ -98,10 +97,11 @@ def bridge_train(student, teacher, data: BridgeData, opts: BridgeOptions, *, sha
         s_logits = student(input_ids=b.student[:, :-1], use_cache=False).logits  # (B, T, V_s)
         loss, parts = bridge_loss(s_logits, b.student[:, 1:], t_logits, b.pairs, opts, shared)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, schedule)
+            g["lr"] = lr_at(step, settings, opts.steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         opt.step()
         history.append(parts | {"aligned": len(b.pairs) / b.student[:, 1:].numel()})
         if report is not None:  # the bridge is the 10%..90% stretch of a bridge job

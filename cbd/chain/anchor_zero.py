@@ -1,42 +1,18 @@
-"""Anchor zero taught by a model of another family: sequence-level KD."""
+"""Anchor zero taught by a model of another family: sequence-level KD (``SeqKDOptions``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from cbd.core.recipe import SeqKDOptions
 from cbd.core.spec import ModelSpec
 from cbd.data.corpora import WORD_START, corpus_text
 from cbd.train.config import DistillConfig
 from cbd.train.models import build_model, state_of
 
-
-# ---- a source of another family: sequence-level KD into an "anchor zero" ------------------------
-class SeqKDOptions(BaseModel):
-    """Anchor zero from a foreign model (METHOD.md 1.4): it writes text, the proxy learns it.
-
-    The foreign teacher (Gemma-3-270M by default: another family, a 262k SentencePiece
-    vocabulary) continues prompts drawn from the corpus; a model of the chain's family and
-    tokenizer is trained on those texts with cross-entropy (sequence-level KD, Kim & Rush 2016).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    teacher: str = "gemma3-270m"
-    prompts: int = Field(64, ge=1)
-    prompt_words: int = Field(24, ge=1)
-    new_tokens: int = Field(96, ge=1)
-    temperature: float = Field(0.8, gt=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    gen_batch: int = Field(8, ge=1)
-    steps: int = Field(100, ge=1)
-    batch_size: int = Field(4, ge=1)
-    seq_len: int = Field(128, ge=8)
-    lr: float = Field(5e-4, gt=0)
-    warmup_steps: int = Field(10, ge=0)
-    seed: int = 0
+__all__ = ["SeqKDOptions", "corpus_prompts", "foreign_anchor_zero", "generate_texts", "seq_kd"]
 
 
 def corpus_prompts(text: str, n: int, words: int, seed: int) -> list[str]:
@@ -80,9 +56,9 @@ def seq_kd(student, chain_tok, texts: list[str], opts: SeqKDOptions, *, eval_bat
     from cbd.train.loop import distill
 
     tokens = encode_documents(chain_tok, texts)
-    cfg = DistillConfig(kl_weight=0.0, ce_weight=1.0, lr=opts.lr, warmup_steps=min(opts.warmup_steps, opts.steps),
-                        batch_size=opts.batch_size, seq_len=min(opts.seq_len, len(tokens) - 1),
-                        total_steps=opts.steps, eval_every=0, ckpt_every=0, seed=opts.seed, device="cpu")
+    settings = opts.optimization(opts.steps, seq_len=min(opts.seq_len, len(tokens) - 1))
+    cfg = DistillConfig.of(settings, kl_weight=0.0, ce_weight=1.0, total_steps=opts.steps, eval_every=0,
+                           ckpt_every=0, device="cpu")
 
     def batch(step: int) -> Tensor:
         return next(train_batches(tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=opts.seed,

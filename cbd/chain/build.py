@@ -281,13 +281,12 @@ def _foreign_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path
 
 # ---- a1..aK: pruned from the parent, distilled from it ---------------------------------------------
 def step_config(recipe: Recipe, a: AnchorRecipe, steps: int, **overrides) -> DistillConfig:
-    """The distillation settings of one chain step (also used to compare against direct KD)."""
+    """The distillation settings of one chain step (also used to compare against direct KD): the
+    recipe's ``[train]`` (the anchor's own ``lr`` first), the recipe's seed and device."""
     t = recipe.train
-    cfg = dict(kl_weight=t.kl_weight, ce_weight=t.ce_weight, temperature=t.temperature, lr=a.lr or t.lr,
-               min_lr_ratio=t.min_lr_ratio, warmup_steps=min(t.warmup_steps, steps), weight_decay=t.weight_decay,
-               batch_size=t.batch_size, seq_len=t.seq_len, total_steps=steps, eval_every=t.eval_every,
-               ckpt_every=t.ckpt_every, seed=recipe.seed, topk_cache=t.topk_cache, device=recipe.device)
-    return DistillConfig(**(cfg | overrides))
+    settings = t.optimization(steps, lr=a.lr or t.lr, seed=recipe.seed)
+    return DistillConfig.of(settings, **(t.model_dump(exclude=set(settings.model_fields) | {"steps"})
+                                         | {"total_steps": steps, "device": recipe.device} | overrides))
 
 
 def step_batches(recipe: Recipe, data: ChainData, a: AnchorRecipe, steps: int) -> Callable[[int], torch.Tensor]:

@@ -7,7 +7,7 @@ Downloads resume (HTTP Range on a ``.part`` file), every file is checked against
 the service reports, and finished checkpoints are cached by id under ``$CBD_HOME/fetch``: a
 second fetch of the same shape downloads nothing. Exit codes: 0 done, 2 the service refused
 the request (4xx), 3 the job failed, 4 a checksum mismatch, 5 the service is unreachable or
-did not finish in ``--timeout``.
+did not finish in ``--timeout`` (one ``cbd.errors.FetchError`` subclass each, ``cbd.cli.main.EXIT``).
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import typer
 
 from cbd.cli.options import Ffn, Heads, Hidden, KvHeads, Layers, SpecFile, request_from
 from cbd.core import paths
+from cbd.errors import (
+    FetchChecksumError,
+    FetchJobFailedError,
+    FetchRefusedError,
+    FetchUnavailableError,
+)
 
 CHUNK = 1 << 20
-
-
-class FetchError(Exception):
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def register(app: typer.Typer) -> None:
@@ -51,13 +51,9 @@ def fetch_command(
 ) -> None:
     """Fetch an initialisation from a cbd service into OUT (resumable, verified, cached)."""
     req = request_from(spec, layers, hidden, heads, kv_heads, ffn, chain=chain, dtype=dtype)
-    try:
-        folder = fetch(req.model_dump(mode="json", exclude_none=True), out, url=url, timeout=timeout,
-                       api_key=os.environ.get("CBD_API_KEY"), progress=sys.stderr.isatty())
-    except FetchError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.code) from None
-    typer.echo(str(folder))
+    folder = fetch(req.model_dump(mode="json", exclude_none=True), out, url=url, timeout=timeout,
+                   api_key=os.environ.get("CBD_API_KEY"), progress=sys.stderr.isatty())
+    typer.echo(str(folder))  # a FetchError leaves by cbd.cli.main: its exit code is EXIT's
 
 
 def fetch(body: dict, out: Path, *, url: str, timeout: float = 3600.0, api_key: str | None = None,
@@ -83,11 +79,11 @@ def _request(http: httpx.Client, method: str, path: str, **kw) -> dict:
     try:
         r = http.request(method, path, **kw)
     except httpx.HTTPError as exc:
-        raise FetchError(f"cannot reach the service at {http.base_url}: {exc}", 5) from None
+        raise FetchUnavailableError(f"cannot reach the service at {http.base_url}: {exc}") from None
     if r.status_code >= 500:
-        raise FetchError(f"the service answered {r.status_code}: {r.text[:300]}", 5)
+        raise FetchUnavailableError(f"the service answered {r.status_code}: {r.text[:300]}")
     if r.status_code >= 400:
-        raise FetchError(f"the service refused the request ({r.status_code}): {r.text[:500]}", 2)
+        raise FetchRefusedError(f"the service refused the request ({r.status_code}): {r.text[:500]}")
     return r.json()
 
 
@@ -96,9 +92,9 @@ def _wait(http: httpx.Client, job: dict, deadline: float, progress: bool) -> dic
     while job["status"] != "finished":
         if job["status"] == "failed":
             err = job.get("error") or {}
-            raise FetchError(f"job {job['id']} failed: {err.get('type')}: {err.get('message')}", 3)
+            raise FetchJobFailedError(f"job {job['id']} failed: {err.get('type')}: {err.get('message')}")
         if time.monotonic() > deadline:
-            raise FetchError(f"job {job['id']} did not finish in time (--timeout)", 5)
+            raise FetchUnavailableError(f"job {job['id']} did not finish in time (--timeout)")
         if progress and job.get("progress"):
             p = job["progress"]
             typer.echo(f"\r{p.get('stage', '')} {100 * p.get('fraction', 0):.0f}%   ", err=True, nl=False)
@@ -134,7 +130,7 @@ def _download_file(http: httpx.Client, url: str, dest: Path, size: int, sha256: 
             if r.status_code == 416 and have == size:
                 pass
             elif r.status_code not in (200, 206):
-                raise FetchError(f"download of {dest.name} answered {r.status_code}", 5)
+                raise FetchUnavailableError(f"download of {dest.name} answered {r.status_code}")
             else:
                 mode = "ab" if r.status_code == 206 else "wb"
                 with open(part, mode) as fh:
@@ -143,11 +139,11 @@ def _download_file(http: httpx.Client, url: str, dest: Path, size: int, sha256: 
                         if progress:
                             typer.echo(f"\r{dest.name}: {fh.tell() / 1e6:.1f}/{size / 1e6:.1f} MB", err=True, nl=False)
     except httpx.HTTPError as exc:
-        raise FetchError(f"download of {dest.name} broke off ({exc}); run the same command again to resume", 5) \
-            from None
+        raise FetchUnavailableError(f"download of {dest.name} broke off ({exc}); run the same command again to "
+                                    "resume") from None
     if _sha256(part) != sha256:
         part.unlink()
-        raise FetchError(f"{dest.name}: sha256 mismatch; the partial file was removed, run again", 4)
+        raise FetchChecksumError(f"{dest.name}: sha256 mismatch; the partial file was removed, run again")
     os.replace(part, dest)
 
 

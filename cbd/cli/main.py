@@ -28,9 +28,18 @@ from cbd.cli.options import Ffn, Heads, Hidden, KvHeads, Layers, SpecFile, reque
 from cbd.errors import (
     AssetUnavailableError,
     CBDError,
+    ChainIncompatibleError,
     ChainNotBuiltError,
+    FetchChecksumError,
+    FetchError,
+    FetchJobFailedError,
+    FetchRefusedError,
+    FetchUnavailableError,
     HubError,
     IntegrityError,
+    RecipeError,
+    ShapeError,
+    StorageFullError,
     UnknownNameError,
 )
 
@@ -39,7 +48,31 @@ chain_app = typer.Typer(no_args_is_help=True, help="Build and list anchor chains
 app.add_typer(chain_app, name="chain")
 console = Console(stderr=True)
 
-EXIT = {UnknownNameError: 3, ChainNotBuiltError: 3, IntegrityError: 4, AssetUnavailableError: 5, HubError: 5}
+# The exit code of every error (the nearest class of its MRO listed): 0 done, 2 bad input, 3 not found
+# or not built, 4 integrity, 5 service or Hub unreachable, 1 anything else. HTTP: app.errors.HTTP_STATUS.
+EXIT: dict[type[CBDError], int] = {
+    CBDError: 1,
+    ShapeError: 2,
+    ChainIncompatibleError: 2,
+    RecipeError: 2,
+    FetchError: 1,  # each cause has its own subclass below
+    FetchRefusedError: 2,
+    UnknownNameError: 3,
+    ChainNotBuiltError: 3,
+    FetchJobFailedError: 3,
+    IntegrityError: 4,
+    FetchChecksumError: 4,
+    AssetUnavailableError: 5,
+    HubError: 5,  # every Hub error, InvalidPushError included
+    FetchUnavailableError: 5,
+    StorageFullError: 1,
+}
+
+
+def exit_code(exc: CBDError) -> int:
+    """The CLI's exit code of an error: the nearest class of its MRO in ``EXIT``."""
+    return next(EXIT[c] for c in type(exc).__mro__ if c in EXIT)
+
 
 @app.command()
 def init(
@@ -243,7 +276,7 @@ def main() -> None:
         console.print(f"[red]error:[/] {exc.message}")
         if exc.allowed is not None:
             console.print(f"allowed: {exc.allowed}")
-        sys.exit(next((code for cls, code in EXIT.items() if isinstance(exc, cls)), 2 if exc.status == 422 else 1))
+        sys.exit(exit_code(exc))
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
     except Exception as exc:  # click usage errors and pydantic validation

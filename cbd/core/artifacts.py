@@ -116,18 +116,13 @@ def host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def orphan_age_s() -> float:
-    """How old a staging folder of another host must be before it counts as abandoned: longer
-    than the longest job may run (CBD_SLOW_TIMEOUT_S, 6 h by default), plus ten minutes."""
-    return float(os.environ.get("CBD_SLOW_TIMEOUT_S") or 6 * 3600) + 600
-
-
-def cleanup_orphans(root: Path | None = None, *, older_than_s: float = 3600.0) -> list[Path]:
+def cleanup_orphans(root: Path | None = None, *, older_than_s: float) -> list[Path]:
     """Remove staging folders left by killed workers; call it before this process stages anything.
 
     A folder of this host is an orphan as soon as its process is gone (or is this one); a folder
     of another host only once it is older than ``older_than_s`` (its writer may still be busy:
-    the folder's mtime does not change while a large file is written into it).
+    the folder's mtime does not change while a large file is written into it), which the caller
+    knows: longer than its longest job may run (a worker: ``worker.queue.Limits.orphan_age_s``).
     """
     root = root or paths.artifacts_dir()
     removed: list[Path] = []

@@ -18,6 +18,18 @@ from cbd.core.manifest import AnchorEntry, ChainManifest
 from cbd.core.names import NAME_PATTERN
 from cbd.core.request import Architecture, Dtype, InitRequest
 from cbd.core.spec import ModelSpec
+from cbd.core.training import (
+    BatchSize,
+    Count,
+    LossWeight,
+    Lr,
+    MinLrRatio,
+    Seed,
+    Steps,
+    Trains,
+    WarmupSteps,
+    WindowLen,
+)
 from cbd.errors import ChainIncompatibleError, ShapeError
 
 # Bump when the bytes a plan produces change for the same request: old artifacts stay valid
@@ -40,15 +52,14 @@ class TransOptions(BaseModel):
     width_expand: Literal["clone", "zero"] = "clone"
 
 
-class BridgeOptions(BaseModel):
+class BridgeOptions(Trains):
     """How a target with another tokenizer is made (``cbd.bridge``, METHOD.md 1.4-1.5).
 
     The one place the bridge's defaults live; they are part of a bridge plan's hash. The
     defaults fit a ~30M-parameter target with the 50,257-entry GPT-2 vocabulary in under ten
-    minutes on 2 CPU cores (docs/bridge.md).
+    minutes on 2 CPU cores (docs/bridge.md). The optimisation settings it does not name (weight
+    decay, betas, grad_clip) are ``cbd.core.training.Optimization``'s.
     """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     transfer: Literal["fvt"] = "fvt"
     pad_vocab_multiple: int = Field(64, ge=1, description="vocab_size rounded up to a multiple of this")
@@ -56,24 +67,24 @@ class BridgeOptions(BaseModel):
         "source", description="the chain-vocabulary model distilled from: the chain's source (a0), the "
                               "bigger adjacent anchor, or the LInit of the same target")
     train: Literal["all", "embeddings"] = "all"
-    steps: int = Field(120, ge=0, description="bridge distillation steps (0: vocabulary transfer only)")
-    batch_size: int = Field(4, ge=1)
-    seq_len: int = Field(128, ge=8)
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(10, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    steps: Steps = Field(120, description="bridge distillation steps (0: vocabulary transfer only)")
+    batch_size: BatchSize = 4
+    seq_len: WindowLen = 128
+    lr: Lr = 1e-3
+    warmup_steps: WarmupSteps = 10
+    min_lr_ratio: MinLrRatio = 0.1
     logit_loss: Literal["matched-kl", "uld"] = Field(
         "matched-kl", description="matched-kl: KL on the tokens both vocabularies share; uld: L1 of sorted "
                                   "probabilities (measured weaker, docs/bridge.md)")
-    logit_weight: float = Field(1.0, ge=0, description="weight of the token-aligned logit loss (0: CE only)")
-    ce_weight: float = Field(1.0, ge=0, description="weight of cross-entropy on the target tokens")
-    uld_topk: int = Field(128, ge=1, description="sorted probabilities compared exactly; the rest as tail mass")
+    logit_weight: LossWeight = Field(1.0, description="weight of the token-aligned logit loss (0: CE only)")
+    ce_weight: LossWeight = Field(1.0, description="weight of cross-entropy on the target tokens")
+    uld_topk: Count = Field(128, description="sorted probabilities compared exactly; the rest as tail mass")
     corpus: str | None = Field(None, pattern=NAME_PATTERN,
                                description="training text; the chain recipe's corpus when omitted")
-    eval_batches: int = Field(4, ge=1)
-    eval_batch_size: int = Field(4, ge=1)
-    eval_seq_len: int = Field(128, ge=8)
-    seed: int = 0
+    eval_batches: Count = 4
+    eval_batch_size: Count = 4
+    eval_seq_len: WindowLen = 128
+    seed: Seed = 0
 
 
 class Plan(BaseModel):

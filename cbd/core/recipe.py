@@ -24,6 +24,23 @@ from cbd.core.manifest import check_name
 from cbd.core.names import NAME_PATTERN
 from cbd.core.plan import TransOptions
 from cbd.core.request import Architecture
+from cbd.core.training import (
+    BatchSize,
+    Count,
+    Every,
+    LossWeight,
+    Lr,
+    MinLrRatio,
+    Seed,
+    Steps,
+    Temperature,
+    TopKCache,
+    Trains,
+    WarmupSteps,
+    WeightDecay,
+    WindowLen,
+    overrides_of,
+)
 from cbd.errors import RecipeError, UnknownNameError
 
 
@@ -35,52 +52,63 @@ class AnchorRecipe(Architecture):
     lr: float | None = Field(default=None, gt=0)
 
 
-class TrainRecipe(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class TrainRecipe(Trains):
+    """``[train]``: how each chain step distils (``cbd.chain.build.step_config``); the settings it
+    does not name (betas, grad_clip) are ``Optimization``'s, the seed is the recipe's."""
 
-    kl_weight: float = Field(0.5, ge=0)
-    ce_weight: float = Field(0.5, ge=0)
-    temperature: float = Field(1.0, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(4, ge=1)
-    seq_len: int = Field(256, ge=8)
-    steps: int = Field(100, ge=0, description="optimizer steps per anchor (0: prune only)")
-    eval_every: int = Field(0, ge=0)
-    ckpt_every: int = Field(50, ge=0)
-    topk_cache: int | None = Field(default=None, ge=1)
+    kl_weight: LossWeight = 0.5
+    ce_weight: LossWeight = 0.5
+    temperature: Temperature = 1.0
+    lr: Lr = 1e-3
+    min_lr_ratio: MinLrRatio = 0.1
+    warmup_steps: WarmupSteps = 10
+    weight_decay: WeightDecay = 0.0
+    batch_size: BatchSize = 4
+    seq_len: WindowLen = 256
+    steps: Steps = Field(100, description="optimizer steps per anchor (0: prune only)")
+    eval_every: Every = 0
+    ckpt_every: Every = 50
+    topk_cache: TopKCache = None
 
 
 class DataRecipe(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     corpus: str = "austen"
-    eval_batches: int = Field(8, ge=1)
-    eval_batch_size: int = Field(4, ge=1)
-    eval_seq_len: int = Field(256, ge=8)
-    calibration_batch_size: int = Field(8, ge=1)
-    calibration_seq_len: int = Field(128, ge=8)
+    eval_batches: Count = 8
+    eval_batch_size: Count = 4
+    eval_seq_len: WindowLen = 256
+    calibration_batch_size: Count = 8
+    calibration_seq_len: WindowLen = 128
 
 
-class SeqKDRecipe(BaseModel):
-    """``[anchor_zero.seqkd]``: fields of ``cbd.bridge.SeqKDOptions`` (torch-free here; unset: its default)."""
+class SeqKDOptions(Trains):
+    """Anchor zero from a foreign model (METHOD.md 1.4): it writes text, the proxy learns it.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    The foreign teacher (Gemma-3-270M by default: another family, a 262k SentencePiece
+    vocabulary) continues prompts drawn from the corpus; a model of the chain's family and
+    tokenizer is trained on those texts with cross-entropy (sequence-level KD, Kim & Rush 2016,
+    ``cbd.chain.anchor_zero``). Settings it does not name (min_lr_ratio, weight decay, betas,
+    grad_clip) are ``Optimization``'s.
+    """
 
-    prompts: int | None = Field(default=None, ge=1, description="corpus prompts the foreign model continues")
-    prompt_words: int | None = Field(default=None, ge=1)
-    new_tokens: int | None = Field(default=None, ge=1, description="foreign tokens generated per prompt")
-    temperature: float | None = Field(default=None, gt=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    gen_batch: int | None = Field(default=None, ge=1)
-    steps: int | None = Field(default=None, ge=1, description="optimizer steps of a0 on the generated text")
-    batch_size: int | None = Field(default=None, ge=1)
-    seq_len: int | None = Field(default=None, ge=8)
-    lr: float | None = Field(default=None, gt=0)
-    warmup_steps: int | None = Field(default=None, ge=0)
-    seed: int | None = Field(default=None, description="the recipe's seed when unset")
+    teacher: str = "gemma3-270m"
+    prompts: Count = Field(64, description="corpus prompts the foreign model continues")
+    prompt_words: Count = 24
+    new_tokens: Count = Field(96, description="foreign tokens generated per prompt")
+    temperature: float = Field(0.8, gt=0, description="sampling temperature of the foreign model")
+    top_p: float = Field(0.95, gt=0, le=1)
+    gen_batch: Count = 8
+    steps: Count = Field(100, description="optimizer steps of a0 on the generated text")
+    batch_size: BatchSize = 4
+    seq_len: WindowLen = 128
+    lr: Lr = 5e-4
+    warmup_steps: WarmupSteps = 10
+    seed: Seed = 0
+
+
+class SeqKDRecipe(overrides_of(SeqKDOptions, exclude=frozenset({"teacher"}))):
+    """``[anchor_zero.seqkd]``: ``SeqKDOptions`` fields (unset: its default; ``seed``: the recipe's)."""
 
 
 class AnchorZeroRecipe(Architecture):

@@ -93,6 +93,8 @@ def gguf_to_hf(gguf: Path, out: Path, provenance: dict) -> None:
 
 
 def _is_tied(model) -> bool:
+    """The head is the embedding (one storage). cbd.train.models.unique_state states the same rule for
+    every saver; this layer (below cbd.train and cbd.shape) cannot import it."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     return head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
 

@@ -125,11 +125,19 @@ def layer_table(spec: ModelSpec) -> dict[str, tuple[Role, ...]]:
     return table
 
 
+# The output head that ``tie_word_embeddings`` makes one tensor with the input embedding, in every family
+TIED_HEAD = "lm_head.weight"
+
+
+def tied_names(spec: ModelSpec) -> frozenset[str]:
+    """Names a checkpoint of ``spec`` does not store: a tied head is the embedding (transformed
+    once, as the embedding) and is re-tied on load (``cbd.train.models.load_state``)."""
+    return frozenset({TIED_HEAD}) if spec.tie_word_embeddings else frozenset()
+
+
 def global_table(spec: ModelSpec) -> dict[str, tuple[Role, ...]]:
-    table = dict(family(spec).global_table)
-    if spec.tie_word_embeddings:
-        del table["lm_head.weight"]  # tied: transformed once as the embedding, re-tied on load
-    return table
+    tied = tied_names(spec)
+    return {n: roles for n, roles in family(spec).global_table.items() if n not in tied}
 
 
 def block_outputs(spec: ModelSpec) -> tuple[str, ...]:

@@ -29,7 +29,19 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import sha as hf_sha
 
-from cbd.errors import HubError
+from cbd.errors import (
+    HubAuthError,
+    HubConflictError,
+    HubError,
+    HubNotFoundError,
+    HubPermissionError,
+    HubUnavailableError,
+    InvalidPushError,
+    InvalidRepoIdError,
+)
+
+__all__ = ["HubAuthError", "HubConflictError", "HubError", "HubNotFoundError", "HubPermissionError",
+           "HubUnavailableError", "InvalidPushError", "InvalidRepoIdError", "PushResult", "push_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,49 +51,6 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 _REPO_PART = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")
 _COMMIT_OID = re.compile(r"[0-9a-fA-F]{5,40}")
 _SKIPPED_DIRS = {".git", ".cache"}  # huggingface_hub's FORBIDDEN_FOLDERS: never pushed
-
-
-# -- errors: one class per remedy ----------------------------------------------------------------
-
-
-class InvalidPushError(HubError):
-    """The push itself is malformed (folder, parent commit, README metadata): fix the request."""
-
-    status = 422
-
-
-class InvalidRepoIdError(InvalidPushError):
-    """``repo_id`` is not ``namespace/name`` with the characters the Hub accepts."""
-
-
-class HubAuthError(HubError):
-    """The Hub rejected the token (401) or no token was given."""
-
-    status = 401
-
-
-class HubPermissionError(HubError):
-    """The token is valid but may not write to this namespace or repo (403)."""
-
-    status = 403
-
-
-class HubNotFoundError(HubError):
-    """The repo or revision does not exist, or is private to someone else (404)."""
-
-    status = 404
-
-
-class HubConflictError(HubError):
-    """The branch moved past ``parent_commit`` (412) or a concurrent operation conflicted (409)."""
-
-    status = 409
-
-
-class HubUnavailableError(HubError):
-    """The Hub endpoint could not be reached (connection refused, DNS, timeout, offline mode)."""
-
-    status = 503
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from cbd.errors import IntegrityError
 from cbd.tensors.reader import LazyReader
 from cbd.tensors.writer import write_safetensors
 from cbd.train.config import RESUME_FREE_FIELDS, DistillConfig
+from cbd.train.models import aliases, unique_state
 
 CONFIG_FILE = "distill_config.json"
 
@@ -24,18 +25,6 @@ CKPT_DIR = "checkpoints"
 
 
 LATEST = "latest.json"
-
-
-# ---- checkpoints: safetensors + JSON, written atomically ----------------------------------------
-def _unique_state(model: nn.Module) -> dict[str, Tensor]:
-    """``state_dict`` without the aliases of tied weights (the first name of a storage wins)."""
-    seen, out = set(), {}
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if key not in seen:
-            seen.add(key)
-            out[name] = t.detach()
-    return out
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -76,7 +65,7 @@ def save_checkpoint(work_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
     tmp, final = root / f"{name}.tmp", root / name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_safetensors(tmp / "model.safetensors", _unique_state(model))  # fsynced by cbd.tensors
+    write_safetensors(tmp / "model.safetensors", unique_state(model))  # fsynced by cbd.tensors
     tensors, meta = optimizer_to_flat(opt)
     write_safetensors(tmp / "optimizer.safetensors", tensors)
     write_json(tmp / "state.json", state | {"optimizer": meta})
@@ -101,7 +90,7 @@ def load_checkpoint(work_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
         state = json.loads((folder / "state.json").read_text())
         weights = LazyReader(folder / "model.safetensors", keep_dtype=True).load_all()
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        if set(missing) - (model.state_dict().keys() - _unique_state(model).keys()) or unexpected:
+        if set(missing) - aliases(model) or unexpected:
             raise KeyError(
                 f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )

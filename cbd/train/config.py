@@ -6,7 +6,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from cbd.core.training import Every, LossWeight, Optimization, Temperature, TopKCache, lr_at
 
 FORMAT_VERSION = 1
 
@@ -18,31 +20,27 @@ RESUME_FREE_FIELDS = frozenset({"eval_every", "ckpt_every", "log_every", "device
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
-class DistillConfig(BaseModel):
-    """One chain step's training recipe; give exactly one of ``total_steps``/``total_tokens``."""
+class DistillConfig(Optimization):
+    """One distillation run: the shared ``Optimization`` settings (the library's defaults), the loss,
+    the length and the cadence; give exactly one of ``total_steps``/``total_tokens``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    kl_weight: float = Field(0.5, ge=0)
-    ce_weight: float = Field(0.5, ge=0)
-    temperature: float = Field(1.0, gt=0)
-    lr: float = Field(3e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float | None = Field(1.0, gt=0)
-    batch_size: int = Field(4, ge=1)
-    seq_len: int = Field(256, ge=1)
+    kl_weight: LossWeight = 0.5
+    ce_weight: LossWeight = 0.5
+    temperature: Temperature = 1.0
     total_steps: int | None = Field(None, ge=1)
     total_tokens: int | None = Field(None, ge=1)
-    eval_every: int = Field(100, ge=0)  # 0: evaluate at the start and the end only
-    ckpt_every: int = Field(100, ge=0)  # 0: checkpoint at the end only
+    eval_every: Every = 100  # 0: evaluate at the start and the end only
+    ckpt_every: Every = 100  # 0: checkpoint at the end only
     log_every: int = Field(10, ge=1)
-    seed: int = 0
-    topk_cache: int | None = Field(None, ge=1)  # k: the KL uses the teacher's cached top-k
+    topk_cache: TopKCache = None
     device: str = "auto"  # "auto": cuda when available, else cpu
     bf16: bool = True  # bf16 autocast, on CUDA only
+
+    @classmethod
+    def of(cls, settings: Optimization, **fields: object) -> DistillConfig:
+        """A run with these shared settings (see ``cbd.core.training.Trains.optimization``) and
+        ``fields`` (loss, length, cadence)."""
+        return cls.model_validate(settings.model_dump() | fields)
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
@@ -83,11 +81,4 @@ class DistillResult(BaseModel):
     teacher_tokens: int = 0  # tokens the teacher ran on in this call (cache hits excluded)
 
 
-def lr_at(step: int, cfg: DistillConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to
-    ``lr * min_lr_ratio``, reached exactly at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps - 1))
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+__all__ = ["FORMAT_VERSION", "RESUME_FREE_FIELDS", "DistillConfig", "DistillResult", "ProgressFn", "lr_at"]

@@ -29,11 +29,9 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cbd.core.files import write_json
@@ -42,37 +40,11 @@ from cbd.train.checkpoints import CONFIG_FILE, check_resumable, load_checkpoint,
 from cbd.train.config import FORMAT_VERSION, DistillConfig, DistillResult, ProgressFn, lr_at
 from cbd.train.ddp import all_reduce_sum, is_main_process, maybe_init_distributed, resolve_device
 from cbd.train.losses import TopK, distill_loss, topk_logprobs
+from cbd.train.models import evaluate, nll_sum
 from cbd.train.topk import TOPK_DIR, TopKCache
 
 log = logging.getLogger("cbd.distill")
-
-
-# ---- evaluation --------------------------------------------------------------------------------
-@torch.no_grad()
-def _nll_sum(
-    model: nn.Module, batches: Sequence[Tensor], device: torch.device, amp: Callable[[], Any] = nullcontext
-) -> tuple[float, int]:
-    """(summed next-token NLL in nats, target tokens) over ``(b, T+1)`` batches, eval mode."""
-    was_training, total, count = model.training, 0.0, 0
-    model.eval()
-    for batch in batches:
-        batch = batch.to(device)
-        with amp():
-            logits = model(input_ids=batch[:, :-1], use_cache=False).logits  # (b, T, V)
-        targets = batch[:, 1:]
-        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
-        count += targets.numel()
-    model.train(was_training)
-    return total, count
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[Tensor]) -> float:
-    """Mean next-token cross-entropy in nats/token over ``(b, T+1)`` LongTensor batches."""
-    total, count = _nll_sum(model, batches, next(model.parameters()).device)
-    if count == 0:
-        raise ValueError("evaluate() got no tokens: pass at least one (b, T+1) batch with T >= 1")
-    return total / count
+__all__ = ["distill", "evaluate"]  # evaluate: cbd.train.models
 
 
 # ---- progress ----------------------------------------------------------------------------------
@@ -273,7 +245,7 @@ class _Run:
 
     def evaluate(self, eval_batches: Sequence[Tensor]) -> float:
         """Eval batches are sharded over ranks; sums are reduced, so every rank gets the mean."""
-        total, count = _nll_sum(self.student, eval_batches[self.rank :: self.world], self.device, self.amp)
+        total, count = nll_sum(self.student, eval_batches[self.rank :: self.world], self.device, self.amp)
         sums = all_reduce_sum(
             torch.tensor([total, count], dtype=torch.float64, device=self.device), self.world
         )

@@ -1,10 +1,19 @@
-"""transformers models from specs and state dicts, and the held-out loss every study uses."""
+"""transformers models from specs and state dicts, tied weights, and the held-out loss every study uses.
+
+Tied weights, one rule in two halves: which *names* a checkpoint of a spec does not store is
+``cbd.shape.arch.tied_names``; which names of a live *module* alias another (one storage under two
+names) is ``unique_state`` here, and every saver and loader of modules goes through these two.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from cbd.core.spec import ModelSpec
@@ -27,8 +36,9 @@ def build_model(spec: ModelSpec, state: Mapping[str, torch.Tensor] | None = None
 
 
 def load_state(model: PreTrainedModel, spec: ModelSpec, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a stored state (tied names absent, ``arch.tied_names``) and re-tie the head."""
     missing, unexpected = model.load_state_dict(dict(state), strict=False)
-    allowed = {"lm_head.weight"} if spec.tie_word_embeddings else set()
+    allowed = arch.tied_names(spec)
     if set(missing) - allowed or unexpected:
         raise ValueError(f"state does not match {spec.model_type}: missing {sorted(set(missing) - allowed)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
@@ -47,10 +57,51 @@ def random_state(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
     return state_of(build_model(spec, seed=seed), spec)
 
 
+def unique_state(model: nn.Module) -> dict[str, Tensor]:
+    """``state_dict`` without the aliases of tied weights (the first name of a storage wins), detached."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.detach()
+    return out
+
+
+def aliases(model: nn.Module) -> set[str]:
+    """Names of ``model.state_dict()`` that alias an earlier one (a tied head)."""
+    return set(model.state_dict()) - set(unique_state(model))
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+@torch.no_grad()
+def nll_sum(model: nn.Module, batches: Sequence[Tensor], device: torch.device,
+            amp: Callable[[], Any] = nullcontext) -> tuple[float, int]:
+    """(summed next-token NLL in nats, target tokens) over ``(b, T+1)`` batches, eval mode."""
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    for batch in batches:
+        batch = batch.to(device)
+        with amp():
+            logits = model(input_ids=batch[:, :-1], use_cache=False).logits  # (b, T, V)
+        targets = batch[:, 1:]
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
+    model.train(was_training)
+    return total, count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Sequence[Tensor]) -> float:
+    """Mean next-token cross-entropy in nats/token over ``(b, T+1)`` LongTensor batches."""
+    total, count = nll_sum(model, batches, next(model.parameters()).device)
+    if count == 0:
+        raise ValueError("evaluate() got no tokens: pass at least one (b, T+1) batch with T >= 1")
+    return total / count
+
+
 def eval_loss(model: PreTrainedModel, batches: Iterable[torch.Tensor]) -> float:
     """Mean next-token cross-entropy in nats/token over (B, T+1) token batches."""
-    from cbd.train.loop import evaluate
-
     return evaluate(model, list(batches))
 
 
