@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from app.core.config import Settings
 from app.main import create_app
 from cbd.core import artifacts
+from cbd.core.plan import Plan
 from worker import queue
 from worker.main import run_worker
 
@@ -67,6 +68,7 @@ def test_failed_job_has_a_clean_error_and_is_retried(client, redis_url, random_c
     plan = queue.fetch_job(redis, r.json()["id"]).kwargs["plan"]
     queue.fetch_job(redis, plan["id"]).delete()
     plan["manifest_sha256"] = "0" * 64  # as if the chain changed after planning
+    plan["id"] = Plan.model_validate(plan | {"id": ""}).id  # ids are content hashes: a new plan, a new id
     job, created = queue.enqueue_initialize(redis, plan, "fast")
     assert created
     work(redis_url)

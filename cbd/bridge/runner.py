@@ -20,9 +20,8 @@ from cbd.core.plan import BridgeOptions, Plan
 from cbd.core.spec import ModelSpec
 from cbd.data.corpora import corpus_text
 from cbd.data.tokenizers import tokenizer_dir as tokenizer_dir_by_name
-from cbd.inits.calibration import calibrate, validation_batches
 from cbd.inits.publish import Progress, publish_checkpoint, recipe_of
-from cbd.inits.run import linit_for
+from cbd.inits.run import prepare
 from cbd.shape import arch
 from cbd.store.anchors import load_anchor, tokenizer_dir
 from cbd.train.models import build_model, eval_loss, state_of
@@ -109,12 +108,7 @@ def run_bridge(plan: Plan, manifest: ChainManifest, *, progress: Progress, chain
                artifacts_root: Path | None = None) -> ArtifactInfo:
     """Execute a bridge plan into a published checkpoint folder (atomic; ``cbd.run.run_plan`` dispatches here)."""
     opts = plan.bridge_options or BridgeOptions()
-    progress({"stage": "loading anchors", "fraction": 0.0})
-    li = linit_for(plan, manifest, chains_root)
-    alpha, calib = plan.alpha, {}
-    if plan.calibrate:
-        progress({"stage": "calibrating alpha", "fraction": 0.02})
-        alpha, calib = calibrate(li, validation_batches(manifest, chains_root))
+    li, alpha, calib = prepare(plan, manifest, progress=progress, chains_root=chains_root)
     with torch.random.fork_rng():
         torch.manual_seed(opts.seed)
         out = make_bridged(plan, manifest, li, alpha, opts=opts, chains_root=chains_root, report=progress)

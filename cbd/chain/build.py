@@ -25,6 +25,7 @@ import torch
 
 from cbd import __version__
 from cbd.core.catalog import TOKENIZER_FILES
+from cbd.core.files import publish_dir
 from cbd.core.manifest import (
     AnchorEntry,
     ChainManifest,
@@ -215,7 +216,7 @@ def _write_tokenizer(cdir: Path, source: Path) -> None:
     for f in TOKENIZER_FILES:
         if (source / f).is_file():
             shutil.copyfile(source / f, tmp / f)
-    tmp.rename(tok)
+    publish_dir(tmp, tok)
 
 
 # ---- anchor zero: the source itself, or a foreign model's pupil -------------------------------------

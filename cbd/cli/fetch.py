@@ -12,7 +12,6 @@ did not finish in ``--timeout`` (one ``cbd.errors.FetchError`` subclass each, ``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import typer
 
 from cbd.cli.options import Ffn, Heads, Hidden, KvHeads, Layers, SpecFile, request_from
 from cbd.core import paths
+from cbd.core.files import sha256_file
 from cbd.errors import (
     FetchChecksumError,
     FetchJobFailedError,
@@ -117,7 +117,7 @@ def download(http: httpx.Client, job: dict, *, progress: bool = False) -> Path:
 
 
 def _download_file(http: httpx.Client, url: str, dest: Path, size: int, sha256: str, progress: bool) -> None:
-    if dest.is_file() and dest.stat().st_size == size and _sha256(dest) == sha256:
+    if dest.is_file() and dest.stat().st_size == size and sha256_file(dest) == sha256:
         return
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
@@ -141,15 +141,8 @@ def _download_file(http: httpx.Client, url: str, dest: Path, size: int, sha256: 
     except httpx.HTTPError as exc:
         raise FetchUnavailableError(f"download of {dest.name} broke off ({exc}); run the same command again to "
                                     "resume") from None
-    if _sha256(part) != sha256:
+    if sha256_file(part) != sha256:
         part.unlink()
         raise FetchChecksumError(f"{dest.name}: sha256 mismatch; the partial file was removed, run again")
     os.replace(part, dest)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cbd.core import paths
-from cbd.core.files import atomic_write_bytes, fsync_path, sha256_file
+from cbd.core.files import atomic_write_bytes, publish_dir, sha256_file
 from cbd.errors import IntegrityError, UnknownNameError
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -99,15 +99,7 @@ def publish(tmp: Path, aid: str, fields: dict[str, Any], root: Path | None = Non
     info = ArtifactInfo(id=aid, files=files, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         **fields)
     atomic_write_bytes(tmp / INDEX, info.model_dump_json(indent=2).encode())
-    fsync_path(tmp)
-    final = artifact_dir(aid, root)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if load_artifact(aid, root) is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    fsync_path(final.parent)
+    publish_dir(tmp, artifact_dir(aid, root))
     return load_artifact(aid, root) or info
 
 

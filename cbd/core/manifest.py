@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cbd.core import paths
 from cbd.core.files import atomic_write_bytes, canonical_json
@@ -29,9 +29,28 @@ class AnchorEntry(BaseModel):
     spec: ModelSpec
     sha256: str = Field(description="sha256 of model.safetensors")
     parent: str | None = Field(default=None, description="anchor it was pruned from and distilled by")
-    num_params: int
-    non_embedding_params: int
     metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_counts(cls, data: Any) -> Any:
+        """Manifests written before the counts were derived carry them: check and drop them."""
+        if isinstance(data, dict) and ("num_params" in data or "non_embedding_params" in data):
+            data = dict(data)
+            stored = (data.pop("num_params", None), data.pop("non_embedding_params", None))
+            spec = ModelSpec.model_validate(data["spec"])
+            if stored != (spec.num_params(), spec.non_embedding_params()):
+                raise ValueError(f"anchor {data.get('name')!r}: stored parameter counts {stored} do not match "
+                                 "its spec")
+        return data
+
+    @property
+    def num_params(self) -> int:
+        return self.spec.num_params()
+
+    @property
+    def non_embedding_params(self) -> int:
+        return self.spec.non_embedding_params()
 
     @property
     def size(self) -> int:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from cbd.core.files import publish_dir, publish_file
 from cbd.core.paths import assets_dir
 from cbd.errors import AssetUnavailableError
 
@@ -49,7 +50,10 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
         tmp = target.with_name(f".{target.name}.tmp.{uuid.uuid4().hex[:8]}")
         try:
             build(tmp)
-            os.replace(tmp, target)
+            if tmp.is_dir():
+                publish_dir(tmp, target)
+            else:
+                publish_file(tmp, target)
         finally:
             _remove(tmp)
     return target

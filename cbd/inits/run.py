@@ -15,12 +15,7 @@ from cbd.store.anchors import load_alignment, load_anchor, tokenizer_dir
 
 def run_linit(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_root: Path | None = None,
               artifacts_root: Path | None = None) -> ArtifactInfo:
-    progress({"stage": "loading anchors", "fraction": 0.0})
-    li = linit_for(plan, manifest, chains_root)
-    alpha, calib = plan.alpha, {}
-    if plan.calibrate:
-        progress({"stage": "calibrating alpha", "fraction": 0.05})
-        alpha, calib = calibrate(li, validation_batches(manifest, chains_root))
+    li, alpha, calib = prepare(plan, manifest, progress=progress, chains_root=chains_root)
     recipe = recipe_of(plan, manifest, alpha, calib)
     total = plan.target.num_params()  # every stored tensor's elements
 
@@ -36,6 +31,19 @@ def run_linit(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains
                               tokenizer_src=tokenizer_dir(manifest, chains_root), artifacts_root=artifacts_root)
     progress({"stage": "done", "fraction": 1.0})
     return info
+
+
+def prepare(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_root: Path | None = None,
+            ) -> tuple[LInit, float, dict]:
+    """What both runners start from: the LInit of the plan's anchors and its alpha (calibrated when
+    the plan says so; ``calib`` holds the grid's losses)."""
+    progress({"stage": "loading anchors", "fraction": 0.0})
+    li = linit_for(plan, manifest, chains_root)
+    alpha, calib = plan.alpha, {}
+    if plan.calibrate:
+        progress({"stage": "calibrating alpha", "fraction": 0.05})
+        alpha, calib = calibrate(li, validation_batches(manifest, chains_root))
+    return li, alpha, calib
 
 
 def linit_for(plan: Plan, manifest: ChainManifest, chains_root: Path | None = None) -> LInit:

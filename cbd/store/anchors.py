@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cbd.core.artifacts import pid_alive
-from cbd.core.files import sha256_file
+from cbd.core.files import publish_dir, sha256_file
 from cbd.core.manifest import AnchorEntry, ChainManifest, anchor_dir, chain_dir
 from cbd.core.spec import ModelSpec
 from cbd.errors import IntegrityError
@@ -46,12 +46,9 @@ def write_anchor(root: Path | None, chain: str, name: str, spec: ModelSpec, stat
     if alignment is not None:
         (tmp / "alignment.json").write_text(alignment.model_dump_json())
     entry = AnchorEntry(name=name, spec=spec, sha256=sha256_file(tmp / "model.safetensors"), parent=parent,
-                        num_params=spec.num_params(), non_embedding_params=spec.non_embedding_params(),
                         metrics=metrics or {})
     (tmp / "anchor.json").write_text(entry.model_dump_json(indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    publish_dir(tmp, final, replace=True)
     return entry
 
 

@@ -11,7 +11,6 @@ Hub-compatible server (``tests/hubserver.py``), since the Xet storage cannot be 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import sha as hf_sha
 
+from cbd.core.files import sha256_file
 from cbd.errors import (
     HubAuthError,
     HubConflictError,
@@ -206,18 +206,11 @@ def _unchanged(api: HfApi, repo_id: str, head: str, files: dict[str, Path]) -> b
         entry = remote.get(path)
         if entry is None or entry.size != local.stat().st_size:
             return False
-        data_hash = _sha256(local) if entry.lfs is not None else hf_sha.git_hash(local.read_bytes())
+        data_hash = sha256_file(local) if entry.lfs is not None else hf_sha.git_hash(local.read_bytes())
         if data_hash != (entry.lfs.sha256 if entry.lfs is not None else entry.blob_id):
             return False
     return True
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _translate(exc: Exception, *, where: str, endpoint: str, parent_commit: str | None, token) -> HubError:

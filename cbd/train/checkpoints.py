@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cbd.core.files import fsync_path, write_json
+from cbd.core.files import fsync_path, publish_dir, write_json
 from cbd.errors import IntegrityError
 from cbd.tensors.reader import LazyReader
 from cbd.tensors.writer import write_safetensors
@@ -69,9 +68,7 @@ def save_checkpoint(work_dir: Path, model: nn.Module, opt: torch.optim.Optimizer
     tensors, meta = optimizer_to_flat(opt)
     write_safetensors(tmp / "optimizer.safetensors", tensors)
     write_json(tmp / "state.json", state | {"optimizer": meta})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_path(root)
+    publish_dir(tmp, final, replace=True)
     write_json(root / LATEST, {"dir": name, "step": state["step"]})
     fsync_path(root)
     for old in root.glob("step_*"):

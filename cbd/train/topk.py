@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from cbd.core.files import publish_file
 from cbd.errors import IntegrityError
 from cbd.tensors.reader import LazyReader
 from cbd.tensors.writer import write_safetensors
@@ -51,4 +51,4 @@ class TopKCache:
         tmp = path.with_name(path.name + ".tmp")
         tensors = {"values": topk.values.float().cpu(), "indices": topk.indices.to(torch.int32).cpu()}
         write_safetensors(tmp, tensors, self._meta(input_ids))
-        os.replace(tmp, path)
+        publish_file(tmp, path)
