@@ -127,7 +127,7 @@ def cmd_ablate(ctx, args):
 
 
 def cmd_operators(ctx, args):
-    """Each Trans operator alone on each non-source anchor (issue 6: damage per operator)."""
+    """Each Trans operator alone on each non-source anchor (the damage of each operator)."""
     out = {"command": args.command_line, "anchors": []}
     for a in ctx.manifest.anchors[1:]:
         if args.anchor and a.name != args.anchor:

@@ -1,4 +1,4 @@
-"""Evidence: what CBD buys, measured on held-out text (METHOD.md section 3, issue 7).
+"""Evidence: what CBD buys, measured on held-out text (docs/method.md §5).
 
 Every initialiser is a pure function of (chain, target, seed) -> state dict; every score is the
 mean next-token cross-entropy (nats/token) on held-out windows the chain never saw (the held-out

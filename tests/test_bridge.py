@@ -245,7 +245,7 @@ def download(client: httpx.Client, files: dict, folder: Path) -> None:
 def test_real_tiny_chain_bridge_to_gpt2_through_the_service(redis_server, children, tmp_path):  # noqa: F811
     """POST a ~29M GPT-2-tokenizer target on the real `tiny` chain to the API; a real worker runs
     the bridge; the files downloaded from the API load in transformers and the checkpoint beats a
-    random init by far and vocabulary transfer alone (issue 3)."""
+    random init by far and vocabulary transfer alone."""
     root = paths.home() / "chains"
     if "tiny" not in list_chains(root):
         pytest.skip("the tiny chain is not built (cbd chain build tiny)")

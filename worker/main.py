@@ -2,7 +2,7 @@
 
 ``SimpleWorker`` runs jobs in its own process instead of forking a work-horse per job. That is
 what torch needs: a child forked from a parent that has used torch's thread pool hangs in
-torch ops, and CUDA cannot be used in a forked child at all (../shared/SERVICE.md). It also
+torch ops, and CUDA cannot be used in a forked child at all (CUDA's own rule: no CUDA context survives a fork). It also
 keeps imported modules and cached anchors warm across jobs. Timeouts still apply (SIGALRM in
 the main thread, delivered when control returns to Python).
 

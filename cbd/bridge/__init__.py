@@ -1,4 +1,4 @@
-"""Bridge distillation: a checkpoint of the chain's family in *another* tokenizer (METHOD.md 1.4-1.5).
+"""Bridge distillation: a checkpoint of the chain's family in *another* tokenizer (docs/method.md §4).
 
 Interpolation is defined within one vocabulary, so a target tokenizer other than the chain's is
 made in three steps:

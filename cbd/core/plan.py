@@ -1,7 +1,7 @@
 """Plan, then execute: a request becomes a small serialisable plan. Torch-free.
 
 The plan names the anchors, alpha, the Trans options and whether a bridge is needed; its hash
-is the job id, the artifact folder name and the cache key (STYLE.md, guideline 3).
+is the job id, the artifact folder name and the cache key.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ AlphaSource = Literal["request", "distance", "calibrate", "single-anchor"]  # Pl
 
 
 class TransOptions(BaseModel):
-    """How anchors are mapped onto the target shape (METHOD.md section 2)."""
+    """How anchors are mapped onto the target shape (docs/method.md §3)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -53,7 +53,7 @@ class TransOptions(BaseModel):
 
 
 class BridgeOptions(Trains):
-    """How a target with another tokenizer is made (``cbd.bridge``, METHOD.md 1.4-1.5).
+    """How a target with another tokenizer is made (``cbd.bridge``, docs/method.md §4).
 
     The one place the bridge's defaults live; they are part of a bridge plan's hash. The
     defaults fit a ~30M-parameter target with the 50,257-entry GPT-2 vocabulary in under ten
@@ -219,7 +219,7 @@ def adjacent_anchors(manifest: ChainManifest, target: ModelSpec
 
 
 def alpha0(n_small: int, n_big: int, n_target: int) -> float:
-    """Relative distance in log-parameters (METHOD.md 1.3): 1 at S, 0 at B.
+    """Relative distance in log-parameters (docs/method.md §2): 1 at S, 0 at B.
 
     >>> round(alpha0(10, 1000, 100), 3)
     0.5

@@ -83,7 +83,7 @@ class DataRecipe(BaseModel):
 
 
 class SeqKDOptions(Trains):
-    """Anchor zero from a foreign model (METHOD.md 1.4): it writes text, the proxy learns it.
+    """Anchor zero from a foreign model (docs/method.md §4): it writes text, the proxy learns it.
 
     The foreign teacher (Gemma-3-270M by default: another family, a 262k SentencePiece
     vocabulary) continues prompts drawn from the corpus; a model of the chain's family and

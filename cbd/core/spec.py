@@ -178,7 +178,7 @@ class ModelSpec(BaseModel):
         """A ``config.json`` dict that transformers 5.x and 4.57 read identically.
 
         5.x keeps the RoPE base only in ``rope_parameters``; 4.57 would silently fall back to
-        10000 without a top-level ``rope_theta`` (../shared/SERVICE.md), so both are written.
+        10000 without a top-level ``rope_theta`` (tests/test_compat_457.py loads both), so both are written.
         """
         common = {
             "architectures": [ARCHITECTURE_CLASS[self.model_type]],

@@ -1,7 +1,7 @@
 """A Hugging Face checkpoint folder: weights, config, generation config, tokenizer, model card.
 
 Every artifact carries its recipe: ``recipe.json`` beside the weights and the same JSON in the
-safetensors ``__metadata__`` (STYLE.md, guideline 5). Nothing time- or host-dependent is
+safetensors ``__metadata__``. Nothing time- or host-dependent is
 written, so the same plan on the same chain gives byte-identical files.
 """
 

@@ -1,4 +1,4 @@
-"""The distillation engine that builds each anchor of a chain (METHOD.md section 1).
+"""The distillation engine that builds each anchor of a chain (docs/method.md §1).
 
 Anchor k is distilled from the already distilled anchor k-1; only step 1 runs the big teacher.
 One call trains a transformers causal LM (``model(input_ids).logits``) against a teacher with
@@ -268,7 +268,7 @@ class _Run:
     def run(self, train_batches: Callable[[int], Tensor], eval_batches: Sequence[Tensor]) -> None:
         cfg, every = self.cfg, lambda n: n and self.step % n == 0
         if eval_batches and not self.eval_loss:
-            self.evaluate(eval_batches)  # the step-0 loss (METHOD.md section 3)
+            self.evaluate(eval_batches)  # the step-0 loss (docs/method.md §5)
         while self.step < cfg.steps:
             lr = self.train_step(self.step, self.batch(train_batches, self.step))
             self.step += 1

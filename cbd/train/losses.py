@@ -5,7 +5,7 @@ float32 whatever the input dtype (bf16 logits from autocast would lose the small
 that KL lives on), and returns a scalar: the mean over tokens, or over the tokens where
 ``mask`` is true. Nothing here touches a model, a file or global state.
 
-The chain's loss is reverse KL on logits (METHOD.md section 1, known from the paper's reviews),
+The chain's loss is reverse KL on logits (docs/method.md §1),
 optionally mixed with next-token cross-entropy on the data (our design):
 
 >>> s, t = torch.zeros(2, 3, 5), torch.zeros(2, 3, 5)
