@@ -31,6 +31,11 @@ agree on ``max_position_embeddings``.
 Subsets just drop units (never exact; for GPT-2 the dropped residual channels also change the
 LayerNorm statistics, as RMSNorm's). ``trans_tensor`` computes one target tensor from a reader,
 so the executor can stream a checkpoint as large as the teacher through memory one tensor at a time.
+
+Trans maps and scales; it never frees. Every tensor it computes is new memory from ``alloc``
+(``torch.empty`` unless the caller passes another allocator of the same signature: the streamed
+write passes :func:`cbd.tensors.pool.empty`, and gives the intermediates back itself once the
+target tensor is computed). What it returns may also be the reader's own tensor (nothing to map).
 """
 
 from __future__ import annotations
@@ -45,16 +50,25 @@ import torch
 from cbd.core.spec import ModelSpec
 from cbd.shape import arch
 from cbd.shape.maps import AxisMap, Maps
-from cbd.tensors.pool import empty, recycle
 
 Reader = Callable[[str], torch.Tensor]
+Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # (shape, dtype) -> new uninitialised tensor
 WidthExpand = Literal["clone", "zero"]
 DepthExpand = Literal["identity", "copy"]
 
 
+def fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The default :data:`Alloc`: plain new memory."""
+    return torch.empty(shape, dtype=dtype)
+
+
 def trans_tensor(name: str, read: Reader, src: ModelSpec, tgt: ModelSpec, maps: Maps, *,
-                 width_expand: WidthExpand = "clone", depth_expand: DepthExpand = "identity") -> torch.Tensor:
-    """The target tensor ``name`` (a name of the target's checkpoint) from the source."""
+                 width_expand: WidthExpand = "clone", depth_expand: DepthExpand = "identity",
+                 alloc: Alloc = fresh) -> torch.Tensor:
+    """The target tensor ``name`` (a name of the target's checkpoint) from the source.
+
+    Intermediates (and the result) come from ``alloc``; none is freed here (module docstring).
+    """
     if src.family != tgt.family:
         raise ValueError(f"Trans maps within one family: {src.model_type!r} -> {tgt.model_type!r}")
     if src.family == "gpt2" and src.max_position_embeddings != tgt.max_position_embeddings:
@@ -76,15 +90,12 @@ def trans_tensor(name: str, read: Reader, src: ModelSpec, tgt: ModelSpec, maps: 
         m = _axis_map(maps, axis, layer)
         if m is None:
             continue
-        prev, out = out, _apply_axis(out, dim, m, io, arch.unit(src, axis), axis, width_expand, fill)
-        if out is not prev:
-            recycle(prev)  # an intermediate (or a pooled read): nothing else reads it
+        out = _apply_axis(out, dim, m, io, arch.unit(src, axis), axis, width_expand, fill, alloc)
     if any(a == "resid" and io == "norm" for a, io in roles):
         out = out * _norm_scale(maps.resid)
     if layer is not None and maps.layers.new[layer] and depth_expand == "identity" \
             and key in arch.block_outputs(tgt):
-        prev, out = out, empty(out.shape, out.dtype).zero_()
-        recycle(prev)
+        out = alloc(tuple(out.shape), out.dtype).zero_()
     return out
 
 
@@ -116,23 +127,20 @@ def _axis_map(maps: Maps, axis: str, layer: int | None) -> AxisMap | None:
 
 
 def _apply_axis(t: torch.Tensor, dim: int, m: AxisMap, io: str, unit: int, axis: str,
-                width_expand: WidthExpand, fill: str = "zero") -> torch.Tensor:
+                width_expand: WidthExpand, fill: str, alloc: Alloc) -> torch.Tensor:
     if axis == "qkv":  # split the fused [.., 3 * H * dh] into q, k, v; map each; re-fuse
         if m.is_identity and t.shape[dim] == 3 * len(m.idx) * unit:
             return t
-        parts = [_apply_axis(part, dim, m, io, unit, "q", width_expand) for part in t.chunk(3, dim)]
+        parts = [_apply_axis(part, dim, m, io, unit, "q", width_expand, fill, alloc) for part in t.chunk(3, dim)]
         shape = list(parts[0].shape)
         shape[dim] *= 3
-        out = torch.cat(parts, dim, out=empty(shape, t.dtype))
-        for part in parts:
-            recycle(part)  # views of ``t`` are not the pool's: ignored
-        return out
+        return torch.cat(parts, dim, out=alloc(tuple(shape), t.dtype))
     if m.is_identity and t.shape[dim] == len(m.idx) * unit:
         return t
     rows = m.cached(("rows", unit), lambda: _unit_rows(m.idx, unit))
     shape = list(t.shape)
     shape[dim] = len(rows)
-    out = torch.index_select(t, dim, rows, out=empty(shape, t.dtype))
+    out = torch.index_select(t, dim, rows, out=alloc(tuple(shape), t.dtype))
     if not any(m.new):
         return out
     # ``out`` is a fresh copy from here on: scale it in place
