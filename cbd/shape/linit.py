@@ -136,8 +136,7 @@ def make_linit(target: ModelSpec, small: Anchor | None, big: Anchor | None, *, a
                alignment: Alignment | None = None, opts: TransOptions | None = None) -> LInit:
     """Choose the maps. ``alignment`` places ``small`` inside ``big`` (None: not aligned)."""
     opts = opts or TransOptions()
-    sel = {"depth_by": "even" if opts.depth_subset == "even" else "importance",
-           "width_by": opts.width_subset}
+    sel = {"depth_by": opts.depth_subset, "width_by": opts.width_subset}
     if small is not None and big is not None:
         maps_big = choose_maps(big.spec, target, big.importance, prefer=alignment, **sel)
         if alignment is not None:
@@ -184,6 +183,5 @@ def prune(state: dict[str, torch.Tensor], spec: ModelSpec, importance: Importanc
                          f"its parent {spec.shape} ({spec.kv_group_size}): every axis must shrink or stay")
     from cbd.shape.trans import trans_state
 
-    maps = choose_maps(spec, child, importance, depth_by="even" if opts.depth_subset == "even" else "importance",
-                       width_by=opts.width_subset)
+    maps = choose_maps(spec, child, importance, depth_by=opts.depth_subset, width_by=opts.width_subset)
     return trans_state(state, spec, child, maps), Alignment.from_maps(maps)

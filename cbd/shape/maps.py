@@ -13,43 +13,18 @@ alignment, so both anchors land on the same target coordinates.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
-from typing import TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from cbd.core.spec import ModelSpec
+from cbd.shape.axis import AxisMap
+from cbd.shape.modes import Subset, mode
 
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class AxisMap:
-    idx: tuple[int, ...]
-    new: tuple[bool, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.idx) != len(self.new):
-            raise ValueError("idx and new differ in length")
-
-    @classmethod
-    def keep(cls, idx: Sequence[int]) -> AxisMap:
-        return cls(tuple(int(i) for i in idx), (False,) * len(idx))
-
-    @cached_property
-    def is_identity(self) -> bool:
-        return not any(self.new) and self.idx == tuple(range(len(self.idx)))
-
-    def cached(self, key: tuple, make: Callable[[], T]) -> T:
-        """A tensor derived from this map (gather indices, scale factors), made once: Trans
-        applies the same maps to every tensor of a layer and the same resid map to all."""
-        cache = self.__dict__.setdefault("_derived", {})  # frozen: fields only; this is a cache
-        if key not in cache:
-            cache[key] = make()
-        return cache[key]
+__all__ = ["Alignment", "AxisMap", "Importance", "Maps", "choose_maps", "compose", "select", "select_depth",
+           "select_heads"]
 
 
 @dataclass(frozen=True)
@@ -96,10 +71,14 @@ def select(n_src: int, n_tgt: int, scores: torch.Tensor | None, *, preferred: Se
            by: str = "importance") -> AxisMap:
     """Choose ``n_tgt`` of ``n_src`` units; duplicates (``new``) when ``n_tgt > n_src``.
 
-    Preferred units come first (by score), then the rest; ``by="prefix"`` ranks by index
-    instead of score. Kept units stay in source order (order matters for depth).
+    Preferred units come first (by rank), then the rest, ranked by the ``width_subset`` mode
+    ``by`` (:data:`cbd.shape.modes.MODES`). Kept units stay in source order (order matters for depth).
     """
-    ranked = _rank(n_src, scores, by)
+    sub: Subset = mode("width_subset", by)
+    return _keep_or_repeat(n_src, n_tgt, sub.rank(n_src, scores), preferred)
+
+
+def _keep_or_repeat(n_src: int, n_tgt: int, ranked: list[int], preferred: Sequence[int]) -> AxisMap:
     pref = set(preferred)
     order = [i for i in ranked if i in pref] + [i for i in ranked if i not in pref]
     if n_tgt <= n_src:
@@ -110,17 +89,15 @@ def select(n_src: int, n_tgt: int, scores: torch.Tensor | None, *, preferred: Se
 
 def select_depth(n_src: int, n_tgt: int, scores: torch.Tensor | None, *, preferred: Sequence[int] = (),
                  by: str = "importance") -> AxisMap:
-    """Layers: subset by block importance (or evenly spaced), expand with inserted blocks.
+    """Layers: a subset by the ``depth_subset`` mode ``by``; expansion by inserted blocks.
 
-    Evenly spaced keeps first and last: ``pi(l) = round(l*(L_A-1)/(L_T-1))`` (METHOD.md 2).
     Inserted blocks go after evenly spaced source layers and copy the layer before them.
     """
     if n_tgt <= n_src:
-        if by == "even" and not preferred:
-            if n_tgt == 1:
-                return AxisMap.keep([0])
-            return AxisMap.keep(sorted({round(k * (n_src - 1) / (n_tgt - 1)) for k in range(n_tgt)}))
-        return select(n_src, n_tgt, scores, preferred=preferred, by="importance" if by == "even" else by)
+        sub: Subset = mode("depth_subset", by)
+        if sub.spaced is not None and not preferred:
+            return AxisMap.keep(sub.spaced(n_src, n_tgt))
+        return _keep_or_repeat(n_src, n_tgt, sub.rank(n_src, scores), preferred)
     extra = n_tgt - n_src
     after = [min(n_src - 1, (2 * k + 1) * n_src // (2 * extra)) for k in range(extra)]
     idx, new = [], []
@@ -231,7 +208,7 @@ def _through(m_b: AxisMap, align: Sequence[int], s_scores: torch.Tensor | None) 
     s_of_b: dict[int, int] = {}
     for s, b in enumerate(align):
         s_of_b.setdefault(b, s)
-    ranked = _rank(len(align), s_scores, "importance")
+    ranked = mode("width_subset", "importance").rank(len(align), s_scores)
     idx, new, seen = [], [], set()
     k = 0
     for b, b_new in zip(m_b.idx, m_b.new, strict=True):
@@ -273,9 +250,3 @@ def _spec_like(s_spec: ModelSpec, maps_b: Maps) -> ModelSpec:
     kv = len(maps_b.kv[0].idx) if maps_b.kv else s_spec.kv_heads
     return s_spec.model_copy(update={"num_attention_heads": heads, "num_key_value_heads": kv})
 
-
-def _rank(n: int, scores: torch.Tensor | None, by: str) -> list[int]:
-    if scores is None or by == "prefix":
-        return list(range(n))
-    # stable: ties keep index order, so equal scores give a deterministic choice
-    return [int(i) for i in torch.sort(scores.float(), descending=True, stable=True).indices]
