@@ -40,7 +40,7 @@ from cbd.shape.linit import LInit, make_linit
 from cbd.shape.trans import trans_tensor
 from cbd.store.anchors import load_alignment, load_anchor
 from cbd.store.checkpoint import write_weights
-from cbd.tensors.pool import BufferPool, pooled, recycle, scratch
+from cbd.tensors.pool import BufferPool, empty, intermediates, pooled
 from cbd.tensors.writer import write_safetensors
 
 
@@ -58,26 +58,25 @@ def peak_mb() -> float:
 
 def phases(li: LInit, out: Path, repeat: int) -> None:
     """The LInit's compute alone, per phase (pooled, no write), and our writer alone."""
-    kw = {"width_expand": li.opts.width_expand, "depth_expand": li.opts.depth_expand}
+    kw = {"width_expand": li.opts.width_expand, "depth_expand": li.opts.depth_expand, "alloc": empty}
     best: dict[str, float] = {}
     for _ in range(repeat):
         t = dict.fromkeys(("Trans(S)", "Trans(B) (map, drop pages)", "blend"), 0.0)
         with pooled(BufferPool()):
-            for name, rows in li.blocks():  # the pieces LInit.chunks computes
+            for name, rows in li.blocks():  # the pieces LInit.chunks computes, as it does
                 rs, rb = li.small.reader(), li.big.reader()
                 if rows is not None:
                     rs, rb = (lambda n, r=rs, k=rows: r(n)[k]), (lambda n, r=rb, k=rows: r(n)[k])
-                t0 = time.perf_counter()
-                a = trans_tensor(name, rs, li.small.spec, li.target, li.maps_small, **kw)
-                t1 = time.perf_counter()
-                b = trans_tensor(name, rb, li.big.spec, li.target, li.maps_big, **kw)
-                t2 = time.perf_counter()
-                o = torch.lerp(b, a, li.alpha, out=scratch(b, a))
-                t["Trans(S)"] += t1 - t0
-                t["Trans(B) (map, drop pages)"] += t2 - t1
-                t["blend"] += time.perf_counter() - t2
-                for x in (a, b, o):
-                    recycle(x)
+                with intermediates():  # everything lent here goes back to the pool at the end
+                    t0 = time.perf_counter()
+                    a = trans_tensor(name, rs, li.small.spec, li.target, li.maps_small, **kw)
+                    t1 = time.perf_counter()
+                    b = trans_tensor(name, rb, li.big.spec, li.target, li.maps_big, **kw)
+                    t2 = time.perf_counter()
+                    torch.lerp(b, a, li.alpha, out=empty(b.shape, b.dtype))
+                    t["Trans(S)"] += t1 - t0
+                    t["Trans(B) (map, drop pages)"] += t2 - t1
+                    t["blend"] += time.perf_counter() - t2
         t["compute"] = sum(t.values())
         best = {k: min(v, best.get(k, v)) for k, v in t.items()}
     state = li.state()

@@ -90,7 +90,40 @@ def test_alignment_points_into_parent(pair):
 
 
 def test_composed_alignment_two_steps(random_chain):
+    """a2 inside a0 (composed through a1) on every field, by hand: per-layer axes index through
+    the a1 layer in between."""
     a2_in_a0 = load_alignment(random_chain, "a2", "a0")
     a2_in_a1 = load_alignment(random_chain, "a2", "a1")
     a1_in_a0 = load_alignment(random_chain, "a1", "a0")
+    assert a2_in_a0.layers == [a1_in_a0.layers[m] for m in a2_in_a1.layers]
     assert a2_in_a0.resid == [a1_in_a0.resid[i] for i in a2_in_a1.resid]
+    for field in ("q", "kv", "ffn"):
+        want = []
+        for s, m in enumerate(a2_in_a1.layers):  # a2 layer s is a1 layer m
+            want.append([getattr(a1_in_a0, field)[m][u] for u in getattr(a2_in_a1, field)[s]])
+        assert getattr(a2_in_a0, field) == want, field
+    assert set(type(a2_in_a0).model_fields) == {"layers", "resid", "q", "kv", "ffn"}  # a new field: compare it here
+
+
+def test_composed_alignment_points_at_the_weights_a2_came_from(random_chain):
+    """a2 was pruned from a1, a1 from a0, each perturbed by 0.01 noise: a0's tensors indexed by
+    the composed alignment are a2's to within that noise (any other unit is ~0.05+ away)."""
+    big, small = load_anchor(random_chain, "a0"), load_anchor(random_chain, "a2")
+    al = load_alignment(random_chain, "a2", "a0")
+    dh = big.spec.head_dim
+
+    def rows(heads):
+        return torch.tensor([h * dh + i for h in heads for i in range(dh)])
+
+    resid = torch.tensor(al.resid)
+    close = {"model.embed_tokens.weight": big.read("model.embed_tokens.weight")[:, resid]}
+    for s, b in enumerate(al.layers):
+        p, q = f"model.layers.{b}.", f"model.layers.{s}."
+        ffn = torch.tensor(al.ffn[s])
+        close[q + "self_attn.q_proj.weight"] = big.read(p + "self_attn.q_proj.weight")[rows(al.q[s])][:, resid]
+        close[q + "self_attn.k_proj.weight"] = big.read(p + "self_attn.k_proj.weight")[rows(al.kv[s])][:, resid]
+        close[q + "self_attn.o_proj.weight"] = big.read(p + "self_attn.o_proj.weight")[resid][:, rows(al.q[s])]
+        close[q + "mlp.gate_proj.weight"] = big.read(p + "mlp.gate_proj.weight")[ffn][:, resid]
+        close[q + "mlp.down_proj.weight"] = big.read(p + "mlp.down_proj.weight")[resid][:, ffn]
+    for name, want in close.items():
+        assert (small.read(name) - want).abs().max() < 0.1, name

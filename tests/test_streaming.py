@@ -19,7 +19,7 @@ from cbd.shape.trans import rows_independent
 from cbd.store.anchors import load_alignment, load_anchor
 from cbd.store.checkpoint import write_weights
 from cbd.tensors.header import read_header
-from cbd.tensors.pool import BufferPool, pooled
+from cbd.tensors.pool import BufferPool, empty, intermediates, pooled, recycle
 from cbd.tensors.reader import LazyReader
 from cbd.tensors.writer import StreamingWriter, write_safetensors
 from cbd.train.models import build_model, random_state
@@ -68,6 +68,28 @@ def test_pool_give_from_another_thread():
     again = {pool.empty((32,), torch.float32).data_ptr() for _ in range(4)}
     assert again == {b.data_ptr() for b in bufs} and pool.allocated == 4
 
+
+
+def test_intermediates_go_back_at_the_end_of_their_block_except_what_is_kept():
+    pool = BufferPool(min_bytes=64)
+    with pooled(pool):
+        with intermediates() as scope:
+            a, b, c = (empty((16,), torch.float32) for _ in range(3))
+            kept_view = scope.keep(c[2:])  # a view keeps its whole buffer
+            recycle(a)  # given back early and lent again in the block: given back once
+            again = empty((16,), torch.float32)
+            assert again.data_ptr() == a.data_ptr()
+            small = empty((2,), torch.float32)  # left to the allocator: not the pool's
+        assert not pool.lent(b) and not pool.lent(again) and pool.lent(c) and not pool.lent(small)
+        with intermediates():  # an outer block
+            with intermediates() as inner:
+                d = inner.keep(empty((16,), torch.float32))
+            assert pool.lent(d)  # kept by the inner block: now the outer block's
+        assert not pool.lent(d) and d.data_ptr() == b.data_ptr()  # b's buffer, given back and lent again
+        assert {empty((16,), torch.float32).data_ptr() for _ in range(2)} == {a.data_ptr(), b.data_ptr()}
+    assert pool.allocated == 3 and kept_view.data_ptr() == c.data_ptr() + 8
+    with intermediates() as scope:  # no active pool: nothing to do
+        assert scope.keep(empty((16,), torch.float32)).shape == (16,)
 
 # --- LazyReader.view --------------------------------------------------------------------------
 

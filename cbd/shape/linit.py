@@ -19,8 +19,8 @@ from cbd.core.plan import TransOptions
 from cbd.core.spec import ModelSpec
 from cbd.shape import arch
 from cbd.shape.maps import Alignment, Importance, Maps, choose_maps, compose
-from cbd.shape.trans import Reader, rows_independent, trans_tensor
-from cbd.tensors.pool import empty, recycle, scratch
+from cbd.shape.trans import Alloc, Reader, fresh, rows_independent, trans_tensor
+from cbd.tensors.pool import empty, intermediates
 
 
 @dataclass
@@ -57,39 +57,46 @@ class LInit:
     alpha: float
     opts: TransOptions
 
-    def tensor(self, name: str, alpha: float | None = None, rows: slice | None = None) -> torch.Tensor:
-        """One target tensor, owned by the caller (from the active :class:`cbd.tensors.pool.BufferPool`, if any).
+    def tensor(self, name: str, alpha: float | None = None, rows: slice | None = None, *,
+               alloc: Alloc = fresh) -> torch.Tensor:
+        """One target tensor, owned by the caller: new memory from ``alloc``, or (alpha 0 or 1
+        and nothing to map) the anchor's own tensor when that is not a read-only view of its file.
 
         ``rows``: only that block of rows, for a tensor whose rows Trans maps independently
-        (:func:`cbd.shape.trans.rows_independent`).
+        (:func:`cbd.shape.trans.rows_independent`). Frees nothing: the caller owns every
+        intermediate ``alloc`` gave (:meth:`chunks` gives them back to the pool).
         """
         if rows is not None and not rows_independent(name, self.target):
             raise ValueError(f"{name}: Trans mixes its rows, so it is computed whole, not in blocks of rows")
         a = self.alpha if alpha is None else alpha
-        kw = {"width_expand": self.opts.width_expand, "depth_expand": self.opts.depth_expand}
-        parts = []
-        for anchor, maps, w in ((self.small, self.maps_small, a), (self.big, self.maps_big, 1.0 - a)):
-            if anchor is None or w == 0.0:
-                continue
-            read = anchor.reader()
-            if rows is not None:
-                read = _rows_of(read, rows)
-            parts.append((w, trans_tensor(name, read, anchor.spec, self.target, maps, **kw), anchor))
+        parts = [(w, anchor, *self._trans(name, anchor, maps, rows, alloc))
+                 for anchor, maps, w in ((self.small, self.maps_small, a), (self.big, self.maps_big, 1.0 - a))
+                 if anchor is not None and w != 0.0]
         if len(parts) == 1:  # alpha 0 or 1: exactly one anchor's Trans, bit for bit
-            _, t, anchor = parts[0]
-            return empty(t.shape, t.dtype).copy_(t) if anchor.owns(t) else t
-        (wa, ta, _), (_, tb, _) = parts
-        # wa * ta + (1 - wa) * tb in one pass, over one of the two when it is a pooled Trans output
-        # (elementwise, so writing over an input gives the same bits as a separate output)
-        out = torch.lerp(tb, ta, wa, out=scratch(tb, ta))
-        for t in (ta, tb):
-            if t is not out:
-                recycle(t)  # Trans outputs go back to the pool; views of the anchors are ignored
-        return out
+            _, anchor, t, _ = parts[0]
+            return alloc(tuple(t.shape), t.dtype).copy_(t) if anchor.owns(t) else t
+        (wa, _, ta, a_new), (_, _, tb, b_new) = parts
+        # wa * ta + (1 - wa) * tb in one pass, written over a Trans output that is new memory when
+        # there is one (elementwise, so writing over an input gives the same bits)
+        out = tb if b_new else ta if a_new else alloc(tuple(tb.shape), tb.dtype)
+        return torch.lerp(tb, ta, wa, out=out)
+
+    def _trans(self, name: str, anchor: Anchor, maps: Maps, rows: slice | None,
+               alloc: Alloc) -> tuple[torch.Tensor, bool]:
+        """Trans of one anchor's tensor (its ``rows``), and whether that is new memory: Trans
+        returns the tensor it read itself when it maps nothing, else a new tensor."""
+        read, got = anchor.reader(), []
+
+        def reader(n: str) -> torch.Tensor:
+            got.append(read(n) if rows is None else read(n)[rows])
+            return got[-1]
+
+        t = trans_tensor(name, reader, anchor.spec, self.target, maps, width_expand=self.opts.width_expand,
+                         depth_expand=self.opts.depth_expand, alloc=alloc)
+        return t, all(t is not g for g in got)
 
     def tensors(self, alpha: float | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in arch.param_names(self.target):
-            yield name, self.tensor(name, alpha)
+        return self._execute(((name, None) for name in arch.param_names(self.target)), alpha)
 
     def chunks(self, alpha: float | None = None, *, max_bytes: int = 8 << 20) -> Iterator[tuple[str, torch.Tensor]]:
         """``tensors()`` for a streamed write: a large tensor whose rows are independent (the
@@ -97,8 +104,17 @@ class LInit:
         ``max_bytes`` (float32), so the write recycles a few block buffers instead of touching
         fresh memory for the whole tensor, and the disk starts on it while the rest is computed.
         The blocks concatenate to exactly ``tensor(name)``."""
-        for name, rows in self.blocks(max_bytes):
-            yield name, self.tensor(name, alpha, rows=rows)
+        return self._execute(self.blocks(max_bytes), alpha)
+
+    def _execute(self, pieces: Iterator[tuple[str, slice | None]], alpha: float | None):
+        """The executor: computes each piece with buffers from the active
+        :class:`~cbd.tensors.pool.BufferPool` (plain memory without one) and, once the piece is
+        computed (the last use of its reads and Trans outputs), gives every intermediate back;
+        the piece itself goes to the consumer (the writer gives it back once written)."""
+        for name, rows in pieces:
+            with intermediates() as scope:  # no yield inside: the scope must close first
+                t = scope.keep(self.tensor(name, alpha, rows, alloc=empty))
+            yield name, t
 
     def blocks(self, max_bytes: int = 8 << 20) -> Iterator[tuple[str, slice | None]]:
         """The (name, rows) pieces ``chunks`` computes, in file order (rows None: whole)."""
@@ -116,16 +132,11 @@ class LInit:
         return dict(self.tensors(alpha))
 
 
-def _rows_of(read: Reader, rows: slice) -> Reader:
-    return lambda name: read(name)[rows]
-
-
 def make_linit(target: ModelSpec, small: Anchor | None, big: Anchor | None, *, alpha: float,
                alignment: Alignment | None = None, opts: TransOptions | None = None) -> LInit:
     """Choose the maps. ``alignment`` places ``small`` inside ``big`` (None: not aligned)."""
     opts = opts or TransOptions()
-    sel = {"depth_by": "even" if opts.depth_subset == "even" else "importance",
-           "width_by": opts.width_subset}
+    sel = {"depth_by": opts.depth_subset, "width_by": opts.width_subset}
     if small is not None and big is not None:
         maps_big = choose_maps(big.spec, target, big.importance, prefer=alignment, **sel)
         if alignment is not None:
@@ -172,6 +183,5 @@ def prune(state: dict[str, torch.Tensor], spec: ModelSpec, importance: Importanc
                          f"its parent {spec.shape} ({spec.kv_group_size}): every axis must shrink or stay")
     from cbd.shape.trans import trans_state
 
-    maps = choose_maps(spec, child, importance, depth_by="even" if opts.depth_subset == "even" else "importance",
-                       width_by=opts.width_subset)
+    maps = choose_maps(spec, child, importance, depth_by=opts.depth_subset, width_by=opts.width_subset)
     return trans_state(state, spec, child, maps), Alignment.from_maps(maps)

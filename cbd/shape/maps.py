@@ -9,47 +9,29 @@ An :class:`Alignment` records how a smaller anchor S sits inside a bigger anchor
 pruned from B, then distilled): S's unit k is B's unit ``alignment.<axis>[k]``. LInit chooses
 the target's units in B's coordinates, preferring units S also has, and maps S through the
 alignment, so both anchors land on the same target coordinates.
+
+Notation in the comments: ``H`` query heads, ``G`` kv heads (= kv groups: grouped-query
+attention shares each kv head among ``r = H / G`` consecutive query heads, its *group*),
+``f`` FFN neurons, ``d`` residual channels, suffixed by whose they are (``H_src``, ``G_tgt``,
+``r_s``...). Query head ``h`` of a model with ``r`` heads per group is in kv group ``h // r``
+at position ``h % r`` within it. Every index below says whose unit it is: ``b`` (a unit of B,
+the source of ``choose_maps``), ``s`` (of S), ``j`` (of the target).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
-from typing import TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from cbd.core.spec import ModelSpec
+from cbd.shape.axis import AxisMap
+from cbd.shape.modes import Subset, mode
 
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class AxisMap:
-    idx: tuple[int, ...]
-    new: tuple[bool, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.idx) != len(self.new):
-            raise ValueError("idx and new differ in length")
-
-    @classmethod
-    def keep(cls, idx: Sequence[int]) -> AxisMap:
-        return cls(tuple(int(i) for i in idx), (False,) * len(idx))
-
-    @cached_property
-    def is_identity(self) -> bool:
-        return not any(self.new) and self.idx == tuple(range(len(self.idx)))
-
-    def cached(self, key: tuple, make: Callable[[], T]) -> T:
-        """A tensor derived from this map (gather indices, scale factors), made once: Trans
-        applies the same maps to every tensor of a layer and the same resid map to all."""
-        cache = self.__dict__.setdefault("_derived", {})  # frozen: fields only; this is a cache
-        if key not in cache:
-            cache[key] = make()
-        return cache[key]
+__all__ = ["Alignment", "AxisMap", "Importance", "Maps", "choose_maps", "compose", "select", "select_depth",
+           "select_heads"]
 
 
 @dataclass(frozen=True)
@@ -96,10 +78,14 @@ def select(n_src: int, n_tgt: int, scores: torch.Tensor | None, *, preferred: Se
            by: str = "importance") -> AxisMap:
     """Choose ``n_tgt`` of ``n_src`` units; duplicates (``new``) when ``n_tgt > n_src``.
 
-    Preferred units come first (by score), then the rest; ``by="prefix"`` ranks by index
-    instead of score. Kept units stay in source order (order matters for depth).
+    Preferred units come first (by rank), then the rest, ranked by the ``width_subset`` mode
+    ``by`` (:data:`cbd.shape.modes.MODES`). Kept units stay in source order (order matters for depth).
     """
-    ranked = _rank(n_src, scores, by)
+    sub: Subset = mode("width_subset", by)
+    return _keep_or_repeat(n_src, n_tgt, sub.rank(n_src, scores), preferred)
+
+
+def _keep_or_repeat(n_src: int, n_tgt: int, ranked: list[int], preferred: Sequence[int]) -> AxisMap:
     pref = set(preferred)
     order = [i for i in ranked if i in pref] + [i for i in ranked if i not in pref]
     if n_tgt <= n_src:
@@ -110,17 +96,15 @@ def select(n_src: int, n_tgt: int, scores: torch.Tensor | None, *, preferred: Se
 
 def select_depth(n_src: int, n_tgt: int, scores: torch.Tensor | None, *, preferred: Sequence[int] = (),
                  by: str = "importance") -> AxisMap:
-    """Layers: subset by block importance (or evenly spaced), expand with inserted blocks.
+    """Layers: a subset by the ``depth_subset`` mode ``by``; expansion by inserted blocks.
 
-    Evenly spaced keeps first and last: ``pi(l) = round(l*(L_A-1)/(L_T-1))`` (METHOD.md 2).
     Inserted blocks go after evenly spaced source layers and copy the layer before them.
     """
     if n_tgt <= n_src:
-        if by == "even" and not preferred:
-            if n_tgt == 1:
-                return AxisMap.keep([0])
-            return AxisMap.keep(sorted({round(k * (n_src - 1) / (n_tgt - 1)) for k in range(n_tgt)}))
-        return select(n_src, n_tgt, scores, preferred=preferred, by="importance" if by == "even" else by)
+        sub: Subset = mode("depth_subset", by)
+        if sub.spaced is not None and not preferred:
+            return AxisMap.keep(sub.spaced(n_src, n_tgt))
+        return _keep_or_repeat(n_src, n_tgt, sub.rank(n_src, scores), preferred)
     extra = n_tgt - n_src
     after = [min(n_src - 1, (2 * k + 1) * n_src // (2 * extra)) for k in range(extra)]
     idx, new = [], []
@@ -139,26 +123,32 @@ def select_heads(src: ModelSpec, tgt: ModelSpec, q_scores: torch.Tensor | None, 
 
     Every target query head comes from the source group its target kv head comes from, so
     attention stays exact for kept heads; repeated groups split a source group's heads.
+    Returns ``(kv, q)``: ``kv.idx`` (G_tgt,) the source kv group of each target kv head,
+    ``q.idx`` (H_tgt,) the source query head of each target query head.
     """
-    r_src = src.kv_group_size
-    r_tgt = tgt.kv_group_size
+    r_src = src.kv_group_size  # query heads per kv group, source
+    r_tgt = tgt.kv_group_size  # query heads per kv group, target
+    # (G_src,) kv-group scores: the sum of the group's query-head scores (q_scores: (H_src,))
     g_scores = None if q_scores is None else q_scores.view(src.kv_heads, r_src).sum(1)
     kv = select(src.kv_heads, tgt.kv_heads, g_scores,
-                preferred=sorted({h // r_src for h in preferred_q}), by=by)
-    q_idx: list[int] = []
+                preferred=sorted({h // r_src for h in preferred_q}), by=by)  # groups of the preferred heads
+    q_idx: list[int] = []  # (H_tgt,) source query head of each target query head, group after group
     q_new: list[bool] = []
-    used: dict[int, list[int]] = {}
-    for k in kv.idx:
-        if k not in used:
-            m = kv.idx.count(k)
-            heads = list(range(k * r_src, (k + 1) * r_src))
-            local = None if q_scores is None else q_scores[heads]
-            pick = select(r_src, m * r_tgt, local, preferred=[h - k * r_src for h in preferred_q
-                                                             if h // r_src == k], by=by)
-            used[k] = [(k * r_src + i, n) for i, n in zip(pick.idx, pick.new, strict=True)]
-        chunk, used[k] = used[k][:r_tgt], used[k][r_tgt:]
-        for h, n in sorted(chunk):
-            q_idx.append(h)
+    # source kv group -> its (source query head, new) picks not yet handed to a target kv head
+    pending: dict[int, list[tuple[int, bool]]] = {}
+    for g_src in kv.idx:  # each target kv head in turn: g_src, the source kv group it copies
+        if g_src not in pending:  # first target kv head on g_src: pick for all its copies at once
+            copies = kv.idx.count(g_src)  # target kv heads on g_src (> 1: a repeated group)
+            first = g_src * r_src  # the group's query heads are first .. first + r_src - 1
+            within_scores = None if q_scores is None else q_scores[first:first + r_src]  # (r_src,)
+            within_pref = [h - first for h in preferred_q if h // r_src == g_src]  # positions in g_src
+            # (copies * r_tgt,) positions within g_src; a repeat (new) once all r_src are used
+            pick = select(r_src, copies * r_tgt, within_scores, preferred=within_pref, by=by)
+            pending[g_src] = [(first + pos, n) for pos, n in zip(pick.idx, pick.new, strict=True)]
+        # this target kv head's r_tgt query heads: the next r_tgt picks of g_src, in head order
+        mine, pending[g_src] = pending[g_src][:r_tgt], pending[g_src][r_tgt:]
+        for q_src, n in sorted(mine):
+            q_idx.append(q_src)
             q_new.append(n)
     return kv, AxisMap(tuple(q_idx), tuple(q_new))
 
@@ -166,18 +156,21 @@ def select_heads(src: ModelSpec, tgt: ModelSpec, q_scores: torch.Tensor | None, 
 def choose_maps(src: ModelSpec, tgt: ModelSpec, imp: Importance | None, *,
                 depth_by: str = "importance", width_by: str = "importance",
                 prefer: Alignment | None = None) -> Maps:
-    """Target units in the source's coordinates, preferring units of ``prefer`` (S in B)."""
+    """Target units in the source's coordinates, preferring units of ``prefer`` (S in B).
+
+    ``src`` is B when ``prefer`` is given: every index here is a B unit.
+    """
     imp = imp or {}
     layers = select_depth(src.num_hidden_layers, tgt.num_hidden_layers, imp.get("block"),
                           preferred=prefer.layers if prefer else (), by=depth_by)
     resid = select(src.hidden_size, tgt.hidden_size, imp.get("resid"),
                    preferred=prefer.resid if prefer else (), by=width_by)
-    s_of_b = {b: s for s, b in enumerate(prefer.layers)} if prefer else {}
+    s_of_b = {b: s for s, b in enumerate(prefer.layers)} if prefer else {}  # B layer -> the S layer on it
     q, kv, ffn = [], [], []
-    for b in layers.idx:
-        s = s_of_b.get(b)
-        qs = None if "q" not in imp else imp["q"][b]
-        fs = None if "ffn" not in imp else imp["ffn"][b]
+    for b in layers.idx:  # b: the B layer target layer j copies
+        s = s_of_b.get(b)  # the S layer that came from b (None: S dropped it), whose units to prefer
+        qs = None if "q" not in imp else imp["q"][b]  # (H_src,) query-head scores of layer b
+        fs = None if "ffn" not in imp else imp["ffn"][b]  # (f_src,)
         k_map, q_map = select_heads(src, tgt, qs, preferred_q=prefer.q[s] if s is not None else (), by=width_by)
         kv.append(k_map)
         q.append(q_map)
@@ -193,12 +186,12 @@ def compose(maps_b: Maps, align: Alignment, s_spec: ModelSpec, s_imp: Importance
     therefore keeps its function wherever the target is at least as large as S.
     """
     s_imp = s_imp or {}
-    resid = _through(maps_b.resid, align.resid, s_imp.get("resid"))
-    s_of_b = {b: s for s, b in enumerate(align.layers)}
-    l_idx: list[int] = []
+    resid = _through(maps_b.resid, align.resid, s_imp.get("resid"))  # (d_tgt,) S channels
+    s_of_b = {b: s for s, b in enumerate(align.layers)}  # B layer -> the S layer on it
+    l_idx: list[int] = []  # (L_tgt,) S layer of each target layer
     l_new: list[bool] = []
-    real: list[int] = []
-    for b, b_new in zip(maps_b.layers.idx, maps_b.layers.new, strict=True):
+    real: list[int] = []  # S layers used so far, each once (in target order)
+    for b, b_new in zip(maps_b.layers.idx, maps_b.layers.new, strict=True):  # B layer of target layer j
         s = s_of_b.get(b)
         if s is not None and not b_new and s not in real:
             real.append(s)
@@ -209,31 +202,35 @@ def compose(maps_b: Maps, align: Alignment, s_spec: ModelSpec, s_imp: Importance
             l_new.append(True)
     q, kv, ffn = [], [], []
     tgt_like = _spec_like(s_spec, maps_b)
-    for j, (s, n) in enumerate(zip(l_idx, l_new, strict=True)):
+    for j, (s, n) in enumerate(zip(l_idx, l_new, strict=True)):  # target layer j from S layer s
         if n:  # an identity block's own units do not matter for S's function: pick S's best
-            qs = None if "q" not in s_imp else s_imp["q"][s]
+            qs = None if "q" not in s_imp else s_imp["q"][s]  # (H_s,)
             k_map, q_map = select_heads(s_spec, tgt_like, qs)
             kv.append(k_map)
             q.append(q_map)
-            fs = None if "ffn" not in s_imp else s_imp["ffn"][s]
+            fs = None if "ffn" not in s_imp else s_imp["ffn"][s]  # (f_s,)
             ffn.append(select(s_spec.ffn, len(maps_b.ffn[j].idx), fs))
             continue
-        k_map = _through(maps_b.kv[j], align.kv[s], None)
+        k_map = _through(maps_b.kv[j], align.kv[s], None)  # (G_tgt,) S kv group of each target kv head
         kv.append(k_map)
-        q.append(_heads_through(maps_b.q[j], align.q[s], k_map, s_spec))
+        q.append(_heads_through(maps_b.q[j], align.q[s], k_map, s_spec))  # (H_tgt,) S query heads
         ffn.append(_through(maps_b.ffn[j], align.ffn[s], None if "ffn" not in s_imp else s_imp["ffn"][s]))
     return Maps(resid=resid, layers=AxisMap(tuple(l_idx), tuple(l_new)), q=tuple(q), kv=tuple(kv),
                 ffn=tuple(ffn))
 
 
 def _through(m_b: AxisMap, align: Sequence[int], s_scores: torch.Tensor | None) -> AxisMap:
-    """Map target units given as B units onto S units; units S lacks become new duplicates."""
-    s_of_b: dict[int, int] = {}
+    """Map target units given as B units onto S units; units S lacks become new duplicates.
+
+    ``m_b.idx`` (n_tgt,): the B unit of each target unit; ``align`` (n_s,): the B unit of each
+    S unit; ``s_scores`` (n_s,) or None. Returns (n_tgt,) S units.
+    """
+    s_of_b: dict[int, int] = {}  # B unit -> the (first) S unit on it
     for s, b in enumerate(align):
         s_of_b.setdefault(b, s)
-    ranked = _rank(len(align), s_scores, "importance")
+    ranked = mode("width_subset", "importance").rank(len(align), s_scores)  # S units, best first
     idx, new, seen = [], [], set()
-    k = 0
+    k = 0  # target units S lacks so far: they take S's best units round robin
     for b, b_new in zip(m_b.idx, m_b.new, strict=True):
         s = s_of_b.get(b)
         if s is not None:  # S has this unit: take it (a repeat of it is S's own duplicate)
@@ -248,18 +245,25 @@ def _through(m_b: AxisMap, align: Sequence[int], s_scores: torch.Tensor | None) 
 
 
 def _heads_through(q_b: AxisMap, align_q: Sequence[int], kv_s: AxisMap, s_spec: ModelSpec) -> AxisMap:
-    """Query heads of S for target heads given in B units, consistent with S's kv map."""
-    r_t = len(q_b.idx) // len(kv_s.idx)
-    r_s = s_spec.kv_group_size
-    s_of_b = {b: s for s, b in enumerate(align_q)}
+    """Query heads of S for target heads given in B units, consistent with S's kv map.
+
+    ``q_b.idx`` (H_tgt,): the B query head of each target query head; ``align_q`` (H_s,): the
+    B query head of each S query head; ``kv_s.idx`` (G_tgt,): the S kv group of each target kv
+    head. Target query head ``j`` (in target kv head ``j // r_t``) takes its B head's S head
+    when S has it *in that S group*; otherwise a head of that S group, round robin, as new.
+    Returns (H_tgt,) S query heads, each in the S group its target kv head maps to.
+    """
+    r_t = len(q_b.idx) // len(kv_s.idx)  # query heads per kv group, target
+    r_s = s_spec.kv_group_size  # query heads per kv group, S
+    s_of_b = {b: s for s, b in enumerate(align_q)}  # B query head -> the S query head on it
     idx, new = [], []
-    for g, k in enumerate(kv_s.idx):
-        group = [k * r_s + i for i in range(r_s)]
-        spare = 0
-        for b, b_new in zip(q_b.idx[g * r_t:(g + 1) * r_t], q_b.new[g * r_t:(g + 1) * r_t], strict=True):
-            s = s_of_b.get(b)
-            if s is not None and s // r_s == k:
-                new.append(b_new or s in idx)
+    for j_g, g_s in enumerate(kv_s.idx):  # target kv head j_g uses S kv group g_s
+        group = [g_s * r_s + i for i in range(r_s)]  # (r_s,) S query heads of group g_s
+        spare = 0  # heads of the group handed out for target heads S lacks (round robin)
+        for b, b_new in zip(q_b.idx[j_g * r_t:(j_g + 1) * r_t], q_b.new[j_g * r_t:(j_g + 1) * r_t], strict=True):
+            s = s_of_b.get(b)  # the S query head on B head b (None: S dropped it)
+            if s is not None and s // r_s == g_s:  # S has it, in the group this kv head reads
+                new.append(b_new or s in idx)  # a second use of s is a duplicate
                 idx.append(s)
             else:
                 idx.append(group[spare % r_s])
@@ -269,13 +273,8 @@ def _heads_through(q_b: AxisMap, align_q: Sequence[int], kv_s: AxisMap, s_spec: 
 
 
 def _spec_like(s_spec: ModelSpec, maps_b: Maps) -> ModelSpec:
+    """S's spec with the target's head counts (H_tgt, G_tgt), for choosing an identity block's heads."""
     heads = len(maps_b.q[0].idx) if maps_b.q else s_spec.num_attention_heads
     kv = len(maps_b.kv[0].idx) if maps_b.kv else s_spec.kv_heads
     return s_spec.model_copy(update={"num_attention_heads": heads, "num_key_value_heads": kv})
 
-
-def _rank(n: int, scores: torch.Tensor | None, by: str) -> list[int]:
-    if scores is None or by == "prefix":
-        return list(range(n))
-    # stable: ties keep index order, so equal scores give a deterministic choice
-    return [int(i) for i in torch.sort(scores.float(), descending=True, stable=True).indices]

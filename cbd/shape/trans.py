@@ -31,12 +31,16 @@ agree on ``max_position_embeddings``.
 Subsets just drop units (never exact; for GPT-2 the dropped residual channels also change the
 LayerNorm statistics, as RMSNorm's). ``trans_tensor`` computes one target tensor from a reader,
 so the executor can stream a checkpoint as large as the teacher through memory one tensor at a time.
+
+Trans maps and scales; it never frees. Every tensor it computes is new memory from ``alloc``
+(``torch.empty`` unless the caller passes another allocator of the same signature: the streamed
+write passes :func:`cbd.tensors.pool.empty`, and gives the intermediates back itself once the
+target tensor is computed). What it returns may also be the reader's own tensor (nothing to map).
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Literal
 
@@ -44,22 +48,37 @@ import torch
 
 from cbd.core.spec import ModelSpec
 from cbd.shape import arch
-from cbd.shape.maps import AxisMap, Maps
-from cbd.tensors.pool import empty, recycle
+from cbd.shape.axis import AxisMap
+from cbd.shape.maps import Maps
+from cbd.shape.modes import RESID_FILL, ZERO, Alloc, DepthExpand, Expand, mode
+
+__all__ = ["Alloc", "Reader", "fresh", "rows_independent", "trans_state", "trans_tensor"]
 
 Reader = Callable[[str], torch.Tensor]
-WidthExpand = Literal["clone", "zero"]
-DepthExpand = Literal["identity", "copy"]
+WidthExpandName = Literal["clone", "zero"]  # cbd.shape.modes.MODES["width_expand"]
+DepthExpandName = Literal["identity", "copy"]  # cbd.shape.modes.MODES["depth_expand"]
+
+
+def fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The default :data:`~cbd.shape.modes.Alloc`: plain new memory."""
+    return torch.empty(shape, dtype=dtype)
 
 
 def trans_tensor(name: str, read: Reader, src: ModelSpec, tgt: ModelSpec, maps: Maps, *,
-                 width_expand: WidthExpand = "clone", depth_expand: DepthExpand = "identity") -> torch.Tensor:
-    """The target tensor ``name`` (a name of the target's checkpoint) from the source."""
+                 width_expand: WidthExpandName = "clone", depth_expand: DepthExpandName = "identity",
+                 alloc: Alloc = fresh) -> torch.Tensor:
+    """The target tensor ``name`` (a name of the target's checkpoint) from the source.
+
+    Intermediates (and the result) come from ``alloc``; none is freed here (module docstring).
+    """
     if src.family != tgt.family:
         raise ValueError(f"Trans maps within one family: {src.model_type!r} -> {tgt.model_type!r}")
     if src.family == "gpt2" and src.max_position_embeddings != tgt.max_position_embeddings:
         raise ValueError(f"learned positions are kept as they are: max_position_embeddings "
                          f"{src.max_position_embeddings} -> {tgt.max_position_embeddings}")
+    width: Expand = mode("width_expand", width_expand)
+    depth: DepthExpand = mode("depth_expand", depth_expand)
+    resid: Expand = mode("resid_fill", RESID_FILL[arch.family(tgt).norm])
     layer, key = arch.split_name(name)
     if layer is None:
         roles = arch.global_table(tgt)[key]
@@ -67,7 +86,6 @@ def trans_tensor(name: str, read: Reader, src: ModelSpec, tgt: ModelSpec, maps: 
     else:
         roles = arch.layer_table(tgt)[key]
         out = read(arch.layer_prefix(src).format(i=maps.layers.idx[layer]) + key)
-    fill = "mean" if arch.family(tgt).norm == "layer" else "zero"
     # the strided gathers (dims >= 1) first, on the smaller source; the row gather (whole rows,
     # contiguous copies) last. Gathers copy exactly and each dimension is scaled once, so the
     # order changes no value.
@@ -76,15 +94,12 @@ def trans_tensor(name: str, read: Reader, src: ModelSpec, tgt: ModelSpec, maps: 
         m = _axis_map(maps, axis, layer)
         if m is None:
             continue
-        prev, out = out, _apply_axis(out, dim, m, io, arch.unit(src, axis), axis, width_expand, fill)
-        if out is not prev:
-            recycle(prev)  # an intermediate (or a pooled read): nothing else reads it
+        out = _apply_axis(out, dim, m, arch.unit(src, axis), axis == "qkv", _new_units(axis, io, width, resid),
+                          alloc)
     if any(a == "resid" and io == "norm" for a, io in roles):
         out = out * _norm_scale(maps.resid)
-    if layer is not None and maps.layers.new[layer] and depth_expand == "identity" \
-            and key in arch.block_outputs(tgt):
-        prev, out = out, empty(out.shape, out.dtype).zero_()
-        recycle(prev)
+    if layer is not None and maps.layers.new[layer] and key in arch.block_outputs(tgt):
+        out = depth.outputs(out, alloc)
     return out
 
 
@@ -115,71 +130,37 @@ def _axis_map(maps: Maps, axis: str, layer: int | None) -> AxisMap | None:
     return None  # vocab, dh, pos: unchanged
 
 
-def _apply_axis(t: torch.Tensor, dim: int, m: AxisMap, io: str, unit: int, axis: str,
-                width_expand: WidthExpand, fill: str = "zero") -> torch.Tensor:
-    if axis == "qkv":  # split the fused [.., 3 * H * dh] into q, k, v; map each; re-fuse
+def _new_units(axis: str, io: str, width: Expand, resid: Expand) -> Expand | None:
+    """What the new units of ``axis`` hold in a tensor that touches it as ``io`` (None: the
+    gathered copies stay as they are)."""
+    if axis == "resid":  # the writers carry the family's fill; a LayerNorm bias is 0 on new channels
+        return {"out": resid, "normbias": ZERO}.get(io)
+    return width if io == "in" else None  # a duplicate head or neuron: its readers' columns
+
+
+def _apply_axis(t: torch.Tensor, dim: int, m: AxisMap, unit: int, fused_qkv: bool, expand: Expand | None,
+                alloc: Alloc) -> torch.Tensor:
+    if fused_qkv:  # split the fused [.., 3 * H * dh] into q, k, v; map each; re-fuse
         if m.is_identity and t.shape[dim] == 3 * len(m.idx) * unit:
             return t
-        parts = [_apply_axis(part, dim, m, io, unit, "q", width_expand) for part in t.chunk(3, dim)]
+        parts = [_apply_axis(part, dim, m, unit, False, expand, alloc) for part in t.chunk(3, dim)]
         shape = list(parts[0].shape)
         shape[dim] *= 3
-        out = torch.cat(parts, dim, out=empty(shape, t.dtype))
-        for part in parts:
-            recycle(part)  # views of ``t`` are not the pool's: ignored
-        return out
+        return torch.cat(parts, dim, out=alloc(tuple(shape), t.dtype))
     if m.is_identity and t.shape[dim] == len(m.idx) * unit:
         return t
     rows = m.cached(("rows", unit), lambda: _unit_rows(m.idx, unit))
     shape = list(t.shape)
     shape[dim] = len(rows)
-    out = torch.index_select(t, dim, rows, out=empty(shape, t.dtype))
-    if not any(m.new):
+    out = torch.index_select(t, dim, rows, out=alloc(tuple(shape), t.dtype))
+    if not any(m.new) or expand is None:
         return out
-    # ``out`` is a fresh copy from here on: scale it in place
-    if axis == "resid":
-        if io == "out" and fill == "mean":  # LayerNorm: new channels carry the real channels' mean
-            return _fill_mean(out, dim, m.new)
-        if io == "out" or io == "normbias":  # RMSNorm: new residual channels stay exactly zero
-            out = _scale_units(out, dim, m, unit, "zero")
-        return out
-    if io != "in":
-        return out
-    return _scale_units(out, dim, m, unit, width_expand)
+    return expand.fill(out, dim, m, unit)  # ``out`` is a fresh copy: filled in place
 
 
 def _unit_rows(idx: tuple[int, ...], unit: int) -> torch.Tensor:
     i = torch.tensor(idx, dtype=torch.long)
     return (i[:, None] * unit + torch.arange(unit)).reshape(-1) if unit > 1 else i
-
-
-def _scale_units(t: torch.Tensor, dim: int, m: AxisMap, unit: int, kind: WidthExpand) -> torch.Tensor:
-    """New units x 0 (``zero``), or every copy of a unit / its number of copies (``clone``)."""
-    def make() -> torch.Tensor | None:
-        if kind == "zero":
-            factors = [0.0 if n else 1.0 for n in m.new]
-        else:
-            counts = Counter(m.idx)
-            factors = [1.0 / counts[i] for i in m.idx]
-        if all(f == 1.0 for f in factors):
-            return None
-        return torch.tensor(factors, dtype=torch.float32).repeat_interleave(unit)
-
-    f = m.cached(("scale", kind, unit), make)
-    if f is None:
-        return t
-    shape = [1] * t.dim()
-    shape[dim] = -1
-    return t.mul_(f.to(t.dtype).view(shape))  # only called on index_select's fresh output
-
-
-def _fill_mean(t: torch.Tensor, dim: int, new: tuple[bool, ...]) -> torch.Tensor:
-    """Set the new entries along ``dim`` to the mean of the real ones (in place on a fresh ``t``)."""
-    real = torch.tensor([i for i, n in enumerate(new) if not n], dtype=torch.long)
-    added = torch.tensor([i for i, n in enumerate(new) if n], dtype=torch.long)
-    mean = t.index_select(dim, real).mean(dim, keepdim=True, dtype=torch.float32).to(t.dtype)
-    shape = list(t.shape)
-    shape[dim] = len(added)
-    return t.index_copy_(dim, added, mean.expand(shape))
 
 
 def _norm_scale(resid: AxisMap) -> float:

@@ -20,7 +20,7 @@ from cbd.core.files import canonical_json, write_json
 from cbd.core.spec import ModelSpec
 from cbd.shape import arch
 from cbd.tensors.header import DTYPES
-from cbd.tensors.pool import BufferPool, pooled, recycle
+from cbd.tensors.pool import BufferPool, pooled
 from cbd.tensors.writer import StreamingWriter
 
 
@@ -43,7 +43,7 @@ def write_weights(folder: Path, spec: ModelSpec, tensors: Iterable[tuple[str, to
         if t.dtype == tdtype:
             return t
         out = pool.empty(t.shape, tdtype).copy_(t)
-        recycle(t)
+        pool.give(t)  # last use of the float32 tensor (ignored unless the pool lent it)
         return out
 
     with StreamingWriter(folder / "model.safetensors", layout, meta, durable=durable) as w, pooled(pool):

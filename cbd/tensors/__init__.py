@@ -11,6 +11,7 @@
 - Large tensors of one streamed write are recycled (:class:`~cbd.tensors.pool.BufferPool`): a fresh large
   allocation costs a page fault per 4 KiB page on first touch, which is most of the time of a
   LInit (measured: filling 216 MiB of fresh memory 0.09-0.14 s, of recycled memory 0.012 s),
-  so reads, Trans and the blend take their outputs from the pool and the writer gives each
-  tensor back once it is on disk.
+  so the executor of a streamed LInit (``LInit.chunks``) hands the pool's ``empty`` to Trans and
+  the blend as their allocator, gives every intermediate back once its piece is computed
+  (:func:`~cbd.tensors.pool.intermediates`), and the writer gives each piece back once it is on disk.
 """

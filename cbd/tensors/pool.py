@@ -16,7 +16,7 @@ class BufferPool:
 
     ``empty`` lends a buffer (a free one of the same dtype and size, or a new one); ``give``
     takes back a tensor the pool lent once nothing reads it any more (the writer, after the
-    write; Trans, for its intermediates). Anything the pool did not lend, or a view of part
+    write; the executor, for the intermediates of one computation: :func:`intermediates`). Anything the pool did not lend, or a view of part
     of a lent buffer, is ignored by ``give``, so handing it a cached or caller-owned tensor is
     harmless. Small tensors (< ``min_bytes``) are left to the allocator, which reuses them
     already. Thread safe: the writer thread gives back while the caller's thread takes.
@@ -64,21 +64,60 @@ class BufferPool:
 _POOL: ContextVar[BufferPool | None] = ContextVar("cbd_buffer_pool", default=None)
 
 
+class Intermediates:
+    """The buffers the active pool lent inside one :func:`intermediates` block.
+
+    At the end of the block every one of them goes back to the pool except those passed to
+    :meth:`keep` (and any buffer a kept tensor is a view of). Buffers are told apart by their
+    storage, so a buffer given back early and lent again inside the block is counted once.
+    """
+
+    def __init__(self, pool: BufferPool | None, parent: Intermediates | None) -> None:
+        self.pool = pool
+        self.parent = parent
+        self._lent: dict[int, torch.Tensor] = {}  # storage address -> the buffer (as lent)
+        self._kept: set[int] = set()
+
+    def note(self, t: torch.Tensor) -> None:
+        self._lent.setdefault(_storage(t), t)
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` outlives the block: it is not given back (an enclosing block may still)."""
+        if t.numel():
+            self._kept.add(_storage(t))
+        return t
+
+    def release(self) -> None:
+        for key, t in self._lent.items():
+            if key not in self._kept:
+                self.pool.give(t)  # ignored when already given back (and not lent again)
+            elif self.parent is not None:
+                self.parent.note(t)
+        self._lent.clear()
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+_SCOPE: ContextVar[Intermediates | None] = ContextVar("cbd_intermediates", default=None)
+
+
 def empty(shape: Iterable[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``torch.empty``, from the active :class:`BufferPool` when there is one."""
-    pool = _POOL.get()
-    return pool.empty(shape, dtype) if pool is not None else torch.empty(tuple(shape), dtype=dtype)
+    """``torch.empty``, from the active :class:`BufferPool` when there is one.
 
-
-def scratch(*candidates: torch.Tensor) -> torch.Tensor:
-    """An output buffer shaped like ``candidates[0]``: one of the candidates when the active pool
-    lent it (an elementwise op may write over its own input), else a new one from ``empty``."""
+    Inside an :func:`intermediates` block the buffer is noted, to go back to the pool at the
+    end of the block unless it is kept. Signature of ``cbd.shape.trans.Alloc``: the executor
+    passes this function to Trans, which allocates through it and frees nothing.
+    """
     pool = _POOL.get()
-    if pool is not None:
-        for t in candidates:
-            if pool.lent(t):
-                return t
-    return empty(candidates[0].shape, candidates[0].dtype)
+    if pool is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    t = pool.empty(shape, dtype)
+    scope = _SCOPE.get()
+    if scope is not None and t.numel() * t.dtype.itemsize >= pool.min_bytes:
+        scope.note(t)
+    return t
 
 
 def recycle(t: torch.Tensor | None) -> None:
@@ -96,3 +135,26 @@ def pooled(pool: BufferPool | None) -> Iterator[BufferPool | None]:
         yield pool
     finally:
         _POOL.reset(token)
+
+
+@contextmanager
+def intermediates() -> Iterator[Intermediates]:
+    """A block whose pooled buffers are intermediates: freed at the block's end, the last use.
+
+    The executor of one computation (``LInit.chunks``: one target tensor or block of rows)
+    opens one, computes, keeps the result and lets everything else go back to the pool::
+
+        with intermediates() as scope:
+            t = scope.keep(compute(alloc=empty))
+
+    Without an active pool it does nothing. Do not ``yield`` inside the block: a suspended
+    generator would leave it open in its consumer's context.
+    """
+    scope = Intermediates(_POOL.get(), _SCOPE.get())
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
+        if scope.pool is not None:
+            scope.release()
