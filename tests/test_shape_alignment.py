@@ -197,10 +197,10 @@ def test_a_stale_alignment_misplaces_s(anchors):
         assert not torch.allclose(good[name], stale[name]), name
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, not fixed here (no change of behaviour): _heads_through "
-                   "marks a real S head as new when a spare copy of it came first in its target kv group, so "
-                   "with width_expand='zero' that head's reader columns (o_proj) are zeroed")
 def test_a_spare_head_before_its_real_use_stays_real():
+    """A spare copy of an S head placed before that head's own slot in its target kv group must not
+    mark the real head as new (a bug this test found: with width_expand="zero" its o_proj columns
+    were zeroed)."""
     g = torch.Generator().manual_seed(1)
     b_state = {n: torch.randn(arch.tensor_shape(B_SPEC, n), generator=g) for n in arch.param_names(B_SPEC)}
     s_state = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in subset(b_state, 2, ALIGN_SPARE_FIRST).items()}

@@ -257,13 +257,15 @@ def _heads_through(q_b: AxisMap, align_q: Sequence[int], kv_s: AxisMap, s_spec: 
     r_s = s_spec.kv_group_size  # query heads per kv group, S
     s_of_b = {b: s for s, b in enumerate(align_q)}  # B query head -> the S query head on it
     idx, new = [], []
+    real: set[int] = set()  # S heads already placed as themselves (spare copies do not count)
     for j_g, g_s in enumerate(kv_s.idx):  # target kv head j_g uses S kv group g_s
         group = [g_s * r_s + i for i in range(r_s)]  # (r_s,) S query heads of group g_s
         spare = 0  # heads of the group handed out for target heads S lacks (round robin)
         for b, b_new in zip(q_b.idx[j_g * r_t:(j_g + 1) * r_t], q_b.new[j_g * r_t:(j_g + 1) * r_t], strict=True):
             s = s_of_b.get(b)  # the S query head on B head b (None: S dropped it)
             if s is not None and s // r_s == g_s:  # S has it, in the group this kv head reads
-                new.append(b_new or s in idx)  # a second use of s is a duplicate
+                new.append(b_new or s in real)  # a second real use of s is a duplicate
+                real.add(s)
                 idx.append(s)
             else:
                 idx.append(group[spare % r_s])
