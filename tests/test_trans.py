@@ -1,4 +1,4 @@
-"""Invariants of Trans (METHOD.md section 2) on tiny random models with odd sizes."""
+"""Invariants of Trans (docs/method.md §3) on tiny random models with odd sizes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Trans, importance and LInit for the GPT-2 family (METHOD.md section 2) on tiny random models.
+"""Trans, importance and LInit for the GPT-2 family (docs/method.md §3) on tiny random models.
 
 GPT-2 differs from the llama family where Trans can go wrong: Conv1D weights are [in, out],
 ``c_attn`` fuses q, k and v, LayerNorm has a mean and a bias, positions are learned, every

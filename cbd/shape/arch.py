@@ -13,7 +13,7 @@ Axes: ``resid`` (residual width d), ``q`` (query heads, in units of heads), ``kv
 head map), ``ffn`` (FFN neurons), ``vocab``, ``dh`` (head dim), ``pos`` (learned positions).
 Roles are listed in the tensor's own dimension order: ``nn.Linear`` stores ``[out, in]``,
 GPT-2's ``Conv1D`` stores ``[in, out]``. Operators in ``cbd.shape.trans`` look roles up here; nothing
-else string-matches weight names (STYLE.md, guideline 6).
+else string-matches weight names.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ QWEN3_LAYER_EXTRA: dict[str, tuple[Role, ...]] = {
 }
 
 # The projections whose output is added to the residual stream: zeroing them turns a block
-# into the identity (exact depth expansion, METHOD.md section 2).
+# into the identity (exact depth expansion, docs/method.md §3).
 LLAMA_BLOCK_OUTPUTS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 LAYER_PREFIX = "model.layers.{i}."

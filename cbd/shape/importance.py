@@ -1,4 +1,4 @@
-"""Importance scores on a small calibration batch (Minitron-style, METHOD.md section 2).
+"""Importance scores on a small calibration batch (Minitron-style, docs/method.md §3).
 
 - residual channel: mean |x| of the residual stream, summed over every block input and the
   final norm input;

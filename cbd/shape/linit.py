@@ -1,4 +1,4 @@
-"""LInit: ``theta_T = alpha * Trans(S -> T) + (1 - alpha) * Trans(B -> T)`` (METHOD.md 1.2).
+"""LInit: ``theta_T = alpha * Trans(S -> T) + (1 - alpha) * Trans(B -> T)`` (docs/method.md §2).
 
 S is the smaller adjacent anchor, B the bigger. The target's units are chosen in B's
 coordinates preferring units S also has (``cbd.shape.maps.choose_maps(prefer=alignment)``), and S is

@@ -3,7 +3,7 @@
 A :class:`Maps` says, for every axis of the target, the source index of each unit and whether
 that unit is *new* (an expansion: a duplicate head or neuron, a zero residual channel, an
 identity block). ``cbd.shape.trans`` executes maps on tensors; this module only chooses them from
-importance scores (METHOD.md section 2), so it is cheap and testable without weights.
+importance scores (docs/method.md §3), so it is cheap and testable without weights.
 
 An :class:`Alignment` records how a smaller anchor S sits inside a bigger anchor B (S was
 pruned from B, then distilled): S's unit k is B's unit ``alignment.<axis>[k]``. LInit chooses

@@ -111,7 +111,7 @@ def by_index(n: int, scores: torch.Tensor | None) -> list[int]:
 
 
 def evenly_spaced(n_src: int, n_tgt: int) -> list[int]:
-    """``pi(l) = round(l*(L_A-1)/(L_T-1))``: keeps the first and the last (METHOD.md 2)."""
+    """``pi(l) = round(l*(L_A-1)/(L_T-1))``: keeps the first and the last (docs/method.md §3)."""
     if n_tgt == 1:
         return [0]
     return sorted({round(k * (n_src - 1) / (n_tgt - 1)) for k in range(n_tgt)})

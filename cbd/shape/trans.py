@@ -1,4 +1,4 @@
-"""Trans: map one model's weights onto a target shape (METHOD.md section 2). Pure functions.
+"""Trans: map one model's weights onto a target shape (docs/method.md §3). Pure functions.
 
 Executes a :class:`~cbd.shape.maps.Maps` tensor by tensor. Expansions are function preserving:
 
