@@ -162,6 +162,11 @@ def chain_build(
             raise typer.Exit(2)
         _enqueue_chain(r, redis_url)
         return
+    import os
+
+    from cbd.core.threads import thread_env
+
+    os.environ.update(thread_env())  # before torch is imported: its pool sized to this machine's CPUs
     from cbd.chain.build import build_chain
 
     if device:
