@@ -55,28 +55,73 @@ Progress = Callable[[dict], None]
 
 
 class ChainData:
-    """Token streams of a recipe: train windows by step, fixed held-out and validation batches."""
+    """Token streams of a recipe: train windows by step, fixed held-out and validation batches.
+
+    One corpus (``data.corpus``): exactly the batches chains were always built with. A mix
+    (``data.corpora``, the rule in ``cbd.data.mix``): training rows dealt to corpora by token share,
+    each corpus' held-out work kept out and evaluated on its own (``heldout_by_domain``;
+    ``heldout`` is all of them, one domain after the other, so its loss is the mean over domains),
+    and the calibration and validation batches hold rows of every corpus by share.
+    """
 
     def __init__(self, recipe: Recipe) -> None:
         from cbd.data import batches as data
 
         d = recipe.data
-        self.train = data.token_file(d.corpus, recipe.tokenizer, "train")
-        self.heldout = data.eval_batches(data.token_file(d.corpus, recipe.tokenizer, "heldout"),
-                                         batch_size=d.eval_batch_size, seq_len=d.eval_seq_len,
-                                         num_batches=d.eval_batches, seed=recipe.seed)
-        self.calibration = data.calibration_batch(self.train, batch_size=d.calibration_batch_size,
-                                                  seq_len=d.calibration_seq_len, seed=recipe.seed)
-        self.validation = data.eval_batches(self.train, batch_size=4, seq_len=d.calibration_seq_len,
-                                            num_batches=2, seed=recipe.seed + 7)
+        self.domains = d.corpus_names
+        self.heldout_by_domain = {
+            name: data.eval_batches(data.token_file(name, recipe.tokenizer, "heldout"),
+                                    batch_size=d.eval_batch_size, seq_len=d.eval_seq_len,
+                                    num_batches=d.eval_batches, seed=recipe.seed)
+            for name in self.domains}
+        self.heldout = [b for name in self.domains for b in self.heldout_by_domain[name]]
         self._seq = recipe.train.seq_len
         self._bs = recipe.train.batch_size
+        self.mix: dict | None = None
+        if not d.mixed:
+            self.train = data.token_file(d.corpus, recipe.tokenizer, "train")
+            self.calibration = data.calibration_batch(self.train, batch_size=d.calibration_batch_size,
+                                                      seq_len=d.calibration_seq_len, seed=recipe.seed)
+            self.validation = data.eval_batches(self.train, batch_size=4, seq_len=d.calibration_seq_len,
+                                                num_batches=2, seed=recipe.seed + 7)
+            return
+        from cbd.data import mix
+
+        self.train_by_domain = {name: data.token_file(name, recipe.tokenizer, "train") for name in self.domains}
+        trains = list(self.train_by_domain.values())
+        sizes = {name: len(t) for name, t in self.train_by_domain.items()}
+        run = max((a.steps if a.steps is not None else recipe.train.steps) for a in recipe.anchors)
+        run_tokens = run * self._bs * self._seq
+        shares = mix.effective_shares(d.weights, sizes, run_tokens=run_tokens, max_epochs=d.max_epochs)
+        self.shares = [shares[name] for name in self.domains]
+        self.mix = {"weights": d.weights, "shares": {n: round(v, 6) for n, v in shares.items()},
+                    "train_tokens": sizes, "run_tokens": run_tokens,
+                    "epochs": {n: round(v, 4) for n, v in mix.epochs(shares, sizes, run_tokens).items()},
+                    "max_epochs": d.max_epochs}
+        self.calibration = mix.mixed_fixed_batch(trains, self.shares, n_rows=d.calibration_batch_size,
+                                                 seq_len=d.calibration_seq_len, seed=recipe.seed)
+        self.validation = list(mix.mixed_fixed_batch(trains, self.shares, n_rows=8, seq_len=d.calibration_seq_len,
+                                                     seed=recipe.seed + 7).split(4))
 
     def batch_fn(self, seed: int) -> Callable[[int], torch.Tensor]:
         from cbd.data import batches as data
 
+        if self.mix is not None:
+            from cbd.data.mix import mixed_train_batches
+
+            trains = list(self.train_by_domain.values())
+            return lambda step: next(mixed_train_batches(trains, self.shares, batch_size=self._bs,
+                                                         seq_len=self._seq, seed=seed, start_step=step))
         return lambda step: next(data.train_batches(self.train, batch_size=self._bs, seq_len=self._seq,
                                                     seed=seed, start_step=step))
+
+    def domain_losses(self, model, heldout_loss: float) -> dict:
+        """``heldout_loss_by_domain`` and ``heldout_loss_mean`` (one corpus: ``heldout_loss`` itself)."""
+        if len(self.domains) == 1:
+            by = {self.domains[0]: round(heldout_loss, 4)}
+        else:
+            by = {name: round(evaluate(model, batches), 4) for name, batches in self.heldout_by_domain.items()}
+        return {"heldout_loss_by_domain": by, "heldout_loss_mean": round(sum(by.values()) / len(by), 4)}
 
 
 def build_chain(recipe_or_name: Recipe | str, *, root: Path | None = None, progress: Progress | None = None,
@@ -245,8 +290,11 @@ def _source_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path 
     state = {n: state[n] for n in arch.param_names(spec)}
     model = build_model(spec, state)
     imp = importance(model, spec, data.calibration)
-    metrics = {"heldout_loss": round(evaluate(model, data.heldout), 4), "tokens": 0, "teacher_tokens": 0,
+    loss = evaluate(model, data.heldout)
+    metrics = {"heldout_loss": round(loss, 4), **data.domain_losses(model, loss), "tokens": 0, "teacher_tokens": 0,
                "wall_s": round(time.perf_counter() - t0, 1), "note": "the source model (Q4_1 de-quantised)"}
+    if data.mix is not None:
+        metrics["data_mix"] = data.mix
     log.info("anchor a0 (source) held-out loss %.3f", metrics["heldout_loss"])
     return _publish_anchor(recipe, "a0", root, lambda: write_anchor(
         root, recipe.name, "a0", spec, state, importance=imp, alignment=None, parent=None, metrics=metrics))
@@ -269,7 +317,8 @@ def _foreign_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path
     model = build_model(spec, state)
     imp = importance(model, spec, data.calibration)
     provenance = json.loads((teacher_dir(z.foreign) / "source.json").read_text())
-    metrics = {"heldout_loss": round(evaluate(model, data.heldout), 4), "tokens": kd["tokens"],
+    loss = evaluate(model, data.heldout)
+    metrics = {"heldout_loss": round(loss, 4), **data.domain_losses(model, loss), "tokens": kd["tokens"],
                "teacher_tokens": kd["teacher_tokens"], "wall_s": round(time.perf_counter() - t0, 1),
                "note": f"taught by {z.foreign} (another family) by sequence-level KD on its continuations of "
                        f"{recipe.data.corpus} prompts",
@@ -317,9 +366,10 @@ def _build_anchor(recipe: Recipe, a: AnchorRecipe, parent: AnchorEntry, parent_s
     student.eval()
     state = state_of(student, spec)
     imp = importance(student, spec, data.calibration)
+    loss = (result.final_eval_loss if result and result.final_eval_loss is not None
+            else evaluate(student, data.heldout))
     metrics = {"heldout_loss_pruned": round(pruned_loss, 4),
-               "heldout_loss": round(result.final_eval_loss if result and result.final_eval_loss is not None
-                                     else evaluate(student, data.heldout), 4),
+               "heldout_loss": round(loss, 4), **data.domain_losses(student, loss),
                "tokens": result.tokens if result else 0, "teacher_tokens": result.teacher_tokens if result else 0,
                "tokens_per_s": round(result.tokens_per_s, 1) if result else 0.0,
                "wall_s": round(time.perf_counter() - t0, 1)}

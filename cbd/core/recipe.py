@@ -16,10 +16,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from cbd.core import paths
-from cbd.core.catalog import TEACHERS
+from cbd.core.catalog import CORPORA, TEACHERS
 from cbd.core.manifest import check_name
 from cbd.core.names import NAME_PATTERN
 from cbd.core.plan import TransOptions
@@ -71,15 +71,103 @@ class TrainRecipe(Trains):
     topk_cache: TopKCache = None
 
 
+def _known_corpus(name: str, what: str) -> str:
+    if name not in CORPORA:
+        raise ValueError(f"{what} {name!r} is not a known corpus; known: {sorted(CORPORA)}")
+    return name
+
+
+class CorpusShare(BaseModel):
+    """One corpus of a ``[data] corpora`` mix and its weight (a token share, see ``DataRecipe``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    weight: float = Field(gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _known(self) -> CorpusShare:
+        _known_corpus(self.name, "data.corpora name")
+        return self
+
+
 class DataRecipe(BaseModel):
+    """``[data]``: the training text and the held-out, calibration and validation batches.
+
+    Either one corpus, ``corpus = "austen"`` (the default; what every recipe before mixes meant),
+    or a weighted mix, ``corpora = [{name = "austen", weight = 1}, {name = "shakespeare", weight = 1}]``
+    (two or more distinct corpora of ``cbd.core.catalog.CORPORA``, weights > 0), never both.
+
+    The weighting rule of a mix (``cbd.data.mix``): weights, normalised to sum 1, are the shares of
+    *tokens* of the training stream. Every window is one row of a batch, and rows are dealt to
+    corpora by share (so every batch mixes domains); a window is a random position in that
+    corpus' training split. A corpus smaller than its share of a run is repeated, at most
+    ``max_epochs`` times over the longest anchor's run (steps x batch_size x seq_len tokens): a
+    share that would repeat it more is cut to that cap and the rest goes to the other corpora in
+    proportion to their weights (if every corpus is capped, the shares are the corpora's sizes).
+    Each corpus keeps its own held-out work out of training; ``eval_batches`` held-out batches are
+    drawn *per corpus* (``heldout_loss`` is then their mean over domains), and the calibration and
+    validation batches hold rows of every corpus by share (at least one each).
+
+    The dump of a one-corpus recipe is exactly what it was before mixes existed (no ``corpora``,
+    no ``max_epochs``): a built chain is recognised by its recorded recipe.
+    """
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     corpus: str = "austen"
+    corpora: tuple[CorpusShare, ...] | None = Field(
+        default=None, min_length=2, description="a weighted mix of corpora instead of one corpus")
+    max_epochs: float = Field(
+        default=4.0, gt=0, allow_inf_nan=False,
+        description="with corpora: the most times one anchor's run repeats a corpus (shares are cut to fit)")
     eval_batches: Count = 8
     eval_batch_size: Count = 4
     eval_seq_len: WindowLen = 256
     calibration_batch_size: Count = 8
     calibration_seq_len: WindowLen = 128
+
+    @model_validator(mode="after")
+    def _one_or_a_mix(self) -> DataRecipe:
+        if self.corpora is None:
+            if "max_epochs" in self.model_fields_set:
+                raise ValueError("data.max_epochs applies to a corpora mix only; this recipe names one corpus")
+            _known_corpus(self.corpus, "data.corpus")
+            return self
+        if "corpus" in self.model_fields_set:
+            raise ValueError("give data.corpus (one corpus) or data.corpora (a weighted mix), not both")
+        names = [c.name for c in self.corpora]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.corpora names must be distinct: {names}")
+        if len(names) > self.calibration_batch_size:
+            raise ValueError(f"data.corpora has {len(names)} corpora but calibration_batch_size is "
+                             f"{self.calibration_batch_size}: the calibration batch needs a row of each")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        out = handler(self)
+        if self.corpora is None:  # one corpus: the dump recipes had before mixes existed
+            out.pop("corpora", None)
+            out.pop("max_epochs", None)
+        else:
+            out.pop("corpus", None)
+        return out
+
+    @property
+    def mixed(self) -> bool:
+        return self.corpora is not None
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Corpus name -> weight as given (one corpus: weight 1), in recipe order."""
+        if self.corpora is None:
+            return {self.corpus: 1.0}
+        return {c.name: c.weight for c in self.corpora}
+
+    @property
+    def corpus_names(self) -> list[str]:
+        return list(self.weights)
 
 
 class SeqKDOptions(Trains):
@@ -147,6 +235,12 @@ class Recipe(BaseModel):
         names = [a.name for a in self.anchors]
         if len(set(names)) != len(names) or "a0" in names:
             raise ValueError(f"anchor names must be unique and not 'a0' (the source): {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _anchor_zero_one_corpus(self) -> Recipe:
+        if self.anchor_zero is not None and self.data.mixed:
+            raise ValueError("anchor_zero draws its prompts from one corpus: give data.corpus, not data.corpora")
         return self
 
     @property
