@@ -170,6 +170,8 @@ def test_cbd_serve_embedded_redis_then_clean_shutdown(tmp_path, random_chain):
     port = free_port()
     env = child_env(CBD_HOME=str(tmp_path / "home"), CBD_ARTIFACTS=str(tmp_path / "artifacts"))
     env.pop("REDIS_URL", None)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # unset: cbd serve sizes the workers' pools itself
+        env.pop(var, None)
     proc = subprocess.Popen(cbd_cli("serve", "--port", str(port)), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -189,6 +191,10 @@ def test_cbd_serve_embedded_redis_then_clean_shutdown(tmp_path, random_chain):
         assert r.status_code == 200, r.text
         kids = psutil.Process(proc.pid).children(recursive=True)
         assert len(kids) == 2  # worker and uvicorn (redis-server daemonizes)
+        from cbd.core.threads import usable_cpus
+
+        worker = next(k for k in kids if "worker.main" in " ".join(k.cmdline()))
+        assert worker.environ()["OMP_NUM_THREADS"] == str(usable_cpus())  # one worker: all the CPUs
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=60)[0].decode()

@@ -44,7 +44,10 @@ def worker(
     import logging
     import os
 
+    from cbd.core.threads import thread_env
     from worker.main import parse_queues, run_worker
+
+    os.environ.update(thread_env())  # before a job imports torch: CBD_TORCH_PROCESSES workers share the CPUs
 
     logging.basicConfig(level=os.environ.get("CBD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

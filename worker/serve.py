@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cbd.core import manifest, paths
+from cbd.core.threads import thread_env
 
 log = logging.getLogger("cbd.serve")
 QUICKSTART_CHAIN = "tiny"
@@ -49,7 +50,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = Non
             if not manifest.list_chains():
                 env["CBD_DEFAULT_CHAIN"] = env.get("CBD_DEFAULT_CHAIN") or QUICKSTART_CHAIN
                 build_chain_foreground(env["CBD_DEFAULT_CHAIN"], env)
-            sup = Supervisor(env)
+            # each worker's torch pool gets its share of this machine's CPUs (cbd.core.threads)
+            sup = Supervisor(env | thread_env(max(1, workers), env))
             stack.callback(sup.stop)  # also when interrupted before run() takes over the signals
             for i in range(max(1, workers)):
                 sup.start(f"worker-{i}", [sys.executable, "-m", "worker.main", "--queues", "fast,slow"],
