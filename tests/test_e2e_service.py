@@ -229,11 +229,12 @@ def test_cbd_serve_embedded_redis_then_clean_shutdown(tmp_path, random_chain):
 
 
 def test_cbd_serve_builds_the_default_chain_first_and_stops_if_that_fails(tmp_path):
+    """No chain built and the default one cannot be built: exit 3 (README: not found or not built)."""
     env = child_env(CBD_HOME=str(tmp_path / "home"), CBD_CHAINS=str(tmp_path / "no-chains"),
                     CBD_DEFAULT_CHAIN="no-such-recipe")
     env.pop("REDIS_URL", None)
     out = subprocess.run(cbd_cli("serve", "--port", str(free_port())), cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120)
-    assert out.returncode != 0
+    assert out.returncode == 3, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
     assert "building 'no-such-recipe' first" in out.stdout
     assert "cbd chain build no-such-recipe" in out.stdout + out.stderr
