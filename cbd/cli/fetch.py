@@ -5,9 +5,10 @@
 
 Downloads resume (HTTP Range on a ``.part`` file), every file is checked against the sha256
 the service reports, and finished checkpoints are cached by id under ``$CBD_HOME/fetch``: a
-second fetch of the same shape downloads nothing. Exit codes: 0 done, 2 the service refused
-the request (4xx), 3 the job failed, 4 a checksum mismatch, 5 the service is unreachable or
-did not finish in ``--timeout``.
+second fetch of the same shape downloads nothing. Exit codes (README, "Command line"): 0 done,
+2 the service refused the request (4xx: bad input, missing or wrong ``CBD_API_KEY``), 3 the job
+failed, or the chain or tokenizer asked for does not exist, 4 a checksum mismatch, 5 the service
+is unreachable, answered 5xx, or the job did not finish in ``--timeout``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cbd.cli.options import Ffn, Heads, Hidden, KvHeads, Layers, SpecFile, reque
 from cbd.core import paths
 
 CHUNK = 1 << 20
+NOT_FOUND = ("UnknownNameError", "ChainNotBuiltError")  # the service's error names that mean exit 3
 
 
 class FetchError(Exception):
@@ -84,9 +86,19 @@ def _request(http: httpx.Client, method: str, path: str, **kw) -> dict:
         r = http.request(method, path, **kw)
     except httpx.HTTPError as exc:
         raise FetchError(f"cannot reach the service at {http.base_url}: {exc}", 5) from None
-    if r.status_code >= 500:
-        raise FetchError(f"the service answered {r.status_code}: {r.text[:300]}", 5)
     if r.status_code >= 400:
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        kind = body.get("error") if isinstance(body, dict) else None
+        if kind == "JobFailedError":  # the job ran and failed while the request waited (a 5xx or 409)
+            cause = body.get("cause") or {}
+            raise FetchError(f"job {body.get('job_id')} failed: {cause.get('type')}: {cause.get('message')}", 3)
+        if kind in NOT_FOUND:
+            raise FetchError(f"not found ({r.status_code} {kind}): {body.get('message')}", 3)
+        if r.status_code >= 500:
+            raise FetchError(f"the service answered {r.status_code}: {r.text[:300]}", 5)
         raise FetchError(f"the service refused the request ({r.status_code}): {r.text[:500]}", 2)
     return r.json()
 

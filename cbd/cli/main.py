@@ -39,7 +39,18 @@ chain_app = typer.Typer(no_args_is_help=True, help="Build and list anchor chains
 app.add_typer(chain_app, name="chain")
 console = Console(stderr=True)
 
-EXIT = {UnknownNameError: 3, ChainNotBuiltError: 3, IntegrityError: 4, AssetUnavailableError: 5, HubError: 5}
+EXIT = {UnknownNameError: 3, ChainNotBuiltError: 3, IntegrityError: 4, AssetUnavailableError: 5}
+# A HubError's exit code follows its HTTP status: a malformed push (bad repo id, not a folder) or a
+# token the Hub refuses is bad input, a missing repo or revision is not found, a Hub that cannot be
+# reached or answers 5xx is unreachable; anything else (a conflicting parent commit) is 1.
+HUB_EXIT = {422: 2, 401: 2, 403: 2, 404: 3, 502: 5, 503: 5}
+
+
+def exit_code(exc: CBDError) -> int:
+    if isinstance(exc, HubError):
+        return HUB_EXIT.get(exc.status, 1)
+    return next((code for cls, code in EXIT.items() if isinstance(exc, cls)), 2 if exc.status == 422 else 1)
+
 
 @app.command()
 def init(
@@ -233,6 +244,14 @@ register_fetch(app)
 _register_plugins()
 
 
+def _usage_errors() -> tuple[type, ...]:
+    """click's ClickException and typer's vendored copy of it (typer 0.2x ships its own click as
+    ``typer._click``): a missing or invalid option is a usage error, exit 2, either way."""
+    import click
+
+    return tuple({click.ClickException} | {c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"})
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -243,14 +262,13 @@ def main() -> None:
         console.print(f"[red]error:[/] {exc.message}")
         if exc.allowed is not None:
             console.print(f"allowed: {exc.allowed}")
-        sys.exit(next((code for cls, code in EXIT.items() if isinstance(exc, cls)), 2 if exc.status == 422 else 1))
+        sys.exit(exit_code(exc))
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
     except Exception as exc:  # click usage errors and pydantic validation
-        import click
         from pydantic import ValidationError
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, _usage_errors()):
             exc.show()
             sys.exit(exc.exit_code)
         if isinstance(exc, ValidationError):
