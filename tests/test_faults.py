@@ -7,9 +7,10 @@
   folders are gone once a worker restarts;
 - Redis (AOF on, as docker-compose runs it) stopped with SIGTERM and SIGKILL while jobs are queued
   and one runs: the API answers 503 + Retry-After (never 500) meanwhile, every job finishes after;
-- the artifact store full (a 1 MiB tmpfs; root only, else skipped: there is no honest ENOSPC
-  without a full filesystem, and an in-process ENOSPC test runs everywhere): the job fails with
+- the artifact store full (a 1 MiB tmpfs; root only, else skipped): the job fails with
   StorageFullError, POST answers 507, /healthz 503, nothing partial remains, and it recovers;
+  everywhere, a real worker process whose writes hit ENOSPC (tests/_slow_worker.py) makes POST
+  answer 507 with nothing partial listed or served, and an in-process ENOSPC test;
 - corrupt and tampered anchors (tests/malformed.py: 41 malformed safetensors files, truncated and
   altered anchors): refused at load with IntegrityError; torch.load raises throughout this module.
 
@@ -565,6 +566,42 @@ def verify_download_at(root: Path, c: httpx.Client, body: dict) -> None:
     info = artifacts.load_artifact(body["id"], root)
     for name, link in body["files"].items():
         assert hashlib.sha256(c.get(link["url"]).content).hexdigest() == info.files[name].sha256
+
+
+def test_store_full_through_a_real_worker_is_507_and_serves_nothing_partial(redis_server, random_chain, tmp_path):
+    """Unconditional (no tmpfs, no root): a real worker process whose weight writes hit ENOSPC from the
+    third tensor on (tests/_slow_worker.py, CBD_TEST_ENOSPC_FROM_TENSOR). POST answers 507 with a
+    message naming the cause, the job failed with StorageFullError, the store holds nothing (no
+    artifact, no staging folder), nothing is listed or served for the id, and asking again does not
+    find a partial checkpoint either."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (tmp_path / "logs").mkdir()
+    kids = Children(tmp_path / "logs")
+    try:
+        url = redis_db(redis_server, DB + 6)  # 12: a DB no other module uses
+        kids.worker(url, entry=("tests/_slow_worker.py",), CBD_ARTIFACTS=str(store), CBD_TEST_ENOSPC_FROM_TENSOR="2")
+        base, _ = kids.api(url, CBD_ARTIFACTS=str(store), CBD_SYNC_WAIT_S="120")
+        with httpx.Client(base_url=base, timeout=180) as c:
+            body = {"architecture": arch(3, 2)}
+            for _ in range(2):  # the second time: a failed job does not block its id, and fails the same way
+                r = c.post("/initialize", json=body)
+                assert r.status_code == 507, (r.status_code, r.text, kids.log())
+                answer = r.json()
+                assert answer["error"] == "JobFailedError" and answer["cause"]["type"] == "StorageFullError"
+                assert "no space left" in answer["message"].lower() and "model.safetensors" in answer["message"]
+                aid = answer["job_id"]
+                job = c.get(f"/jobs/{aid}").json()
+                assert job["status"] == "failed" and job["error"]["type"] == "StorageFullError", job
+                assert job["error"]["status"] == 507 and "files" not in job
+                assert list(store.iterdir()) == []  # nothing partial, no staging folder
+                assert artifacts.load_artifact(aid, store) is None
+                for name in ("model.safetensors", "config.json", "recipe.json"):
+                    assert c.get(f"/checkpoints/{aid}/{name}").status_code == 404
+                    assert c.head(f"/checkpoints/{aid}/{name}").status_code == 404
+            record("store_full_enospc_worker", post_status=r.status_code)
+    finally:
+        kids.stop()
 
 
 def test_enospc_mid_write_leaves_nothing(random_chain, tmp_path, monkeypatch):
