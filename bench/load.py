@@ -14,7 +14,7 @@ at the end, and the least-squares slope per 1000 requests), every new job's end 
 and sha256-verified, or "lost"), p50/p99 of POST /initialize for an existing checkpoint with one
 quiet client, and download throughput of the same file from the API and from a plain Starlette
 ``FileResponse`` app started beside it. Exit status 1 if a request got a 5xx other than a
-limit-concurrency 503, or a job was lost.
+limit-concurrency 503, a request got no response, a client thread died, or a job was lost.
 
     .venv/bin/python bench/load.py                      # 120 s, as in docs/reliability.md
     .venv/bin/python bench/load.py --seconds 20 --json out.json
@@ -68,7 +68,13 @@ class Tally:
     rows: list[tuple[str, int, float, int]] = field(default_factory=list)
     limit_503: int = 0  # uvicorn's own "Service Unavailable" (text): deliberate load shedding
     unexpected: list[str] = field(default_factory=list)  # the first few other 5xx, for the report
+    errors: list[str] = field(default_factory=list)  # requests that got no response (transport errors)
+    clients_done: int = 0  # client threads that ran until the time was up (none died on an exception)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def error(self, kind: str, exc: BaseException) -> None:
+        with self.lock:
+            self.errors.append(f"{kind}: {type(exc).__name__}: {str(exc)[:200]}")
 
     def add(self, kind: str, r: httpx.Response, seconds: float) -> None:
         shed = r.status_code == 503 and not r.headers.get("content-type", "").startswith("application/json")
@@ -153,32 +159,48 @@ def mixed(base: str, existing: list[dict], seconds: float, clients: int, tally: 
 
     def client(seed_: int) -> None:
         rng = random.Random(seed_)
+        # Client 0 starts with one request of each kind, in MIX order, each retried while shed (503),
+        # so that every kind is answered at least once however few requests a loaded machine gets through.
+        first = list(kinds) if seed_ == 0 else []
+        unanswered = set(first)
         with httpx.Client(base_url=base, timeout=60) as c:
             while time.monotonic() < stop:
-                kind = rng.choices(kinds, weights)[0]
+                asked = first.pop(0) if first else rng.choices(kinds, weights)[0]
                 ck = rng.choice(existing)
                 link = ck["files"][rng.choice(["model.safetensors", "config.json", "tokenizer.json"])]
                 t0 = time.perf_counter()
-                if kind == "download":
-                    r = c.get(link["url"])
-                elif kind == "download_conditional":
-                    headers = rng.choice([{"Range": "bytes=0-7"}, {"If-None-Match": f'"{link["sha256"]}"'}])
-                    r = c.get(link["url"], headers=headers)
-                elif kind == "post_existing":
-                    r = c.post("/initialize", json=ck["request"])
-                elif kind == "post_new":
-                    alpha = round(next(alphas) * 1e-4, 4) % 1  # a new plan each time
-                    r = c.post("/initialize", json={"architecture": arch(3, 3), "alpha": alpha})
-                    if r.status_code in (200, 202):
-                        jobs.append(r.json()["id"])
-                elif kind == "poll" and jobs:
-                    r = c.get(f"/jobs/{rng.choice(jobs)}")
-                else:
-                    r = c.get(rng.choice(["/healthz", "/chains", "/metrics"]))
-                    kind = "health"
+                try:
+                    kind, r = one(c, rng, asked, ck, link)
+                except httpx.HTTPError as exc:  # no response at all: counted, never silently dropped
+                    tally.error(asked, exc)
+                    continue
                 tally.add(kind, r, time.perf_counter() - t0)
                 if r.status_code == 503:
                     time.sleep(0.05)  # as a client honouring the shedding would
+                    if asked in unanswered:
+                        first.insert(0, asked)
+                else:
+                    unanswered.discard(asked)
+        with tally.lock:
+            tally.clients_done += 1
+
+    def one(c: httpx.Client, rng: random.Random, kind: str, ck: dict, link: dict) -> tuple[str, httpx.Response]:
+        if kind == "download":
+            return kind, c.get(link["url"])
+        if kind == "download_conditional":
+            headers = rng.choice([{"Range": "bytes=0-7"}, {"If-None-Match": f'"{link["sha256"]}"'}])
+            return kind, c.get(link["url"], headers=headers)
+        if kind == "post_existing":
+            return kind, c.post("/initialize", json=ck["request"])
+        if kind == "post_new":
+            alpha = round(next(alphas) * 1e-4, 4) % 1  # a new plan each time
+            r = c.post("/initialize", json={"architecture": arch(3, 3), "alpha": alpha})
+            if r.status_code in (200, 202):
+                jobs.append(r.json()["id"])
+            return kind, r
+        if kind == "poll" and jobs:
+            return kind, c.get(f"/jobs/{rng.choice(jobs)}")
+        return "health", c.get(rng.choice(["/healthz", "/chains", "/metrics"]))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -273,6 +295,7 @@ def summarize(tally: Tally, rss: list[tuple[int, float]], seconds: float) -> dic
         slope = round(1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var, 3) if var else 0.0
     return {
         "requests": len(tally.rows), "seconds": seconds, "requests_per_s": round(len(tally.rows) / seconds, 1),
+        "errors": list(tally.errors), "clients_done": tally.clients_done,
         "statuses": {k: dict(sorted(v.items())) for k, v in sorted(statuses.items())},
         "deliberate_503": tally.limit_503, "unexpected_5xx": unexpected, "unexpected_examples": tally.unexpected,
         "latency_all": ms(all_ok), "latency": {k: ms(v) for k, v in sorted(by_kind.items())},
@@ -315,7 +338,8 @@ def run(seconds: float = 120, clients: int = 24, limit_concurrency: int = 16, sy
             result["download_throughput"] = {"file_bytes": weights["size"], "clients": n, "rounds": 4} | {
                 name: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]}
                 for name, rs in rounds.items()}
-            result["ok"] = result["unexpected_5xx"] == 0 and set(result["new_jobs"]) <= {"finished_verified"}
+            result["ok"] = (result["unexpected_5xx"] == 0 and not result["errors"] and result["clients_done"] == clients
+                            and set(result["new_jobs"]) <= {"finished_verified"})
             return result
         finally:
             svc.stop()
@@ -324,7 +348,9 @@ def run(seconds: float = 120, clients: int = 24, limit_concurrency: int = 16, sy
 def report(r: dict) -> str:
     lines = [f"{r['requests']} requests in {r['seconds']:.0f} s ({r['requests_per_s']}/s), "
              f"{r['config']['clients']} clients, --limit-concurrency {r['config']['limit_concurrency']}",
-             f"unexpected 5xx: {r['unexpected_5xx']}   deliberate 503 (limit-concurrency): {r['deliberate_503']}",
+             f"unexpected 5xx: {r['unexpected_5xx']}   deliberate 503 (limit-concurrency): {r['deliberate_503']}   "
+             f"no response: {len(r['errors'])}   clients that ran to the end: {r['clients_done']}",
+             *(f"  ! {line}" for line in r["errors"][:10]),
              *(f"  ! {line}" for line in r["unexpected_examples"]),
              f"latency all non-5xx: p50 {r['latency_all']['p50_ms']} ms, p99 {r['latency_all']['p99_ms']} ms"]
     for kind, lat in r["latency"].items():

@@ -105,6 +105,10 @@ class FetchJobFailedError(FetchError):
     """The service accepted the request but its job failed."""
 
 
+class FetchNotFoundError(FetchError):
+    """The chain or tokenizer the request names does not exist on the service."""
+
+
 class FetchChecksumError(FetchError):
     """A downloaded file does not match the sha256 the service reported (the part file is removed)."""
 

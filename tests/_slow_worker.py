@@ -8,7 +8,10 @@ Test-only: nothing in cbd/, app/ or worker/ knows about it. Run as
 - ``CBD_TEST_STUB_CHAINS``: a folder where ``build_chain`` jobs build a tiny random chain
   (``tests/random_chain.py``, each anchor file delayed by ``CBD_TEST_SLOW_ANCHOR_S`` while
   its staging folder exists) in place of
-  the real distillation, which needs the teacher: a slow-queue job that writes files for seconds.
+  the real distillation, which needs the teacher: a slow-queue job that writes files for seconds;
+- ``CBD_TEST_ENOSPC_FROM_TENSOR``: from this tensor of ``model.safetensors`` on, the file write
+  fails with ``OSError(ENOSPC)`` inside ``StreamingWriter``'s own I/O wrapper, as on a full disk
+  (the store-full path end to end without a tmpfs, hence without root).
 """
 
 from __future__ import annotations
@@ -32,6 +35,24 @@ def slow_tensors(delay: float) -> None:
         return original(self, name, alpha, rows=rows)
 
     linit.LInit.tensor = tensor
+
+
+def full_disk_from(n: int) -> None:
+    import errno
+
+    from cbd.tensors.writer import StreamingWriter
+
+    original = StreamingWriter.write
+
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write(self, name, tensor):
+        if self._next >= n:
+            self._io(full)
+        return original(self, name, tensor)
+
+    StreamingWriter.write = write
 
 
 def stub_chain_builds(root: Path, delay: float) -> None:
@@ -58,6 +79,8 @@ def stub_chain_builds(root: Path, delay: float) -> None:
 if __name__ == "__main__":
     if os.environ.get("CBD_TEST_SLOW_TENSOR_S"):
         slow_tensors(float(os.environ["CBD_TEST_SLOW_TENSOR_S"]))
+    if os.environ.get("CBD_TEST_ENOSPC_FROM_TENSOR"):
+        full_disk_from(int(os.environ["CBD_TEST_ENOSPC_FROM_TENSOR"]))
     if os.environ.get("CBD_TEST_STUB_CHAINS"):
         stub_chain_builds(Path(os.environ["CBD_TEST_STUB_CHAINS"]), float(os.environ.get("CBD_TEST_SLOW_ANCHOR_S", "0")))
     from worker.main import main

@@ -102,6 +102,35 @@ def test_alpha_source_says_what_chose_alpha(service, extra, source):
         assert body["alpha"] == pytest.approx(want, abs=1e-6)
 
 
+def test_calibrated_alpha_is_no_worse_than_alpha0_or_either_anchor(service, random_chain, tmp_path):
+    """Recomputed here from the downloaded files (stock transformers, the chain's validation tokens:
+    the batches calibration scores), not from the ``calibration_loss`` the job reports: the default
+    (calibrated) checkpoint is no worse than alpha0's (``"calibrate": false``) and than each single
+    anchor's (``"alpha"`` 1 and 0, separate requests), and it is the file calibration scored."""
+    from stock_loss import folder_nll
+
+    from cbd.inits.calibration import validation_batches
+
+    client, _, _ = service
+    shape = arch(3, 5, num_key_value_heads=1, intermediate_size=72)  # between a1 (3x64) and a0 (4x96)
+    batches = validation_batches(random_chain)
+    loss, recipe = {}, {}
+    for key, extra in {"calibrated": {}, "alpha0": {"calibrate": False}, "small": {"alpha": 1.0},
+                       "big": {"alpha": 0.0}}.items():
+        r = client.post("/initialize", json={"architecture": shape, **extra})
+        assert r.status_code == 200, r.text
+        download(client, r.json()["files"], tmp_path / key)
+        loss[key] = folder_nll(tmp_path / key, batches)
+        recipe[key] = json.loads((tmp_path / key / "recipe.json").read_text())
+    assert recipe["calibrated"]["alpha_source"] == "calibrate"
+    assert {(v["small"], v["big"]) for v in recipe.values()} == {("a1", "a0")}  # one pair of anchors throughout
+    assert max(loss.values()) - min(loss.values()) > 1e-3, loss  # alpha matters here: the comparison is not vacuous
+    for other in ("alpha0", "small", "big"):
+        assert loss["calibrated"] <= loss[other] + 1e-5, (other, loss)
+    scored = {float(a): v for a, v in recipe["calibrated"]["calibration_loss"].items()}
+    assert scored[recipe["calibrated"]["alpha"]] == pytest.approx(loss["calibrated"], abs=1e-4)  # the file it scored
+
+
 def test_202_then_poll_until_finished(service, module_artifacts):
     _, url, _ = service
     client = TestClient(create_app(Settings(redis_url=url, sync_wait_s=0)))  # answers 202 at once
@@ -206,11 +235,12 @@ def test_cbd_serve_embedded_redis_then_clean_shutdown(tmp_path, random_chain):
 
 
 def test_cbd_serve_builds_the_default_chain_first_and_stops_if_that_fails(tmp_path):
+    """No chain built and the default one cannot be built: exit 3 (README: not found or not built)."""
     env = child_env(CBD_HOME=str(tmp_path / "home"), CBD_CHAINS=str(tmp_path / "no-chains"),
                     CBD_DEFAULT_CHAIN="no-such-recipe")
     env.pop("REDIS_URL", None)
     out = subprocess.run(cbd_cli("serve", "--port", str(free_port())), cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120)
-    assert out.returncode != 0
+    assert out.returncode == 3, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
     assert "building 'no-such-recipe' first" in out.stdout
     assert "cbd chain build no-such-recipe" in out.stdout + out.stderr

@@ -17,7 +17,8 @@ LIBRARY = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubcla
 SERVICE = [c for _, c in inspect.getmembers(app_errors, inspect.isclass)
            if issubclass(c, CBDError) and c.__module__ == "app.errors" and c is not app_errors.JobFailedError]
 
-# what the service and the CLI answered before the maps moved out of the classes (cbd 0.1 `status`)
+# what the service answered before the maps moved out of the classes (cbd 0.1 `status`), and the exit
+# codes README states (a Hub error by its cause: 2 bad input or token, 3 not found, 5 unreachable)
 WANT_HTTP = {"CBDError": 400, "ShapeError": 422, "UnknownNameError": 422, "ChainNotBuiltError": 409,
              "ChainIncompatibleError": 422, "IntegrityError": 500, "AssetUnavailableError": 503,
              "StorageFullError": 507, "RecipeError": 422, "HubError": 502, "InvalidPushError": 422,
@@ -27,10 +28,10 @@ WANT_HTTP = {"CBDError": 400, "ShapeError": 422, "UnknownNameError": 422, "Chain
              "QueueUnavailableError": 503}
 WANT_EXIT = {"CBDError": 1, "ShapeError": 2, "UnknownNameError": 3, "ChainNotBuiltError": 3,
              "ChainIncompatibleError": 2, "IntegrityError": 4, "AssetUnavailableError": 5, "StorageFullError": 1,
-             "RecipeError": 2, "HubError": 5, "InvalidPushError": 5, "InvalidRepoIdError": 5, "HubAuthError": 5,
-             "HubPermissionError": 5, "HubNotFoundError": 5, "HubConflictError": 5, "HubUnavailableError": 5,
-             "FetchError": 1, "FetchRefusedError": 2, "FetchJobFailedError": 3, "FetchChecksumError": 4,
-             "FetchUnavailableError": 5}
+             "RecipeError": 2, "HubError": 5, "InvalidPushError": 2, "InvalidRepoIdError": 2, "HubAuthError": 2,
+             "HubPermissionError": 2, "HubNotFoundError": 3, "HubConflictError": 1, "HubUnavailableError": 5,
+             "FetchError": 1, "FetchRefusedError": 2, "FetchJobFailedError": 3, "FetchNotFoundError": 3,
+             "FetchChecksumError": 4, "FetchUnavailableError": 5}
 
 
 def _decided_by(cls: type, table: dict) -> type:

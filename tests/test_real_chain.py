@@ -1,40 +1,27 @@
 """The real thing: `cbd chain build tiny` from SmolLM2-135M on Austen, then LInit between its anchors.
 
-Builds the chain once per session into a temporary CBD_CHAINS with the command line (the
-teacher, tokenizer and corpus come from the shared asset cache, built from their packages on
-first use). A few minutes on 2 CPU cores.
+The chain is built once per session into a temporary CBD_CHAINS with the command line (the
+``tiny_chain`` fixture of tests/conftest.py, shared with the real bridge test of test_bridge.py).
+A few minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 
 import pytest
 import torch
+from stock_loss import folder_nll
 from transformers import AutoModelForCausalLM
 
 from bench.study import context, pruned_source_state
 from cbd.core.artifacts import artifact_dir
-from cbd.core.manifest import load_manifest
 from cbd.core.plan import make_plan
 from cbd.core.request import InitRequest
 from cbd.run import run_plan
 from cbd.train.models import build_model, eval_loss, random_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.teacher]
-
-
-@pytest.fixture(scope="session")
-def tiny_chain(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real_chains")
-    env = os.environ | {"CBD_CHAINS": str(root), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    r = subprocess.run([sys.executable, "-m", "cbd.cli", "chain", "build", "tiny"], env=env, capture_output=True,
-                       text=True, timeout=1800)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "a3" in r.stdout  # the chain table was printed
-    return load_manifest("tiny", root), root
 
 
 def test_chain_is_built_stepwise(tiny_chain):
@@ -76,3 +63,32 @@ def test_quickstart_request_loads(tiny_chain, monkeypatch):
     info = run_plan(make_plan(req, m), chains_root=root)
     model = AutoModelForCausalLM.from_pretrained(artifact_dir(info.id))
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_calibrated_alpha_is_no_worse_than_alpha0_or_either_anchor(tiny_chain, monkeypatch, tmp_path):
+    """Recomputed here from the published files (stock transformers, the chain's validation tokens:
+    the batches calibration scores): the default checkpoint is no worse than alpha0's and than each
+    single anchor's (alpha 1 and 0, asked for explicitly), and is the file calibration scored."""
+    from cbd.inits.calibration import validation_batches
+
+    m, root = tiny_chain
+    monkeypatch.setenv("CBD_CHAINS", str(root))
+    shape = dict(num_hidden_layers=8, hidden_size=320, num_attention_heads=5, num_key_value_heads=1,
+                 intermediate_size=768)  # between a2 and a1
+    batches = validation_batches(m, root)
+    loss, recipe = {}, {}
+    for key, extra in {"calibrated": {}, "alpha0": {"calibrate": False}, "small": {"alpha": 1.0},
+                       "big": {"alpha": 0.0}}.items():
+        plan = make_plan(InitRequest(chain="tiny", architecture=shape, **extra), m)
+        info = run_plan(plan, chains_root=root, artifacts_root=tmp_path)
+        folder = artifact_dir(info.id, tmp_path)
+        loss[key] = folder_nll(folder, batches)
+        recipe[key] = json.loads((folder / "recipe.json").read_text())
+    print("validation loss by init:", {k: round(v, 4) for k, v in loss.items()},
+          "alpha", recipe["calibrated"]["alpha"], "alpha0", recipe["alpha0"]["alpha"])
+    assert recipe["calibrated"]["alpha_source"] == "calibrate"
+    assert (recipe["small"]["small"], recipe["small"]["big"]) == (recipe["calibrated"]["small"], recipe["calibrated"]["big"])
+    for other in ("alpha0", "small", "big"):
+        assert loss["calibrated"] <= loss[other] + 1e-4, (other, loss)
+    scored = {float(a): v for a, v in recipe["calibrated"]["calibration_loss"].items()}
+    assert scored[recipe["calibrated"]["alpha"]] == pytest.approx(loss["calibrated"], abs=2e-3)  # the file it scored

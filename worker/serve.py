@@ -30,6 +30,7 @@ from cbd.core.threads import thread_env
 
 log = logging.getLogger("cbd.serve")
 QUICKSTART_CHAIN = "tiny"
+EXIT_NOT_BUILT = 3  # README, "Command line": 3 not found or not built
 STOP_GRACE_S = 30.0
 MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux
 
@@ -49,7 +50,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = Non
             env["REDIS_URL"] = url
             if not manifest.list_chains():
                 env["CBD_DEFAULT_CHAIN"] = env.get("CBD_DEFAULT_CHAIN") or QUICKSTART_CHAIN
-                build_chain_foreground(env["CBD_DEFAULT_CHAIN"], env)
+                if not build_chain_foreground(env["CBD_DEFAULT_CHAIN"], env):
+                    return EXIT_NOT_BUILT  # nothing to serve: no worker or API was started
             # each worker's torch pool gets its share of this machine's CPUs (cbd.core.threads)
             sup = Supervisor(env | thread_env(max(1, workers), env))
             stack.callback(sup.stop)  # also when interrupted before run() takes over the signals
@@ -85,13 +87,16 @@ def embedded_redis(home: Path) -> Iterator[str]:
             server._cleanup()
 
 
-def build_chain_foreground(name: str, env: dict[str, str]) -> None:
-    """``cbd chain build <name>`` in a child process (its progress bar goes to this terminal)."""
+def build_chain_foreground(name: str, env: dict[str, str]) -> bool:
+    """``cbd chain build <name>`` in a child process (its progress bar goes to this terminal);
+    whether it built. On failure the reason is printed to stderr (the chain is not built: exit 3)."""
     print(f"No chain is built yet: building {name!r} first (once; later starts skip this).", flush=True)
     cmd = [sys.executable, "-c", "from cbd.cli.main import main; main()", "chain", "build", name]
     rc = subprocess.call(cmd, env=env)
     if rc != 0:
-        raise SystemExit(f"building chain {name!r} failed (exit {rc}); run `cbd chain build {name}` to see why")
+        print(f"error: building chain {name!r} failed (exit {rc}); run `cbd chain build {name}` to see why",
+              file=sys.stderr, flush=True)
+    return rc == 0
 
 
 class Supervisor:

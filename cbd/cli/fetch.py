@@ -5,9 +5,11 @@
 
 Downloads resume (HTTP Range on a ``.part`` file), every file is checked against the sha256
 the service reports, and finished checkpoints are cached by id under ``$CBD_HOME/fetch``: a
-second fetch of the same shape downloads nothing. Exit codes: 0 done, 2 the service refused
-the request (4xx), 3 the job failed, 4 a checksum mismatch, 5 the service is unreachable or
-did not finish in ``--timeout`` (one ``cbd.errors.FetchError`` subclass each, ``cbd.cli.main.EXIT``).
+second fetch of the same shape downloads nothing. Exit codes (README, "Command line"): 0 done,
+2 the service refused the request (4xx: bad input, missing or wrong ``CBD_API_KEY``), 3 the job
+failed, or the chain or tokenizer asked for does not exist, 4 a checksum mismatch, 5 the service
+is unreachable, answered 5xx, or the job did not finish in ``--timeout`` (one ``cbd.errors.FetchError``
+subclass each; ``cbd.cli.main.EXIT``).
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ from cbd.core.files import sha256_file
 from cbd.errors import (
     FetchChecksumError,
     FetchJobFailedError,
+    FetchNotFoundError,
     FetchRefusedError,
     FetchUnavailableError,
 )
 
 CHUNK = 1 << 20
+NOT_FOUND = ("UnknownNameError", "ChainNotBuiltError")  # the service's error names that mean exit 3
 
 
 def register(app: typer.Typer) -> None:
@@ -80,9 +84,19 @@ def _request(http: httpx.Client, method: str, path: str, **kw) -> dict:
         r = http.request(method, path, **kw)
     except httpx.HTTPError as exc:
         raise FetchUnavailableError(f"cannot reach the service at {http.base_url}: {exc}") from None
-    if r.status_code >= 500:
-        raise FetchUnavailableError(f"the service answered {r.status_code}: {r.text[:300]}")
     if r.status_code >= 400:
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        kind = body.get("error") if isinstance(body, dict) else None
+        if kind == "JobFailedError":  # the job ran and failed while the request waited (a 5xx or 409)
+            cause = body.get("cause") or {}
+            raise FetchJobFailedError(f"job {body.get('job_id')} failed: {cause.get('type')}: {cause.get('message')}")
+        if kind in NOT_FOUND:
+            raise FetchNotFoundError(f"not found ({r.status_code} {kind}): {body.get('message')}")
+        if r.status_code >= 500:
+            raise FetchUnavailableError(f"the service answered {r.status_code}: {r.text[:300]}")
         raise FetchRefusedError(f"the service refused the request ({r.status_code}): {r.text[:500]}")
     return r.json()
 

@@ -33,10 +33,17 @@ from cbd.errors import (
     FetchChecksumError,
     FetchError,
     FetchJobFailedError,
+    FetchNotFoundError,
     FetchRefusedError,
     FetchUnavailableError,
+    HubAuthError,
+    HubConflictError,
     HubError,
+    HubNotFoundError,
+    HubPermissionError,
+    HubUnavailableError,
     IntegrityError,
+    InvalidPushError,
     RecipeError,
     ShapeError,
     StorageFullError,
@@ -60,10 +67,19 @@ EXIT: dict[type[CBDError], int] = {
     UnknownNameError: 3,
     ChainNotBuiltError: 3,
     FetchJobFailedError: 3,
+    FetchNotFoundError: 3,
     IntegrityError: 4,
     FetchChecksumError: 4,
     AssetUnavailableError: 5,
-    HubError: 5,  # every Hub error, InvalidPushError included
+    # a Hub error by its cause: a malformed push or a refused token is bad input, a missing repo or
+    # revision is not found, a Hub that cannot be reached (or fails unexplained) is unreachable
+    HubError: 5,
+    InvalidPushError: 2,
+    HubAuthError: 2,
+    HubPermissionError: 2,
+    HubNotFoundError: 3,
+    HubConflictError: 1,
+    HubUnavailableError: 5,
     FetchUnavailableError: 5,
     StorageFullError: 1,
 }
@@ -271,6 +287,14 @@ register_fetch(app)
 _register_plugins()
 
 
+def _usage_errors() -> tuple[type, ...]:
+    """click's ClickException and typer's vendored copy of it (typer 0.2x ships its own click as
+    ``typer._click``): a missing or invalid option is a usage error, exit 2, either way."""
+    import click
+
+    return tuple({click.ClickException} | {c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"})
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
@@ -285,10 +309,9 @@ def main() -> None:
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0)
     except Exception as exc:  # click usage errors and pydantic validation
-        import click
         from pydantic import ValidationError
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, _usage_errors()):
             exc.show()
             sys.exit(exc.exit_code)
         if isinstance(exc, ValidationError):
