@@ -30,9 +30,9 @@ def slow_tensors(delay: float) -> None:
 
     original = linit.LInit.tensor
 
-    def tensor(self, name, alpha=None, rows=None):
+    def tensor(self, name, alpha=None, rows=None, **kwargs):  # kwargs: the owner's allocator
         time.sleep(delay)
-        return original(self, name, alpha, rows=rows)
+        return original(self, name, alpha, rows=rows, **kwargs)
 
     linit.LInit.tensor = tensor
 
