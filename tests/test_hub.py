@@ -27,18 +27,16 @@ from transformers import (
 )
 
 from app.errors import http_status
-from cbd.errors import HubError
-from cbd.store.hub import (
+from cbd.errors import (
     HubAuthError,
     HubConflictError,
+    HubError,
     HubPermissionError,
     HubUnavailableError,
     InvalidPushError,
     InvalidRepoIdError,
-    push_folder,
-    scrub,
-    validate_repo_id,
 )
+from cbd.store.hub import push_folder, scrub, validate_repo_id
 
 ALICE, BOB = "hf_aliceSECRETtoken0123456789", "hf_bobSECRETtoken9876543210"
 WRONG = "hf_wrongSECRETtoken000000000"

@@ -40,9 +40,6 @@ from cbd.errors import (
     InvalidRepoIdError,
 )
 
-__all__ = ["HubAuthError", "HubConflictError", "HubError", "HubNotFoundError", "HubPermissionError",
-           "HubUnavailableError", "InvalidPushError", "InvalidRepoIdError", "PushResult", "push_folder"]
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
