@@ -75,6 +75,9 @@ class Job(BaseModel):
     alpha_source: str | None = None
     anchors: list[dict[str, Any]] | None = None
     target: dict[str, Any] | None = None
+    card: dict[str, Any] | None = Field(
+        default=None, description="the init card: step-0 loss on the chain's validation batch beside each "
+                                  "single anchor's and a random init's, the alpha scheme and the repair")
     warnings: list[str] = Field(default_factory=list)
     push: PushInfo | None = None
     result: dict[str, Any] | None = Field(default=None, description="the job's return value")

@@ -46,6 +46,7 @@ def with_artifact(view: schemas.Job, info: ArtifactInfo, base: str) -> schemas.J
     return view.model_copy(update={
         "files": file_links(info, base), "alpha": info.alpha, "anchors": info.anchors,
         "alpha_source": info.alpha_source or info.plan.get("alpha_source"), "target": info.plan.get("target"),
+        "card": (info.metrics or {}).get("card"),
         "warnings": [*view.warnings, *(w for w in info.warnings if w not in view.warnings)],
     })
 

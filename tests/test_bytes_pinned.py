@@ -1,8 +1,10 @@
 """The same request gives the same tensors, bit for bit, across code changes and processes.
 
 The digests below were taken before ``cbd/`` was regrouped into subpackages (commit 79f35d8) on
-the random test chain: a refactoring that changes any of them changed what users get. A change
-that is *meant* to change the bytes updates them in the same commit and says why.
+the random test chain, for plain Trans (``"repair": false``, what every init was before repair);
+``repaired`` pins the default since repair (ridge refit of the pruned readers) came in. A
+refactoring that changes any of them changed what users get. A change that is *meant* to change
+the bytes updates them in the same commit and says why.
 """
 
 from __future__ import annotations
@@ -25,21 +27,23 @@ from cbd.run import run_plan
 
 ARCH_A = dict(num_hidden_layers=3, hidden_size=80, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72)
 CASES = {  # name: (request body, sha256 of every tensor's name, dtype, shape and bytes)
-    "calibrated": ({"architecture": ARCH_A},
+    "calibrated": ({"architecture": ARCH_A, "repair": False},
                    "c86acdca14905d4c56c7578edaa43bf4b29012584212bfe8e6c7cc5dbfdbe617"),
-    "alpha0": ({"architecture": ARCH_A, "calibrate": False},
+    "alpha0": ({"architecture": ARCH_A, "calibrate": False, "repair": False},
                "5e5d33310c427e29d5ece5b010a22e7e4f90c7afe59d397cfb0cceaf07df967e"),
     "explicit": ({"architecture": dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=3,
-                                       num_key_value_heads=1), "alpha": 0.3},
+                                       num_key_value_heads=1), "alpha": 0.3, "repair": False},
                  "9dc37328707df819c8612006128480612cf25b133b1dff137f4686eda49bf97c"),
     "below": ({"architecture": dict(num_hidden_layers=1, hidden_size=16, num_attention_heads=1,
-                                    intermediate_size=24)},
+                                    intermediate_size=24), "repair": False},
               "3f82893e0cc0287fdaa4be35da89b9b14c647b812ee70b4a944c6d48863a812c"),
     "above": ({"architecture": dict(num_hidden_layers=5, hidden_size=128, num_attention_heads=8,
-                                    num_key_value_heads=4, intermediate_size=160)},
+                                    num_key_value_heads=4, intermediate_size=160), "repair": False},
               "043b147e1e28c059caf6c66f404b697f8534aceb262d086396d743a91ed832c2"),
-    "bf16": ({"architecture": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4), "dtype": "bfloat16"},
+    "bf16": ({"architecture": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4), "dtype": "bfloat16",
+              "repair": False},
              "d076fd008909993ef5854e6846029c75d4183e0780585635dfbb58b7c51875d9"),
+    "repaired": ({"architecture": ARCH_A}, "fd716ba72047c69ff0f86e3a999d90908c2084c2a7adaddd434783e180279a9a"),
 }
 
 

@@ -146,7 +146,8 @@ def test_repair_never_worse_on_calibration(llama, gpt2, case, width_expand):
     tgt = spec.with_shape(**shape)
     maps = choose_maps(spec, tgt, imp)
     plain = trans_state(state, spec, tgt, maps, width_expand=width_expand)
-    fixed = repair(spec, state, tgt, maps, calib, width_expand=width_expand)
+    # the readers' own fit (the depth refit, which also writes a dropped span, has its own test)
+    fixed = repair(spec, state, tgt, maps, calib, width_expand=width_expand, depth=False)
     assert list(fixed) == arch.param_names(tgt)
     for name, t in fixed.items():
         assert tuple(t.shape) == arch.tensor_shape(tgt, name) and t.dtype == plain[name].dtype, name
@@ -169,6 +170,58 @@ def test_repair_never_worse_on_calibration(llama, gpt2, case, width_expand):
     if tgt.hidden_size == spec.hidden_size and tgt.num_hidden_layers == spec.num_hidden_layers:
         kl_plain, kl_fixed = _kl(spec, state, tgt, plain, calib), _kl(spec, state, tgt, fixed, calib)
         assert kl_fixed <= kl_plain * (1 + 1e-6) + 1e-7, (kl_fixed, kl_plain)
+
+
+@torch.no_grad()
+def _span_terms(spec, state, batch, p: int, q: int):
+    """Layer p's FFN activations X, its FFN reader's output Y and what layers p+1..q add, D."""
+    model, held, hooks = build_model(spec, state), {}, []
+    prefix = arch.layer_prefix(spec)
+    down = model.get_submodule(prefix.format(i=p) + MODULES[spec.family]["ffn"])
+    hooks.append(down.register_forward_pre_hook(lambda m, a: held.__setitem__("x", a[0])))
+    hooks.append(down.register_forward_hook(lambda m, a, o: held.__setitem__("y", o)))
+    for i in (p, q):
+        block = model.get_submodule(prefix.format(i=i).rstrip("."))
+        hooks.append(block.register_forward_hook(
+            lambda m, a, o, i=i: held.__setitem__(i, o[0] if isinstance(o, tuple) else o)))
+    model(batch)
+    for h in hooks:
+        h.remove()
+    flat = lambda t: t.reshape(-1, t.shape[-1]).double()  # noqa: E731
+    return flat(held["x"]), flat(held["y"]), flat(held[q] - held[p])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("ffn", [None, 29])
+def test_depth_refit_carries_the_dropped_span_never_worse_on_calibration(llama, gpt2, family, ffn):
+    """Drop the middle layer of 3: layer 0's FFN reader is refit to write its own output plus what
+    layer 1 added to the residual stream. Its error against that target on the calibration batch
+    is never larger than the unrepaired reader's (which writes only its own output), and smaller
+    here; every other tensor is plain Trans (but the FFN readers, where FFN neurons are dropped too)."""
+    from cbd.repair.refit import dropped_spans
+
+    spec, state, imp, calib = llama if family == "llama" else gpt2
+    tgt = spec.with_shape(num_hidden_layers=2, **({"intermediate_size": ffn} if ffn else {}))
+    block = imp["block"].clone()
+    block[1] = block.min() - 1.0  # the middle layer is the least important: it is the one dropped
+    maps = choose_maps(spec, tgt, {**imp, "block": block})
+    assert dropped_spans(spec, maps) == {0: (0, 1)}
+    plain = trans_state(state, spec, tgt, maps)
+    fixed = repair(spec, state, tgt, maps, calib)
+    x, y, d = _span_terms(spec, state, calib, 0, 1)
+    units = torch.tensor(maps.ffn[0].idx)
+    key = arch.layer_prefix(tgt).format(i=0) + MODULES[spec.family]["ffn"]
+
+    def err(st):
+        w, b = _reader(tgt, st, 0, "ffn")
+        out = x[:, units] @ w.T + (0 if b is None else b)
+        return float(((out - (y + d)) ** 2).mean())
+
+    assert err(fixed) < err(plain)
+    changed = {n for n in plain if not torch.equal(plain[n], fixed[n])}
+    readers = {arch.layer_prefix(tgt).format(i=j) + MODULES[spec.family]["ffn"] for j in range(2)}
+    assert any(n.startswith(key) for n in changed)
+    assert all(any(n.startswith(r) for r in (readers if ffn else {key})) for n in changed), changed
 
 
 @torch.no_grad()

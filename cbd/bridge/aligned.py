@@ -76,10 +76,16 @@ class BridgeData:
         return AlignedBatch(torch.tensor([s for s, _, _ in rows], dtype=torch.long), teacher, pairs.view(-1, 3))
 
 
-def heldout_batches(corpus_name: str, tokenizer: str, opts: BridgeOptions) -> list[Tensor]:
-    """Held-out windows in the *target* tokenizer (the recipe corpus' held-out work)."""
+def heldout_batches(corpora: str | list[str], tokenizer: str, opts: BridgeOptions) -> list[Tensor]:
+    """Held-out windows in the *target* tokenizer, from each corpus' held-out work: ``eval_batches``
+    split evenly over the corpora (at least one each), one corpus after the other, so the cost is
+    that of one corpus and the mean loss is the mean over domains."""
     from cbd.data import batches as data
 
-    tokens = data.token_file(corpus_name, tokenizer, "heldout")
-    return data.eval_batches(tokens, batch_size=opts.eval_batch_size, seq_len=opts.eval_seq_len,
-                             num_batches=opts.eval_batches, seed=opts.seed)
+    names = [corpora] if isinstance(corpora, str) else list(corpora)
+    out = []
+    for name in names:
+        tokens = data.token_file(name, tokenizer, "heldout")
+        out += data.eval_batches(tokens, batch_size=opts.eval_batch_size, seq_len=opts.eval_seq_len,
+                                 num_batches=max(1, opts.eval_batches // len(names)), seed=opts.seed)
+    return out

@@ -17,8 +17,9 @@ from cbd.bridge.vocab import TRANSFERS, bridge_spec, vocab_map, vocab_tensors
 from cbd.core.artifacts import ArtifactInfo
 from cbd.core.manifest import ChainManifest
 from cbd.core.plan import BridgeOptions, Plan
+from cbd.core.recipe import chain_corpora
 from cbd.core.spec import ModelSpec
-from cbd.data.corpora import corpus_text
+from cbd.data.corpora import mixed_text
 from cbd.data.tokenizers import tokenizer_dir as tokenizer_dir_by_name
 from cbd.inits.publish import Progress, publish_checkpoint, recipe_of
 from cbd.inits.run import prepare
@@ -62,8 +63,9 @@ def make_bridged(plan: Plan, manifest: ChainManifest, li, alpha: float, *, opts:
              for n in arch.param_names(spec)}
     wall = {"transfer": time.perf_counter() - t0}
     report({"stage": "vocabulary transfer", "fraction": 0.1})
-    corpus_name = opts.corpus or manifest.recipe.get("data", {}).get("corpus", "austen")
-    heldout = heldout_batches(corpus_name, plan.tokenizer, opts)
+    weights = {opts.corpus: 1.0} if opts.corpus else chain_corpora(manifest.recipe)
+    corpus_name = "+".join(weights)
+    heldout = heldout_batches(list(weights), plan.tokenizer, opts)
     student = build_model(spec, state)
     loss_fvt = eval_loss(student, heldout)
     summary = {"method": method_name(opts), "corpus": corpus_name, "vocab": vmap.stats,
@@ -71,7 +73,7 @@ def make_bridged(plan: Plan, manifest: ChainManifest, li, alpha: float, *, opts:
     if opts.steps:
         t1 = time.perf_counter()
         teacher = _teacher(plan, manifest, teacher_state, opts, chains_root) if opts.logit_weight else None
-        data = BridgeData(corpus_text(corpus_name), tok, chain_tok, batch_size=opts.batch_size,
+        data = BridgeData(mixed_text(weights), tok, chain_tok, batch_size=opts.batch_size,
                           seq_len=opts.seq_len, seed=opts.seed)
         run = bridge_train(student, teacher, data, opts, shared=shared_tokens(vmap), report=report)
         del teacher

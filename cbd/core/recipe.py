@@ -170,6 +170,13 @@ class DataRecipe(BaseModel):
         return list(self.weights)
 
 
+def chain_corpora(recipe_dump: dict[str, Any]) -> dict[str, float]:
+    """Corpus name -> weight that a chain was trained on, from its recorded recipe (a manifest's
+    ``recipe``): the one reading of ``[data]`` for everything that trains or evaluates after the
+    build (the bridge, the benchmarks)."""
+    return DataRecipe.model_validate(recipe_dump.get("data", {})).weights
+
+
 class SeqKDOptions(Trains):
     """Anchor zero from a foreign model (docs/method.md §4): it writes text, the proxy learns it.
 

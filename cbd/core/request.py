@@ -65,6 +65,10 @@ class InitRequest(BaseModel):
     calibrate: bool = Field(default=True,
                             description="pick alpha from a grid around alpha0 (and both single anchors) by "
                                         "loss on the chain's validation batch, forward passes only; false: alpha0")
+    repair: bool = Field(default=True,
+                         description="refit the projections that read pruned units (down_proj, o_proj) by ridge "
+                                     "least squares on the anchor's calibration activations (no teacher, no "
+                                     "gradients); false: plain Trans")
     dtype: Dtype = "float32"
     push_to_hub: PushToHub | None = None
 

@@ -66,12 +66,28 @@ def _fortunes() -> dict[str, list[str]]:
     return out
 
 
+def _kernel() -> dict[str, list[str]]:
+    """Linux 6.1's reStructuredText documentation, one document per file, grouped (titled) by the
+    top-level folder of ``Documentation/`` it sits in; files at the top level group as ``index``."""
+    import gzip
+
+    root = debian_tree("linux-doc-6.1") / "usr/share/doc/linux-doc-6.1/Documentation"
+    out: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.rst.gz")):
+        rel = path.relative_to(root)
+        title = rel.parts[0] if len(rel.parts) > 1 else "index"
+        text = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace").strip()
+        if text:
+            out.setdefault(title, []).append(text)
+    return out
+
+
 FETCH: dict[str, Callable[[], dict[str, list[str]]]] = {  # title -> documents, per catalog.CORPORA
     "austen": _austen,
     "shakespeare": _shakespeare,
     "fortunes": _fortunes,
+    "kernel": _kernel,
 }
-
 
 
 def corpus_dir(name: str) -> Path:
@@ -95,6 +111,27 @@ def corpus_dir(name: str) -> Path:
 def corpus_text(name: str) -> str:
     """The training documents of a corpus as one text (whole documents, blank lines between)."""
     return "\n\n".join(corpus(name).train)
+
+
+def mixed_text(weights: dict[str, float]) -> str:
+    """Training text of a weighted mix, for consumers that sample text uniformly by character (the
+    bridge's two-tokenizer windows): whole training documents of each corpus, in order, up to a
+    character budget proportional to its weight, the budgets scaled so that the corpus with the
+    least text per unit of weight is used whole. One corpus: :func:`corpus_text`."""
+    if len(weights) == 1:
+        return corpus_text(next(iter(weights)))
+    docs = {name: corpus(name).train for name in weights}
+    sizes = {name: sum(len(d) for d in ds) for name, ds in docs.items()}
+    scale = min(sizes[n] / w for n, w in weights.items())
+    parts = []
+    for name, w in weights.items():
+        budget, taken = w * scale, 0
+        for d in docs[name]:
+            if taken >= budget:
+                break
+            parts.append(d[: int(budget - taken)])
+            taken += len(parts[-1])
+    return "\n\n".join(parts)
 
 
 def corpus(name: str) -> Corpus:

@@ -1,13 +1,16 @@
-"""Alpha calibration: a grid around alpha0 scored by loss on the chain's validation batch."""
+"""Alpha calibration (a grid around alpha0 scored by loss on the chain's validation batch) and the
+request-time repair of both LInit terms (readers refit on each anchor's calibration activations)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 from cbd.core.manifest import ChainManifest, chain_dir
 from cbd.errors import IntegrityError
+from cbd.shape import arch
 from cbd.shape.linit import LInit, alpha_grid
 from cbd.tensors.reader import LazyReader
 from cbd.train.models import state_loss
@@ -22,10 +25,144 @@ def validation_batches(manifest: ChainManifest, chains_root: Path | None = None)
     return list(tokens.split(4))
 
 
+def calibration_tokens(manifest: ChainManifest, chains_root: Path | None = None) -> torch.Tensor:
+    """The chain's calibration batch (importance and repair; training text, every corpus of the mix).
+    A chain built before it was stored falls back to its validation batch."""
+    path = chain_dir(manifest.name, chains_root) / "calibration.safetensors"
+    if not path.is_file():
+        return torch.cat(validation_batches(manifest, chains_root))
+    return LazyReader(path, keep_dtype=True)("tokens").long()
+
+
+# (chain manifest sha256, anchor name) -> that anchor's reader statistics computed so far; a worker
+# keeps the last few anchors' warm between jobs (a0's full statistics are ~0.6 GB, float64)
+_STATS: OrderedDict[tuple[str, str], dict] = OrderedDict()
+STATS_KEEP = 2
+
+
+def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifest, chains_root: Path | None = None,
+                 *, ridge: float = 1e-3) -> dict:
+    """Refit, for each anchor term of ``li`` (``names``: "small"/"big" -> anchor name), the readers of
+    the units its map prunes (into ``li.replaced``), on that anchor's own forward passes over the
+    chain's calibration batch (no teacher, no gradients); returns what was done, for the recipe."""
+    from cbd.repair.refit import dropped, dropped_spans, refits
+
+    tokens, done = None, {}
+    for term, anchor, maps in (("small", li.small, li.maps_small), ("big", li.big, li.maps_big)):
+        if anchor is None or maps is None:
+            continue
+        axes = sorted({axis for _, axis in dropped(anchor.spec, maps)}) + (["depth"] if dropped_spans(anchor.spec, maps) else [])
+        if not axes:
+            continue
+        key = (manifest.sha256, str(names[term]))
+        stats = _STATS.setdefault(key, {})
+        _STATS.move_to_end(key)
+        while len(_STATS) > STATS_KEEP:
+            _STATS.popitem(last=False)
+        tokens = calibration_tokens(manifest, chains_root) if tokens is None else tokens
+        state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
+        li.replaced[term] = refits(anchor.spec, state, maps, list(tokens.split(4)), stats=stats, ridge=ridge)
+        done[term] = axes
+    return {"repair": {"method": "ridge", "ridge": ridge, "axes": done}} if done else {}
+
+
+def init_card(li: LInit, alpha: float, names: dict[str, str | None], batches: list[torch.Tensor],
+              scores: dict[float, float] | None = None, *, repair: str = "none", scheme: str = "global") -> dict:
+    """What a user gets before training: the init's step-0 loss on the chain's validation batch
+    (training text of every corpus, never held out), beside each single anchor's Trans onto the
+    same target (alpha 1: the smaller, alpha 0: the bigger) and a random init (transformers' own
+    initialisation, seed 0). ``scores`` (alpha -> loss) are the calibration's, reused."""
+    from cbd.train.models import random_state
+
+    scores = dict(scores or {})
+
+    def loss(a: float) -> float:
+        if a not in scores:
+            scores[a] = state_loss(li.target, li.state(a), batches)
+        return scores[a]
+
+    single = {}
+    for term, a in (("small", 1.0), ("big", 0.0)):
+        if getattr(li, term) is not None:
+            single[term] = {"anchor": names[term], "alpha": a, "loss": round(loss(a), 4)}
+    best = min(single.values(), key=lambda x: x["loss"])
+    tokens = sum(int(b[:, 1:].numel()) for b in batches)
+    return {
+        "step0_loss": round(loss(alpha), 4),
+        "best_single_anchor": best, "single_anchors": single,
+        "random_init_loss": round(state_loss(li.target, random_state(li.target, seed=0), batches), 4),
+        "alpha": alpha, "alpha_scheme": scheme, "repair": repair,
+        "validation": {"what": "the chain's validation batch (training text of every corpus of its recipe)",
+                       "tokens": tokens},
+    }
+
+
 def calibrate(li: LInit, batches: list[torch.Tensor]) -> tuple[float, dict]:
     """Pick alpha from a grid around alpha0 by validation loss at step 0 (forward passes only)."""
     if li.small is None or li.big is None:
         return li.alpha, {}
-    scores = {a: state_loss(li.target, li.state(a), batches) for a in alpha_grid(li.alpha)}
+    scores = grid_losses(li, batches)
     best = min(scores, key=lambda a: (scores[a], abs(a - li.alpha)))
     return best, {"alpha0": li.alpha, "calibration_loss": {str(a): round(v, 5) for a, v in scores.items()}}
+
+
+def layer_blocks(num_layers: int, blocks: int) -> list[list[int]]:
+    """Target layers cut into at most ``blocks`` contiguous groups of near-equal size."""
+    n = min(blocks, num_layers)
+    return [list(range(num_layers * k // n, num_layers * (k + 1) // n)) for k in range(n)] if n else []
+
+
+@torch.no_grad()
+def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_loss: float, *,
+                     blocks: int = 6, values: tuple[float, ...] = (0.0, 0.5, 1.0), sweeps: int = 1,
+                     ) -> tuple[dict[str, float], float, int]:
+    """An alpha per group of tensors, from ``alpha`` (the global grid's best, loss ``base_loss``):
+    coordinate descent over the groups (the outer tensors, then ``blocks`` contiguous blocks of
+    target layers), each tried at ``values``, a change kept only when it lowers the validation
+    loss. It starts at the global best, so it is never worse on ``batches`` than any point of the
+    grid, the single anchors included. Costs at most ``sweeps * (blocks + 1) * len(values)``
+    forward passes over ``batches``, and two target-sized states in memory (each anchor's Trans).
+    Returns (group -> alpha, its loss, forward passes made)."""
+    from cbd.shape.linit import alpha_group
+    from cbd.train.models import build_model, eval_loss
+
+    small, big = li.state(1.0), li.state(0.0)
+    model = build_model(li.target, big)
+    params = dict(model.named_parameters())
+    names = [n for n in small if n in params]
+    groups = {"outer": [n for n in names if alpha_group(n) == "outer"]}
+    for k, layers in enumerate(layer_blocks(li.target.num_hidden_layers, blocks)):
+        want = {f"L{j}" for j in layers}
+        groups[f"B{k}"] = [n for n in names if alpha_group(n) in want]
+
+    def set_group(g: str, a: float) -> None:
+        for n in groups[g]:
+            params[n].copy_(torch.lerp(big[n], small[n], a))
+
+    current = {g: alpha for g in groups}
+    for g in groups:
+        set_group(g, alpha)
+    best, passes = base_loss, 0
+    for _ in range(sweeps):
+        changed = False
+        for g in groups:
+            for a in values:
+                if a == current[g]:
+                    continue
+                set_group(g, a)
+                loss = eval_loss(model, batches)
+                passes += 1
+                if loss < best - 1e-6:
+                    best, current[g], changed = loss, a, True
+            set_group(g, current[g])
+        if not changed:
+            break
+    per_tensor_group = {"outer": current["outer"]}
+    for k, layers in enumerate(layer_blocks(li.target.num_hidden_layers, blocks)):
+        per_tensor_group |= {f"L{j}": current[f"B{k}"] for j in layers}
+    return per_tensor_group, best, passes
+
+
+def grid_losses(li: LInit, batches: list[torch.Tensor]) -> dict[float, float]:
+    """alpha -> validation loss over :func:`cbd.shape.linit.alpha_grid` (both endpoints included)."""
+    return {a: state_loss(li.target, li.state(a), batches) for a in alpha_grid(li.alpha)}

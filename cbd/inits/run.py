@@ -7,7 +7,7 @@ from pathlib import Path
 from cbd.core.artifacts import ArtifactInfo
 from cbd.core.manifest import ChainManifest
 from cbd.core.plan import Plan
-from cbd.inits.calibration import calibrate, validation_batches
+from cbd.inits.calibration import grid_losses, init_card, repair_terms, validation_batches
 from cbd.inits.publish import Progress, publish_checkpoint, recipe_of
 from cbd.shape.linit import LInit, make_linit
 from cbd.store.anchors import load_alignment, load_anchor, tokenizer_dir
@@ -15,7 +15,7 @@ from cbd.store.anchors import load_alignment, load_anchor, tokenizer_dir
 
 def run_linit(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_root: Path | None = None,
               artifacts_root: Path | None = None) -> ArtifactInfo:
-    li, alpha, calib = prepare(plan, manifest, progress=progress, chains_root=chains_root)
+    li, alpha, calib = prepare(plan, manifest, progress=progress, chains_root=chains_root, card=True)
     recipe = recipe_of(plan, manifest, alpha, calib)
     total = plan.target.num_params()  # every stored tensor's elements
 
@@ -34,15 +34,27 @@ def run_linit(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains
 
 
 def prepare(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_root: Path | None = None,
-            ) -> tuple[LInit, float, dict]:
-    """What both runners start from: the LInit of the plan's anchors and its alpha (calibrated when
-    the plan says so; ``calib`` holds the grid's losses)."""
+            card: bool = False) -> tuple[LInit, float, dict]:
+    """What both runners start from: the LInit of the plan's anchors (its pruned readers repaired
+    when the plan says so) and its alpha (calibrated when the plan says so). ``calib`` holds what
+    was measured: the grid's losses, the repair, and with ``card`` the init card
+    (:func:`cbd.inits.calibration.init_card`)."""
     progress({"stage": "loading anchors", "fraction": 0.0})
     li = linit_for(plan, manifest, chains_root)
-    alpha, calib = plan.alpha, {}
+    names = {"small": plan.small, "big": plan.big}
+    alpha, calib, scores = plan.alpha, {}, {}
+    if plan.trans.repair == "ridge":
+        progress({"stage": "repairing pruned units", "fraction": 0.02})
+        calib |= repair_terms(li, names, manifest, chains_root)
+    batches = validation_batches(manifest, chains_root) if plan.calibrate or card else []
     if plan.calibrate:
         progress({"stage": "calibrating alpha", "fraction": 0.05})
-        alpha, calib = calibrate(li, validation_batches(manifest, chains_root))
+        scores = grid_losses(li, batches)
+        alpha = min(scores, key=lambda a: (scores[a], abs(a - li.alpha)))
+        calib |= {"alpha0": li.alpha, "calibration_loss": {str(a): round(v, 5) for a, v in scores.items()}}
+    if card:
+        progress({"stage": "measuring the init card", "fraction": 0.08})
+        calib["card"] = init_card(li, alpha, names, batches, scores, repair=plan.trans.repair)
     return li, alpha, calib
 
 

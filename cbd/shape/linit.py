@@ -10,8 +10,8 @@ shape) the target is Trans of that anchor alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,8 +56,11 @@ class LInit:
     maps_big: Maps | None
     alpha: float
     opts: TransOptions
+    # "small"/"big" -> {(target layer, layer key): tensor in that anchor's coordinates}: what Trans
+    # reads instead of the anchor's own tensor (cbd.repair.refit.refits: the repaired readers)
+    replaced: dict[str, dict[tuple[int, str], torch.Tensor]] = field(default_factory=dict)
 
-    def tensor(self, name: str, alpha: float | None = None, rows: slice | None = None, *,
+    def tensor(self, name: str, alpha: Alpha | None = None, rows: slice | None = None, *,
                alloc: Alloc = fresh) -> torch.Tensor:
         """One target tensor, owned by the caller: new memory from ``alloc``, or (alpha 0 or 1
         and nothing to map) the anchor's own tensor when that is not a read-only view of its file.
@@ -69,8 +72,11 @@ class LInit:
         if rows is not None and not rows_independent(name, self.target):
             raise ValueError(f"{name}: Trans mixes its rows, so it is computed whole, not in blocks of rows")
         a = self.alpha if alpha is None else alpha
-        parts = [(w, anchor, *self._trans(name, anchor, maps, rows, alloc))
-                 for anchor, maps, w in ((self.small, self.maps_small, a), (self.big, self.maps_big, 1.0 - a))
+        if isinstance(a, Mapping):  # an alpha per group (alpha_group)
+            a = a[alpha_group(name)]
+        parts = [(w, anchor, *self._trans(name, anchor, maps, rows, alloc, self.replaced.get(term, {})))
+                 for term, anchor, maps, w in (("small", self.small, self.maps_small, a),
+                                               ("big", self.big, self.maps_big, 1.0 - a))
                  if anchor is not None and w != 0.0]
         if len(parts) == 1:  # alpha 0 or 1: exactly one anchor's Trans, bit for bit
             _, anchor, t, _ = parts[0]
@@ -82,10 +88,15 @@ class LInit:
         return torch.lerp(tb, ta, wa, out=out)
 
     def _trans(self, name: str, anchor: Anchor, maps: Maps, rows: slice | None,
-               alloc: Alloc) -> tuple[torch.Tensor, bool]:
+               alloc: Alloc, replaced: dict[tuple[int, str], torch.Tensor]) -> tuple[torch.Tensor, bool]:
         """Trans of one anchor's tensor (its ``rows``), and whether that is new memory: Trans
         returns the tensor it read itself when it maps nothing, else a new tensor."""
         read, got = anchor.reader(), []
+        layer, key = arch.split_name(name)
+        swap = replaced.get((layer, key)) if layer is not None else None
+        if swap is not None:
+            want, own = arch.layer_prefix(anchor.spec).format(i=maps.layers.idx[layer]) + key, read
+            read = lambda n: swap if n == want else own(n)  # noqa: E731
 
         def reader(n: str) -> torch.Tensor:
             got.append(read(n) if rows is None else read(n)[rows])
@@ -95,10 +106,10 @@ class LInit:
                          depth_expand=self.opts.depth_expand, alloc=alloc)
         return t, all(t is not g for g in got)
 
-    def tensors(self, alpha: float | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, alpha: Alpha | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         return self._execute(((name, None) for name in arch.param_names(self.target)), alpha)
 
-    def chunks(self, alpha: float | None = None, *, max_bytes: int = 8 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+    def chunks(self, alpha: Alpha | None = None, *, max_bytes: int = 8 << 20) -> Iterator[tuple[str, torch.Tensor]]:
         """``tensors()`` for a streamed write: a large tensor whose rows are independent (the
         embedding: vocabulary x hidden) comes as consecutive blocks of rows of at most
         ``max_bytes`` (float32), so the write recycles a few block buffers instead of touching
@@ -106,7 +117,7 @@ class LInit:
         The blocks concatenate to exactly ``tensor(name)``."""
         return self._execute(self.blocks(max_bytes), alpha)
 
-    def _execute(self, pieces: Iterator[tuple[str, slice | None]], alpha: float | None):
+    def _execute(self, pieces: Iterator[tuple[str, slice | None]], alpha: Alpha | None):
         """The executor: computes each piece with buffers from the active
         :class:`~cbd.tensors.pool.BufferPool` (plain memory without one) and, once the piece is
         computed (the last use of its reads and Trans outputs), gives every intermediate back;
@@ -128,7 +139,7 @@ class LInit:
             for r in range(0, shape[0], step):
                 yield name, slice(r, min(r + step, shape[0]))
 
-    def state(self, alpha: float | None = None) -> dict[str, torch.Tensor]:
+    def state(self, alpha: Alpha | None = None) -> dict[str, torch.Tensor]:
         return dict(self.tensors(alpha))
 
 
@@ -164,6 +175,16 @@ def compose_alignments(a_in_b: Alignment, b_in_c: Alignment) -> Alignment:
     )
 
 
+Alpha = float | Mapping[str, float]  # one alpha, or one per group of tensors (alpha_group -> alpha)
+
+
+def alpha_group(name: str) -> str:
+    """The group a tensor's alpha belongs to when alpha is given per group: ``L{j}`` for target
+    layer j's tensors, ``outer`` for the embedding, the final norm and an untied head."""
+    layer, _ = arch.split_name(name)
+    return "outer" if layer is None else f"L{layer}"
+
+
 def alpha_grid(alpha0: float, *, step: float = 0.1, width: int = 2) -> list[float]:
     """Candidates for calibration: alpha0, neighbours ``step`` apart, and both endpoints."""
     cands = {0.0, 1.0, round(alpha0, 4)}
@@ -177,11 +198,17 @@ def prune(state: dict[str, torch.Tensor], spec: ModelSpec, importance: Importanc
 
     Every axis of ``child`` must be at most ``spec``'s (anchors shrink along the chain).
     """
+    from cbd.shape.trans import trans_state
+
+    maps = prune_maps(spec, importance, child, opts)
+    return trans_state(state, spec, child, maps), Alignment.from_maps(maps)
+
+
+def prune_maps(spec: ModelSpec, importance: Importance | None, child: ModelSpec,
+               opts: TransOptions | None = None) -> Maps:
+    """The units of ``spec`` that the next anchor ``child`` keeps (every axis must shrink or stay)."""
     opts = opts or TransOptions()
     if any(c > p for c, p in zip(child.shape, spec.shape, strict=True)) or child.kv_group_size > spec.kv_group_size:
         raise ValueError(f"anchor {child.shape} (query heads per kv head {child.kv_group_size}) is not a subset of "
                          f"its parent {spec.shape} ({spec.kv_group_size}): every axis must shrink or stay")
-    from cbd.shape.trans import trans_state
-
-    maps = choose_maps(spec, child, importance, depth_by=opts.depth_subset, width_by=opts.width_subset)
-    return trans_state(state, spec, child, maps), Alignment.from_maps(maps)
+    return choose_maps(spec, child, importance, depth_by=opts.depth_subset, width_by=opts.width_subset)

@@ -64,12 +64,32 @@ def write_config_files(folder: Path, spec: ModelSpec, *, dtype: str, recipe: dic
     (folder / "README.md").write_text(card)
 
 
+def _card_table(card: dict) -> str:
+    """The init card as a table: step-0 loss beside each single anchor's and a random init's."""
+    rows = [("**this init**", card["step0_loss"])]
+    rows += [(f"`{x['anchor']}` alone (alpha {x['alpha']:g})", x["loss"]) for x in card["single_anchors"].values()]
+    rows.append(("random init (transformers' own, seed 0)", card["random_init_loss"]))
+    body = "\n".join(f"| {name} | {loss:.4f} |" for name, loss in rows)
+    return f"""
+## Loss at step 0
+
+Mean next-token loss (nats/token) on the chain's validation batch ({card['validation']['tokens']:,}
+tokens of its training text, every corpus of its recipe), before any training; alpha scheme
+`{card['alpha_scheme']}`, repair `{card['repair']}`.
+
+| start | loss |
+|---|---|
+{body}
+"""
+
+
 def model_card(*, repo_name: str, recipe: dict, base_model: str, license: str = "apache-2.0") -> str:
     """README.md with the YAML front matter the Hub reads and the recipe in the body."""
     t = recipe["target"]
     anchors = "\n".join(f"| `{a['name']}` | {a['shape']} | {a['non_embedding_params']:,} | `{a['sha256'][:16]}` |"
                         for a in recipe["anchors"])
     warnings = "".join(f"\n> **Note:** {w}\n" for w in recipe.get("warnings", []))
+    card = _card_table(recipe["card"]) if recipe.get("card") else ""
     return f"""---
 library_name: transformers
 license: {license}
@@ -95,7 +115,7 @@ LInit interpolation of the two adjacent anchors of chain `{recipe['chain']}`,
 | anchor | shape (L, d, H, G, d_h, f) | non-embedding params | sha256 |
 |---|---|---|---|
 {anchors}
-
+{card}
 Chain source: `{base_model}` (weights de-quantised from its Q4_1 GGUF). Code: cbd {recipe['code_version']}.
 The full recipe is in `recipe.json` and in the safetensors metadata (`cbd_recipe`).
 

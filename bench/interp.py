@@ -1,0 +1,123 @@
+"""Which init does the service hand out: repair and alpha schemes, per held-out domain.
+
+    OMP_NUM_THREADS=1 python bench/interp.py --chain tiny        # -> docs/data/interp-tiny.json
+    OMP_NUM_THREADS=1 python bench/interp.py --chain default --seeds 3
+
+For every paired target of ``bench/quality.py``'s list (and one between the first anchor and the
+source), each initialiser below is made by the service's own code (``cbd.core.plan.make_plan``
+and ``cbd.inits.run.prepare``: the same repair, calibration and blend a ``POST /initialize``
+runs) and scored at step 0 on the held-out work of *every* corpus of the chain's recipe
+(whole works never trained on), seeds varying the windows:
+
+- ``single small`` / ``single big``: one anchor's Trans onto the target (alpha 1 / 0);
+- ``global``: one alpha picked on the chain's validation batch (the grid of ``alpha_grid``);
+- ``blocks``: an alpha per block of layers (``cbd.inits.calibration.calibrate_blocks``);
+- each with ``repair`` none (plain Trans, the service before repair) or ridge (``cbd.repair``);
+- ``random``: transformers' own init.
+
+The validation batch (training text of every corpus) chooses; the held-out works only score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cbd.core.manifest import load_manifest
+from cbd.core.plan import make_plan
+from cbd.core.recipe import chain_corpora
+from cbd.core.request import InitRequest
+from cbd.data import batches as data
+from cbd.inits.calibration import calibrate_blocks, validation_batches
+from cbd.inits.run import prepare
+from cbd.train.models import build_model, eval_loss, random_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.quality import DATA, TARGETS  # noqa: E402
+
+EXTRA = {  # between the first anchor and the source
+    "tiny": {"upper (18x448)": dict(num_hidden_layers=18, hidden_size=448, num_attention_heads=7,
+                                    num_key_value_heads=1, intermediate_size=1280)},
+    "default": {},
+}
+
+
+def heldout(manifest, seed: int, *, batches: int, seq_len: int) -> dict[str, list[torch.Tensor]]:
+    return {name: data.eval_batches(data.token_file(name, manifest.tokenizer, "heldout"), batch_size=4,
+                                    seq_len=seq_len, num_batches=batches, seed=seed)
+            for name in chain_corpora(manifest.recipe)}
+
+
+def score(target, state, windows: list[dict[str, list[torch.Tensor]]]) -> dict:
+    model = build_model(target, state)
+    per_seed = [{d: eval_loss(model, b) for d, b in w.items()} for w in windows]
+    domains = list(per_seed[0])
+    means = [statistics.mean(s.values()) for s in per_seed]
+    return {"by_domain": {d: statistics.mean(s[d] for s in per_seed) for d in domains},
+            "mean": statistics.mean(means), "std": statistics.stdev(means) if len(means) > 1 else 0.0,
+            "per_seed_mean": means}
+
+
+def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | None) -> dict:
+    manifest = load_manifest(chain)
+    windows = [heldout(manifest, s, batches=batches, seq_len=seq_len) for s in range(seeds)]
+    val = validation_batches(manifest)
+    targets = {**{k: v for k, v in TARGETS[chain].items() if "below" not in k}, **EXTRA[chain]}
+    rows = []
+    for tname, arch in targets.items():
+        if only and tname not in only:
+            continue
+        for repair in (False, True):
+            t0 = time.perf_counter()
+            plan = make_plan(InitRequest(chain=chain, architecture=arch, repair=repair), manifest)
+            if plan.small is None or plan.big is None or plan.small == plan.big:
+                break
+            li, alpha, calib = prepare(plan, manifest, progress=lambda _: None)
+            prep_s = time.perf_counter() - t0
+            grid = {float(a): v for a, v in calib["calibration_loss"].items()}
+            tag = "ridge" if repair else "none"
+            inits = {f"single small (alpha 1), repair {tag}": (1.0, grid[1.0]),
+                     f"single big (alpha 0), repair {tag}": (0.0, grid[0.0]),
+                     f"global alpha, repair {tag}": (alpha, grid[alpha])}
+            t1 = time.perf_counter()
+            blocks, bloss, passes = calibrate_blocks(li, val, alpha, grid[alpha])
+            inits[f"blocks alpha, repair {tag}"] = (blocks, bloss)
+            block_s = time.perf_counter() - t1
+            for method, (a, vloss) in inits.items():
+                r = score(plan.target, li.state(a), windows)
+                rows.append({"target": tname, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,
+                             "method": method, "alpha": a, "validation_loss": round(vloss, 4), **r,
+                             "prepare_s": round(prep_s, 2), **({"blocks_s": round(block_s, 2),
+                                                                "blocks_passes": passes} if "blocks" in method else {})})
+                print(f"{tname:22s} {method:40s} val {vloss:.3f}  held-out {r['mean']:.3f} ± {r['std']:.3f}  "
+                      + " ".join(f"{d} {v:.2f}" for d, v in r["by_domain"].items()), flush=True)
+        r = score(plan.target, random_state(plan.target, 0), windows)
+        rows.append({"target": tname, "method": "random", **r})
+        print(f"{tname:22s} {'random':40s} held-out {r['mean']:.3f}", flush=True)
+    return {"chain": chain, "seeds": seeds, "windows": f"{batches} x 4 x {seq_len} per domain per seed",
+            "domains": list(chain_corpora(manifest.recipe)), "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--chain", default="tiny")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=2, help="held-out batches per domain per seed")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--only", help="comma-separated target names")
+    args = ap.parse_args()
+    out = run(args.chain, args.seeds, args.batches, args.seq_len, args.only.split(",") if args.only else None)
+    out["command"] = "python bench/interp.py " + " ".join(sys.argv[1:])
+    path = DATA / f"interp-{args.chain}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
