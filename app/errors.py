@@ -56,7 +56,18 @@ class JobFailedError(CBDError):
 
     def to_dict(self) -> dict:
         return {"error": "JobFailedError", "message": self.message, "job_id": self.job_id,
-                "cause": self.error}
+                "cause": {k: v for k, v in self.error.items() if v is not None}}
+
+    @property
+    def from_hub(self) -> bool:
+        """The job failed because the Hub refused the push or could not be reached."""
+        return is_hub_error(str(self.error.get("type")))
+
+
+def is_hub_error(error_type: str) -> bool:
+    """Whether a job's error (by class name) is a Hub's answer to a push (``cbd.errors.HubError``)."""
+    cls = getattr(cbd_errors, error_type, None)
+    return isinstance(cls, type) and issubclass(cls, cbd_errors.HubError)
 
 
 HTTP_STATUS: dict[type[CBDError], int] = {
@@ -118,8 +129,10 @@ def _retry_after(request: Request) -> str:
 async def cbd_error(request: Request, exc: CBDError) -> JSONResponse:
     status = http_status(exc)
     headers = {"Retry-After": _retry_after(request)} if status == 503 else None
-    if status == 401:
-        headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
+    if status == 401:  # the Hub refused the X-HF-Token (a push), or this service the X-API-Key
+        hub = isinstance(exc, JobFailedError) and exc.from_hub
+        headers = {"WWW-Authenticate": 'Bearer realm="Hugging Face Hub", header="X-HF-Token"' if hub
+                   else 'ApiKey header="X-API-Key"'}
     return JSONResponse(exc.to_dict(), status_code=status, headers=headers)
 
 

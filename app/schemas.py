@@ -42,6 +42,17 @@ class JobError(BaseModel):
     type: str = Field(description="exception class name")
     message: str
     status: int | None = Field(default=None, description="the HTTP status this error maps to")
+    hub_status: int | None = Field(default=None, description="a Hub error's HTTP status from the Hub "
+                                   "(none when it could not be reached)")
+    hub_reason: str | None = Field(default=None, description="the Hub's own words for that status")
+
+
+class JobFailure(ErrorBody):
+    """A request whose job failed while it waited: the job's own error is ``cause``."""
+
+    job_id: str | None = None
+    cause: JobError | None = Field(default=None, description="the job's error; for a push the Hub refused or "
+                                   "could not be reached, with the Hub's status and reason")
 
 
 class PushInfo(BaseModel):

@@ -88,8 +88,11 @@ def job_error(job: RQJob) -> schemas.JobError:
     err = job.get_meta(refresh=False).get("error")
     if isinstance(err, dict) and err.get("type"):
         status = err.get("status")  # written by workers before the API held the status map
+        hub_status, hub_reason = err.get("hub_status"), err.get("hub_reason")
         return schemas.JobError(type=str(err["type"]), message=str(err.get("message", ""))[:MAX_MESSAGE],
-                                status=status if isinstance(status, int) else status_of(str(err["type"])))
+                                status=status if isinstance(status, int) else status_of(str(err["type"])),
+                                hub_status=hub_status if isinstance(hub_status, int) else None,
+                                hub_reason=str(hub_reason)[:MAX_MESSAGE] if hub_reason else None)
     result = job.latest_result()
     text = result.exc_string if result is not None and result.type == Result.Type.FAILED else None
     if text and "AbandonedJobError" in text:  # rq: the worker died mid-job on the last try

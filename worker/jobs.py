@@ -19,10 +19,41 @@ from contextlib import contextmanager
 from rq import get_current_job
 from rq.job import Job
 
-from cbd.errors import HubError, StorageFullError
+from cbd.errors import (
+    ChainIncompatibleError,
+    ChainNotBuiltError,
+    HubError,
+    HubUnavailableError,
+    RecipeError,
+    ShapeError,
+    StorageFullError,
+    UnknownNameError,
+)
 from worker import queue, tokens
 
 PROGRESS_EVERY_S = 0.25
+# Failures that are the caller's or the Hub's, not the service's: the worker logs one line for them
+# (worker.main.HeartbeatWorker.handle_exception), no traceback.
+EXPECTED: tuple[type[Exception], ...] = (HubError, StorageFullError, ShapeError, UnknownNameError, RecipeError,
+                                         ChainIncompatibleError, ChainNotBuiltError)
+
+
+def expected(exc: BaseException | None) -> bool:
+    return isinstance(exc, EXPECTED)
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a second try could end otherwise: not when the Hub refused (a 4xx: wrong or refused
+    token, no such repo, a conflict) or the push is malformed. An unreachable or failing (5xx) Hub,
+    a worker that cannot open the token (another may have the key) and every other failure is
+    retried (``Retry(max=2)``)."""
+    if isinstance(exc, HubUnavailableError):
+        return True
+    if type(exc) is HubError:  # the Hub's 5xx, or this worker cannot open the token (another might)
+        return exc.hub_status is None or exc.hub_status >= 500
+    return not isinstance(exc, HubError)
+
+
 TRANSPORT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "h2", "hpack", "urllib3")
 
 
@@ -75,8 +106,8 @@ def _push(job: Job | None, artifact_id: str, push: dict, token_ref: str | None) 
             result = hub.push_folder(artifacts.artifact_dir(artifact_id), push["repo_id"], token=token,
                                      private=bool(push.get("private", False)),
                                      revision=push.get("revision") or "main")
-    except HubError:
-        _drop_token_if_last_try(job, token_ref)
+    except HubError as exc:
+        _drop_token_if_last_try(job, token_ref, final=not retryable(exc))
         raise
     except Exception as exc:  # anything else leaves as a HubError with the token masked
         _drop_token_if_last_try(job, token_ref)
@@ -120,8 +151,8 @@ def _open_token(job: Job | None, token_ref: str | None) -> str:
                        "from the API's") from None
 
 
-def _drop_token_if_last_try(job: Job | None, token_ref: str | None) -> None:
-    if job is not None and token_ref and not job.retries_left:
+def _drop_token_if_last_try(job: Job | None, token_ref: str | None, *, final: bool = False) -> None:
+    if job is not None and token_ref and (final or not job.retries_left):
         queue.drop_token(job.connection, token_ref)
 
 
@@ -138,7 +169,9 @@ def _tracked(func: str) -> Iterator[Job | None]:
     except Exception as exc:
         exc = _storage_full(exc) or exc
         if job is not None:
-            job.meta["error"] = {"type": type(exc).__name__, "message": _message(exc)}  # status: the API's
+            job.meta["error"] = error_record(exc)  # status: the API's
+            if not retryable(exc):
+                job.retries_left = 0  # rq reads it right after this raise: failed now, not retried
             job.save_meta()
             queue.record_job(job.connection, func, time.monotonic() - start, ok=False)
         raise exc from None
@@ -154,6 +187,16 @@ def _storage_full(exc: Exception) -> StorageFullError | None:
     if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in str(exc):
         return StorageFullError("the artifact store is full; free space under CBD_ARTIFACTS and retry")
     return None
+
+
+def error_record(exc: Exception) -> dict:
+    """``{"type", "message"}`` plus, for a Hub error, what the Hub answered (``hub_status``,
+    ``hub_reason``): JSON scalars for ``job.meta["error"]``, never the token."""
+    out: dict = {"type": type(exc).__name__, "message": _message(exc)}
+    for name in ("hub_status", "hub_reason"):
+        if getattr(exc, name, None) is not None:
+            out[name] = getattr(exc, name)
+    return out
 
 
 def _message(exc: Exception) -> str:

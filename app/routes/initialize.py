@@ -25,7 +25,7 @@ from rq.job import JobStatus
 from app import schemas, views
 from app.core.config import Settings
 from app.deps import ApiKeyDep, HubTokenDep, RedisDep, SettingsDep
-from app.errors import InvalidHeaderError, JobFailedError, PushNotConfiguredError, status_of
+from app.errors import InvalidHeaderError, JobFailedError, PushNotConfiguredError, is_hub_error, status_of
 from app.metrics import Metrics
 from cbd.core import artifacts, manifest
 from cbd.core.catalog import list_tokenizers
@@ -37,7 +37,13 @@ from cbd.errors import RecipeError, UnknownNameError
 from worker import queue, tokens
 
 router = APIRouter(tags=["initialize"])
+# What a job that failed while the request waited answers with (its error's status; else 500). The
+# Hub's refusals are the caller's to fix (4xx: HUB_CODES, for Hub errors only), an unreachable or
+# failing Hub is 503 / 502; any other job error past planning is the service's (500).
 FAILURE_CODES = (409, 500, 502, 503, 507)
+HUB_CODES = (401, 403, 404, 409, 422)
+HUB_FAILURE = ("; the body's `cause` names the Hub's answer (`hub_status`, `hub_reason`) and never holds "
+               "the token")
 DONE = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
 
 RESPONSES: dict = {
@@ -46,15 +52,24 @@ RESPONSES: dict = {
           "headers": {"Location": {"schema": {"type": "string"}, "description": "/jobs/{id}"},
                       "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
     400: {"model": schemas.ValidationProblem, "description": "the body is not decodable JSON"},
-    401: {"model": schemas.ErrorBody, "description": "X-API-Key missing or wrong (CBD_API_KEYS is set)"},
-    409: {"model": schemas.ErrorBody, "description": "the chain changed while the job waited: POST again"},
+    401: {"model": schemas.ErrorBody, "description": "X-API-Key missing or wrong (CBD_API_KEYS is set), or the Hub "
+          "rejected the X-HF-Token of a push (`HubAuthError`, `WWW-Authenticate: Bearer`)" + HUB_FAILURE},
+    403: {"model": schemas.JobFailure, "description": "the Hub refused the push with this token "
+          "(`HubPermissionError`: no write access to the namespace, or a read-only token)" + HUB_FAILURE},
+    404: {"model": schemas.JobFailure, "description": "the Hub says the repo or revision does not exist or "
+          "is not visible to this token (`HubNotFoundError`)" + HUB_FAILURE},
+    409: {"model": schemas.ErrorBody, "description": "the chain changed while the job waited: POST again; or "
+          "the push conflicted on the Hub (`HubConflictError`)"},
     413: {"model": schemas.ValidationProblem, "content": {"text/plain": {"schema": {"type": "string"}}},
           "description": "the body exceeds 64 KiB (app.main.MAX_BODY): text when Content-Length says so, "
                          "JSON when the bytes received do"},
-    422: {"model": schemas.ValidationProblem, "description": "bad shape, unknown field, chain or tokenizer"},
-    500: {"model": schemas.ErrorBody, "description": "the job failed while the request waited"},
-    502: {"model": schemas.ErrorBody, "description": "the push to the Hub failed while the request waited"},
-    503: {"model": schemas.ErrorBody, "description": "Redis unreachable, or push_to_hub not configured",
+    422: {"model": schemas.ValidationProblem, "description": "bad shape, unknown field, chain or tokenizer; "
+          "or the Hub refused the push as malformed (`InvalidPushError`)"},
+    500: {"model": schemas.JobFailure, "description": "the job failed while the request waited"},
+    502: {"model": schemas.JobFailure, "description": "the Hub answered the push with an error of its own "
+          "(5xx, `HubError`)" + HUB_FAILURE},
+    503: {"model": schemas.ErrorBody, "description": "Redis unreachable, push_to_hub not configured, or the Hub "
+          "unreachable or overloaded (`HubUnavailableError`: retry after `Retry-After`)" + HUB_FAILURE,
           "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
     507: {"model": schemas.ErrorBody, "description": "the artifact store is full"},
 }
@@ -89,7 +104,8 @@ def answer(view: schemas.Job, request: Request, response: Response, settings: Se
         return view
     if view.status == "failed" and view.error is not None:
         status = view.error.status or status_of(view.error.type)
-        raise JobFailedError(view.id, view.error.model_dump(), status if status in FAILURE_CODES else 500)
+        allowed = FAILURE_CODES + HUB_CODES if is_hub_error(view.error.type) else FAILURE_CODES
+        raise JobFailedError(view.id, view.error.model_dump(), status if status in allowed else 500)
     response.status_code = 202
     response.headers["Location"] = views.job_path(request, view.id)
     response.headers["Retry-After"] = str(settings.retry_after_s)
