@@ -29,6 +29,14 @@ class UnauthorizedError(CBDError):
     """A POST without a valid ``X-API-Key`` while ``CBD_API_KEYS`` is set."""
 
 
+class ForbiddenError(CBDError):
+    """A valid key that may not do this (cancel another key's job)."""
+
+
+class NotCancellableError(CBDError):
+    """``DELETE /jobs/{id}`` of a job that has already ended."""
+
+
 class InvalidHeaderError(CBDError):
     """A header that is present but malformed (its value is never echoed)."""
 
@@ -87,8 +95,11 @@ HTTP_STATUS: dict[type[CBDError], int] = {
     cbd_errors.HubNotFoundError: 404,
     cbd_errors.HubConflictError: 409,
     cbd_errors.HubUnavailableError: 503,
+    cbd_errors.JobCancelledError: 409,
     cbd_errors.FetchError: 502,  # raised by the client of another cbd service only, never here
     UnauthorizedError: 401,
+    ForbiddenError: 403,
+    NotCancellableError: 409,
     InvalidHeaderError: 422,
     NotFoundError: 404,
     PushNotConfiguredError: 503,

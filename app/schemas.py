@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Status = Literal["queued", "started", "finished", "failed"]
+Status = Literal["queued", "started", "finished", "failed", "cancelled"]
 Kind = Literal["initialize", "build_chain"]
 
 
@@ -75,6 +75,10 @@ class Job(BaseModel):
     kind: Kind = "initialize"
     status: Status
     rq_status: str | None = Field(default=None, description="rq's own status (deferred, scheduled...)")
+    cancelled_by: str | None = Field(default=None, description="the key (its non-secret name) or address that "
+                                     "cancelled the job; anyone may POST the same request again")
+    owner: str | None = Field(default=None, description="the key (non-secret name) or address that created "
+                              "the job: it, or an operator key, may cancel it")
     queue: str | None = None
     artifact_id: str | None = None
     chain: str | None = None

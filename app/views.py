@@ -19,8 +19,8 @@ STATUS: dict[str, schemas.Status] = {
     JobStatus.CREATED: "queued", JobStatus.QUEUED: "queued", JobStatus.DEFERRED: "queued",
     JobStatus.SCHEDULED: "queued", JobStatus.RATE_LIMITED: "queued",
     JobStatus.READY_TO_ENQUEUE: "queued", JobStatus.STARTED: "started",
-    JobStatus.FINISHED: "finished", JobStatus.FAILED: "failed", JobStatus.STOPPED: "failed",
-    JobStatus.CANCELED: "failed",
+    JobStatus.FINISHED: "finished", JobStatus.FAILED: "failed", JobStatus.STOPPED: "cancelled",
+    JobStatus.CANCELED: "cancelled",
 }
 MAX_MESSAGE = 1000
 ABANDONED = ("the worker running this job stopped before finishing it (killed, out of memory or restarted) "
@@ -67,7 +67,9 @@ def job_view(job: RQJob, base: str, *, warnings: list[str] | None = None) -> sch
         id=job.id, kind=kind, status=status, rq_status=str(rq_status.value), queue=job.origin,
         artifact_id=meta.get("artifact_id"), chain=meta.get("chain"), progress=meta.get("progress"),
         enqueued_at=job.enqueued_at, started_at=job.started_at, ended_at=job.ended_at,
-        warnings=list(warnings or []))
+        warnings=list(warnings or []), owner=meta.get("owner"))
+    if status == "cancelled":
+        return view.model_copy(update=cancelled(job))
     if status == "failed":
         return view.model_copy(update={"error": job_error(job)})
     if status != "finished":
@@ -81,6 +83,16 @@ def job_view(job: RQJob, base: str, *, warnings: list[str] | None = None) -> sch
     view = view.model_copy(update=update)
     info = artifacts.load_artifact(view.artifact_id) if view.artifact_id else None
     return with_artifact(view, info, base) if info else view
+
+
+def cancelled(job: RQJob) -> dict:
+    """The fields of a cancelled job's view: who cancelled it, and that a new request starts it anew."""
+    record = job.get_meta(refresh=False).get("cancelled") or {}
+    by = str(record.get("by") or "an operator")
+    how = "while it was running (stopped at a progress point)" if job.started_at else "before it started"
+    message = (f"job {job.id} was cancelled by {by} {how}; nothing was published. Anyone may POST the same "
+               "request again to start it anew")
+    return {"cancelled_by": by, "error": schemas.JobError(type="JobCancelledError", message=message, status=409)}
 
 
 def job_error(job: RQJob) -> schemas.JobError:

@@ -59,6 +59,10 @@ class RecipeError(CBDError, ValueError):
     """A chain recipe that does not validate."""
 
 
+class JobCancelledError(CBDError):
+    """The job was cancelled (``DELETE /jobs/{id}``) and stopped at its next progress point."""
+
+
 # ---- the Hugging Face Hub (cbd.store.hub): one class per remedy; messages never contain the token ----
 class HubError(CBDError):
     """A push to the Hugging Face Hub failed; the message never contains the token.

@@ -24,6 +24,7 @@ from cbd.errors import (
     ChainNotBuiltError,
     HubError,
     HubUnavailableError,
+    JobCancelledError,
     RecipeError,
     ShapeError,
     StorageFullError,
@@ -35,7 +36,7 @@ PROGRESS_EVERY_S = 0.25
 # Failures that are the caller's or the Hub's, not the service's: the worker logs one line for them
 # (worker.main.HeartbeatWorker.handle_exception), no traceback.
 EXPECTED: tuple[type[Exception], ...] = (HubError, StorageFullError, ShapeError, UnknownNameError, RecipeError,
-                                         ChainIncompatibleError, ChainNotBuiltError)
+                                         ChainIncompatibleError, ChainNotBuiltError, JobCancelledError)
 
 
 def expected(exc: BaseException | None) -> bool:
@@ -47,6 +48,8 @@ def retryable(exc: BaseException) -> bool:
     token, no such repo, a conflict) or the push is malformed. An unreachable or failing (5xx) Hub,
     a worker that cannot open the token (another may have the key) and every other failure is
     retried (``Retry(max=2)``)."""
+    if isinstance(exc, JobCancelledError):
+        return False
     if isinstance(exc, HubUnavailableError):
         return True
     if type(exc) is HubError:  # the Hub's 5xx, or this worker cannot open the token (another might)
@@ -165,6 +168,7 @@ def _tracked(func: str) -> Iterator[Job | None]:
         _save_progress(job, {"stage": "start", "fraction": 0.0})
     start = time.monotonic()
     try:
+        _check_cancelled(job)  # cancelled between its dequeue and now
         yield job
     except Exception as exc:
         exc = _storage_full(exc) or exc
@@ -213,9 +217,23 @@ def _reporter(job: Job | None) -> Callable[[dict], None]:
         now = time.monotonic()
         if now - last >= PROGRESS_EVERY_S:
             last = now
+            _check_cancelled(job)
             _save_progress(job, event)
 
     return report
+
+
+def _check_cancelled(job: Job | None) -> None:
+    """A progress point: raise ``JobCancelledError`` when ``DELETE /jobs/{id}`` asked this job to stop.
+    The runners publish atomically and remove their staging folder on any exception, so a stopped
+    job leaves nothing behind (a chain build keeps its resumable training state)."""
+    if job is None:
+        return
+    by = queue.cancel_requested(job.connection, job.id)
+    if by is not None:
+        job.meta["cancelled"] = {"by": by, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # saved by _tracked
+        raise JobCancelledError(f"job {job.id} was cancelled by {by} and stopped at a progress point; "
+                                "nothing was published. POST the same request again to start it anew")
 
 
 def _save_progress(job: Job | None, event: dict) -> None:

@@ -42,6 +42,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from cbd.core import artifacts
+from cbd.errors import JobCancelledError
 from worker import jobs, queue
 
 log = logging.getLogger("cbd.worker")
@@ -74,6 +75,8 @@ class HeartbeatWorker(SimpleWorker):
         exc = exc_info[1] if len(exc_info) > 1 else None
         if not jobs.expected(exc):
             return super().handle_exception(job, *exc_info)
+        if isinstance(exc, JobCancelledError):
+            self._stopped_job_id = job.id  # rq: STOPPED (not failed), never retried
         self.log.warning("job %s failed: %s: %s", job.id, type(exc).__name__, jobs.error_record(exc)["message"])
         call_exception_handlers(self._exc_handlers, job, *exc_info)  # rq's, without its traceback log
         return None

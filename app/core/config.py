@@ -10,6 +10,7 @@ pydantic model still validates every value (a bad ``CBD_SYNC_WAIT_S`` fails at s
 | CBD_SYNC_WAIT_S       | 20                         | how long POST /initialize waits for a fast job       |
 | CBD_RETRY_AFTER_S     | 2                          | Retry-After on 202 and 503                           |
 | CBD_API_KEYS          | (unset: open)              | comma-separated keys required in X-API-Key on POST   |
+| CBD_OPERATOR_KEYS     | (none)                     | keys that may also cancel any job (valid API keys)   |
 | CBD_SECRET_KEY        | (unset: no push_to_hub)    | seals Hub tokens; the workers need the same value    |
 | CBD_TOKEN_TTL_S       | 1800                       | how long a sealed Hub token waits in Redis           |
 | CBD_FAST_TIMEOUT_S    | 900                        | job timeout on the fast queue                        |
@@ -36,6 +37,7 @@ from worker import queue, tokens
 ENV = {
     "redis_url": "REDIS_URL", "default_chain": "CBD_DEFAULT_CHAIN", "sync_wait_s": "CBD_SYNC_WAIT_S",
     "retry_after_s": "CBD_RETRY_AFTER_S", "api_keys": "CBD_API_KEYS", "secret_key": "CBD_SECRET_KEY",
+    "operator_keys": "CBD_OPERATOR_KEYS",
     "token_ttl_s": "CBD_TOKEN_TTL_S", **queue.LIMITS_ENV, "public_url": "CBD_PUBLIC_URL",
 }
 
@@ -49,6 +51,7 @@ class Settings(BaseModel):
     poll_interval_s: float = Field(default=0.1, gt=0, le=5)
     retry_after_s: int = Field(default=2, ge=1, le=3600)
     api_keys: tuple[SecretStr, ...] = ()
+    operator_keys: tuple[SecretStr, ...] = ()
     secret_key: SecretStr | None = None
     token_ttl_s: int = Field(default=1800, ge=10, le=86400)
     fast_timeout_s: int = Field(default=queue.Limits.fast_timeout_s, ge=10)  # the limits: worker.queue.Limits
@@ -61,8 +64,9 @@ class Settings(BaseModel):
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if env is None else env
         data: dict[str, object] = {k: env[v] for k, v in ENV.items() if env.get(v)}
-        if "api_keys" in data:
-            data["api_keys"] = tuple(k.strip() for k in str(data["api_keys"]).split(",") if k.strip())
+        for name in ("api_keys", "operator_keys"):
+            if name in data:
+                data[name] = tuple(k.strip() for k in str(data[name]).split(",") if k.strip())
         data.update(overrides)
         secret = data.get("secret_key")
         if isinstance(secret, str) and len(secret) < tokens.MIN_KEY_CHARS:  # checked here: pydantic would echo it

@@ -24,7 +24,7 @@ from rq.job import JobStatus
 
 from app import schemas, views
 from app.core.config import Settings
-from app.deps import ApiKeyDep, HubTokenDep, RedisDep, SettingsDep
+from app.deps import CallerDep, HubTokenDep, RedisDep, SettingsDep
 from app.errors import InvalidHeaderError, JobFailedError, PushNotConfiguredError, is_hub_error, status_of
 from app.metrics import Metrics
 from cbd.core import artifacts, manifest
@@ -58,8 +58,9 @@ RESPONSES: dict = {
           "(`HubPermissionError`: no write access to the namespace, or a read-only token)" + HUB_FAILURE},
     404: {"model": schemas.JobFailure, "description": "the Hub says the repo or revision does not exist or "
           "is not visible to this token (`HubNotFoundError`)" + HUB_FAILURE},
-    409: {"model": schemas.ErrorBody, "description": "the chain changed while the job waited: POST again; or "
-          "the push conflicted on the Hub (`HubConflictError`)"},
+    409: {"model": schemas.ErrorBody, "description": "the chain changed while the job waited: POST again; "
+          "the push conflicted on the Hub (`HubConflictError`); or the job was cancelled while the request "
+          "waited (`JobCancelledError`: POST again)"},
     413: {"model": schemas.ValidationProblem, "content": {"text/plain": {"schema": {"type": "string"}}},
           "description": "the body exceeds 64 KiB (app.main.MAX_BODY): text when Content-Length says so, "
                          "JSON when the bytes received do"},
@@ -84,14 +85,14 @@ class Submitted:
 
 
 @router.post("/initialize", response_model=schemas.Job, response_model_exclude_none=True, responses=RESPONSES,
-             dependencies=[ApiKeyDep],
              summary="An initialisation for a target shape", description=__doc__)
 async def initialize(body: InitRequest, request: Request, response: Response, settings: SettingsDep,
-                     redis: RedisDep, token: HubTokenDep) -> schemas.Job:
+                     redis: RedisDep, token: HubTokenDep, caller: CallerDep) -> schemas.Job:
     if body.push_to_hub is not None:
         _check_push(token, settings)
     base = views.base_url(request)
-    sub = await run_in_threadpool(submit, body, token, settings, redis, base, request.app.state.metrics)
+    sub = await run_in_threadpool(submit, body, token, settings, redis, base, request.app.state.metrics,
+                                  caller.name)
     view = sub.view
     if sub.job is not None and sub.wait and settings.sync_wait_s > 0 and view.status in ("queued", "started"):
         job = await wait_for(sub.job, settings)
@@ -102,7 +103,7 @@ async def initialize(body: InitRequest, request: Request, response: Response, se
 def answer(view: schemas.Job, request: Request, response: Response, settings: Settings) -> schemas.Job:
     if view.status == "finished":
         return view
-    if view.status == "failed" and view.error is not None:
+    if view.status in ("failed", "cancelled") and view.error is not None:
         status = view.error.status or status_of(view.error.type)
         allowed = FAILURE_CODES + HUB_CODES if is_hub_error(view.error.type) else FAILURE_CODES
         raise JobFailedError(view.id, view.error.model_dump(), status if status in allowed else 500)
@@ -113,11 +114,12 @@ def answer(view: schemas.Job, request: Request, response: Response, settings: Se
 
 
 def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redis, base: str,
-           metrics: Metrics) -> Submitted:
+           metrics: Metrics, owner: str | None = None) -> Submitted:
     """Everything blocking (disk, Redis) of one request, run in the threadpool."""
     name, chain, warnings = resolve_chain(body.chain, settings)
     if chain is None:
-        build = queue.enqueue_build_chain(redis, name, anchors=recipe_anchors(name, settings), limits=settings.limits)
+        build = queue.enqueue_build_chain(redis, name, anchors=recipe_anchors(name, settings), limits=settings.limits,
+                                          owner=owner)
         job = build.job
         steps = f" (jobs {', '.join(build.job_ids)}: one per anchor, then the manifest)" if len(build.job_ids) > 1 else ""
         message = (f"chain {name!r} is not built yet; it is being built from its recipe by job {job.id}{steps}. "
@@ -137,7 +139,7 @@ def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redi
         return job.get_status(refresh=False) == JobStatus.FINISHED and artifacts.load_artifact(plan.id) is None
 
     job, _ = queue.enqueue_initialize(redis, plan.model_dump(mode="json"), queue.queue_for(plan), push=push,
-                                      token_ref=token_ref, limits=settings.limits, stale=stale)
+                                      token_ref=token_ref, limits=settings.limits, stale=stale, owner=owner)
     return Submitted(views.job_view(job, base, warnings=warnings), job, wait=queue.queue_for(plan) == queue.FAST,
                      warnings=warnings)
 
