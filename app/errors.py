@@ -37,6 +37,30 @@ class NotCancellableError(CBDError):
     """``DELETE /jobs/{id}`` of a job that has already ended."""
 
 
+class TooManyRequestsError(CBDError):
+    """A caller over its rate limit or its cap of queued plus running jobs (``app.quotas``)."""
+
+    def __init__(self, message: str, *, retry_after_s: int, limit: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit = limit
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"limit": self.limit, "retry_after_s": self.retry_after_s}
+
+
+class QueueFullError(CBDError):
+    """A queue deeper than its bound (``CBD_QUEUE_BOUND_*``): new work for it is refused for now."""
+
+    def __init__(self, message: str, *, retry_after_s: int, limit: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit = limit
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"limit": self.limit, "retry_after_s": self.retry_after_s}
+
+
 class InvalidHeaderError(CBDError):
     """A header that is present but malformed (its value is never echoed)."""
 
@@ -98,6 +122,8 @@ HTTP_STATUS: dict[type[CBDError], int] = {
     cbd_errors.JobCancelledError: 409,
     cbd_errors.FetchError: 502,  # raised by the client of another cbd service only, never here
     UnauthorizedError: 401,
+    TooManyRequestsError: 429,
+    QueueFullError: 503,
     ForbiddenError: 403,
     NotCancellableError: 409,
     InvalidHeaderError: 422,
@@ -140,6 +166,8 @@ def _retry_after(request: Request) -> str:
 async def cbd_error(request: Request, exc: CBDError) -> JSONResponse:
     status = http_status(exc)
     headers = {"Retry-After": _retry_after(request)} if status == 503 else None
+    if isinstance(exc, TooManyRequestsError | QueueFullError):
+        headers = {"Retry-After": str(exc.retry_after_s)}
     if status == 401:  # the Hub refused the X-HF-Token (a push), or this service the X-API-Key
         hub = isinstance(exc, JobFailedError) and exc.from_hub
         headers = {"WWW-Authenticate": 'Bearer realm="Hugging Face Hub", header="X-HF-Token"' if hub

@@ -17,6 +17,13 @@ pydantic model still validates every value (a bad ``CBD_SYNC_WAIT_S`` fails at s
 | CBD_SLOW_TIMEOUT_S    | 21600                      | job timeout on the slow queue (chain builds, bridge) |
 | CBD_RESULT_TTL_S      | 604800                     | how long rq keeps finished job records               |
 | CBD_PUBLIC_URL        | (from the request)         | base of the file URLs in responses                   |
+| CBD_RATE_LIMIT        | (unset: none)              | POSTs needing a job per caller, e.g. ``60/minute``   |
+| CBD_MAX_JOBS_FAST     | 0 (no cap)                 | queued + running fast jobs per caller                |
+| CBD_MAX_JOBS_SLOW     | 0 (no cap)                 | queued + running slow jobs (bridges) per caller      |
+| CBD_QUEUE_BOUND_FAST  | 1000                       | fast queue depth beyond which new work gets 503      |
+| CBD_QUEUE_BOUND_SLOW  | 100                        | slow queue depth beyond which new work gets 503      |
+
+A caller is its API key (by a non-secret name), or its client address when keys are off.
 
 The job limits (``CBD_*_TIMEOUT_S``, ``CBD_RESULT_TTL_S``) are defined by ``worker.queue.Limits``,
 which the workers read from the same variables. Chains and artifacts live where ``cbd.core.paths`` says (CBD_HOME, CBD_CHAINS, CBD_ARTIFACTS).
@@ -37,7 +44,9 @@ from worker import queue, tokens
 ENV = {
     "redis_url": "REDIS_URL", "default_chain": "CBD_DEFAULT_CHAIN", "sync_wait_s": "CBD_SYNC_WAIT_S",
     "retry_after_s": "CBD_RETRY_AFTER_S", "api_keys": "CBD_API_KEYS", "secret_key": "CBD_SECRET_KEY",
-    "operator_keys": "CBD_OPERATOR_KEYS",
+    "operator_keys": "CBD_OPERATOR_KEYS", "rate_limit": "CBD_RATE_LIMIT",
+    "max_jobs_fast": "CBD_MAX_JOBS_FAST", "max_jobs_slow": "CBD_MAX_JOBS_SLOW",
+    "queue_bound_fast": "CBD_QUEUE_BOUND_FAST", "queue_bound_slow": "CBD_QUEUE_BOUND_SLOW",
     "token_ttl_s": "CBD_TOKEN_TTL_S", **queue.LIMITS_ENV, "public_url": "CBD_PUBLIC_URL",
 }
 
@@ -59,6 +68,12 @@ class Settings(BaseModel):
     result_ttl_s: int = Field(default=queue.Limits.result_ttl_s, ge=60)
     recipes_dir: Path = paths.RECIPES_DIR  # not from the environment: cbd.core.recipe reads the same folder
     public_url: str | None = None
+    rate_limit: str | None = Field(default=None, pattern=r"^\d+\s*(/|per)\s*\d*\s*(second|minute|hour|day)s?$",
+                                   description="limits' notation: 60/minute, 1000 per hour")
+    max_jobs_fast: int = Field(default=0, ge=0)
+    max_jobs_slow: int = Field(default=0, ge=0)
+    queue_bound_fast: int = Field(default=1000, ge=1)
+    queue_bound_slow: int = Field(default=100, ge=1)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

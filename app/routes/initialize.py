@@ -25,8 +25,17 @@ from rq.job import JobStatus
 from app import schemas, views
 from app.core.config import Settings
 from app.deps import CallerDep, HubTokenDep, RedisDep, SettingsDep
-from app.errors import InvalidHeaderError, JobFailedError, PushNotConfiguredError, is_hub_error, status_of
+from app.errors import (
+    InvalidHeaderError,
+    JobFailedError,
+    PushNotConfiguredError,
+    QueueFullError,
+    TooManyRequestsError,
+    is_hub_error,
+    status_of,
+)
 from app.metrics import Metrics
+from app.quotas import Quotas
 from cbd.core import artifacts, manifest
 from cbd.core.catalog import list_tokenizers
 from cbd.core.manifest import ChainManifest
@@ -66,10 +75,16 @@ RESPONSES: dict = {
                          "JSON when the bytes received do"},
     422: {"model": schemas.ValidationProblem, "description": "bad shape, unknown field, chain or tokenizer; "
           "or the Hub refused the push as malformed (`InvalidPushError`)"},
+    429: {"model": schemas.ErrorBody, "description": "the caller (its API key, or its address when keys are off) "
+          "is over its rate limit of requests that need a new job (CBD_RATE_LIMIT) or its cap of queued plus "
+          "running jobs on the queue (CBD_MAX_JOBS_FAST / _SLOW); `limit` names which. Cached checkpoints and "
+          "requests joining a queued job are never refused",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
     500: {"model": schemas.JobFailure, "description": "the job failed while the request waited"},
     502: {"model": schemas.JobFailure, "description": "the Hub answered the push with an error of its own "
           "(5xx, `HubError`)" + HUB_FAILURE},
-    503: {"model": schemas.ErrorBody, "description": "Redis unreachable, push_to_hub not configured, or the Hub "
+    503: {"model": schemas.ErrorBody, "description": "Redis unreachable, push_to_hub not configured, the queue "
+          "deeper than its bound (`QueueFullError`, CBD_QUEUE_BOUND_FAST / _SLOW: new work only), or the Hub "
           "unreachable or overloaded (`HubUnavailableError`: retry after `Retry-After`)" + HUB_FAILURE,
           "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
     507: {"model": schemas.ErrorBody, "description": "the artifact store is full"},
@@ -92,7 +107,7 @@ async def initialize(body: InitRequest, request: Request, response: Response, se
         _check_push(token, settings)
     base = views.base_url(request)
     sub = await run_in_threadpool(submit, body, token, settings, redis, base, request.app.state.metrics,
-                                  caller.name)
+                                  caller.name, request.app.state.quotas)
     view = sub.view
     if sub.job is not None and sub.wait and settings.sync_wait_s > 0 and view.status in ("queued", "started"):
         job = await wait_for(sub.job, settings)
@@ -114,7 +129,7 @@ def answer(view: schemas.Job, request: Request, response: Response, settings: Se
 
 
 def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redis, base: str,
-           metrics: Metrics, owner: str | None = None) -> Submitted:
+           metrics: Metrics, owner: str | None = None, quotas: Quotas | None = None) -> Submitted:
     """Everything blocking (disk, Redis) of one request, run in the threadpool."""
     name, chain, warnings = resolve_chain(body.chain, settings)
     if chain is None:
@@ -132,14 +147,25 @@ def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redi
     metrics.cache(hit=info is not None)
     if info is not None and body.push_to_hub is None:
         return Submitted(views.artifact_view(info, base, chain=chain.name, warnings=warnings))
-    push = body.push_to_hub.model_dump() if body.push_to_hub is not None else None
-    token_ref = _stash(redis, token, settings) if push is not None else None
-
     def stale(job: RQJob) -> bool:  # finished, yet its artifact is gone (deleted by an operator)
         return job.get_status(refresh=False) == JobStatus.FINISHED and artifacts.load_artifact(plan.id) is None
 
-    job, _ = queue.enqueue_initialize(redis, plan.model_dump(mode="json"), queue.queue_for(plan), push=push,
+    push = body.push_to_hub.model_dump() if body.push_to_hub is not None else None
+    queue_name = queue.queue_for(plan)
+    current = queue.fetch_job(redis, plan.id) if push is None else None
+    adds_work = current is None or current.get_status(refresh=False) in queue.DEAD or stale(current)
+    if adds_work and quotas is not None:  # a request deduplicated onto a live job adds none
+        try:
+            quotas.admit(redis, owner or "anonymous", queue_name)
+        except (TooManyRequestsError, QueueFullError) as exc:
+            metrics.refused(exc.limit)
+            raise
+    token_ref = _stash(redis, token, settings) if push is not None else None
+
+    job, created = queue.enqueue_initialize(redis, plan.model_dump(mode="json"), queue.queue_for(plan), push=push,
                                       token_ref=token_ref, limits=settings.limits, stale=stale, owner=owner)
+    if created and quotas is not None:
+        quotas.track(redis, owner or "anonymous", queue_name, job.id)
     return Submitted(views.job_view(job, base, warnings=warnings), job, wait=queue.queue_for(plan) == queue.FAST,
                      warnings=warnings)
 
