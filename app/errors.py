@@ -29,6 +29,38 @@ class UnauthorizedError(CBDError):
     """A POST without a valid ``X-API-Key`` while ``CBD_API_KEYS`` is set."""
 
 
+class ForbiddenError(CBDError):
+    """A valid key that may not do this (cancel another key's job)."""
+
+
+class NotCancellableError(CBDError):
+    """``DELETE /jobs/{id}`` of a job that has already ended."""
+
+
+class TooManyRequestsError(CBDError):
+    """A caller over its rate limit or its cap of queued plus running jobs (``app.quotas``)."""
+
+    def __init__(self, message: str, *, retry_after_s: int, limit: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit = limit
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"limit": self.limit, "retry_after_s": self.retry_after_s}
+
+
+class QueueFullError(CBDError):
+    """A queue deeper than its bound (``CBD_QUEUE_BOUND_*``): new work for it is refused for now."""
+
+    def __init__(self, message: str, *, retry_after_s: int, limit: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit = limit
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"limit": self.limit, "retry_after_s": self.retry_after_s}
+
+
 class InvalidHeaderError(CBDError):
     """A header that is present but malformed (its value is never echoed)."""
 
@@ -56,7 +88,18 @@ class JobFailedError(CBDError):
 
     def to_dict(self) -> dict:
         return {"error": "JobFailedError", "message": self.message, "job_id": self.job_id,
-                "cause": self.error}
+                "cause": {k: v for k, v in self.error.items() if v is not None}}
+
+    @property
+    def from_hub(self) -> bool:
+        """The job failed because the Hub refused the push or could not be reached."""
+        return is_hub_error(str(self.error.get("type")))
+
+
+def is_hub_error(error_type: str) -> bool:
+    """Whether a job's error (by class name) is a Hub's answer to a push (``cbd.errors.HubError``)."""
+    cls = getattr(cbd_errors, error_type, None)
+    return isinstance(cls, type) and issubclass(cls, cbd_errors.HubError)
 
 
 HTTP_STATUS: dict[type[CBDError], int] = {
@@ -76,8 +119,13 @@ HTTP_STATUS: dict[type[CBDError], int] = {
     cbd_errors.HubNotFoundError: 404,
     cbd_errors.HubConflictError: 409,
     cbd_errors.HubUnavailableError: 503,
+    cbd_errors.JobCancelledError: 409,
     cbd_errors.FetchError: 502,  # raised by the client of another cbd service only, never here
     UnauthorizedError: 401,
+    TooManyRequestsError: 429,
+    QueueFullError: 503,
+    ForbiddenError: 403,
+    NotCancellableError: 409,
     InvalidHeaderError: 422,
     NotFoundError: 404,
     PushNotConfiguredError: 503,
@@ -118,8 +166,12 @@ def _retry_after(request: Request) -> str:
 async def cbd_error(request: Request, exc: CBDError) -> JSONResponse:
     status = http_status(exc)
     headers = {"Retry-After": _retry_after(request)} if status == 503 else None
-    if status == 401:
-        headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'}
+    if isinstance(exc, TooManyRequestsError | QueueFullError):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    if status == 401:  # the Hub refused the X-HF-Token (a push), or this service the X-API-Key
+        hub = isinstance(exc, JobFailedError) and exc.from_hub
+        headers = {"WWW-Authenticate": 'Bearer realm="Hugging Face Hub", header="X-HF-Token"' if hub
+                   else 'ApiKey header="X-API-Key"'}
     return JSONResponse(exc.to_dict(), status_code=status, headers=headers)
 
 

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from app import errors
 from app.core.config import Settings
 from app.metrics import Metrics
+from app.quotas import Quotas
 from app.routes import chains, checkpoints, health, initialize, jobs
 from cbd import __version__
 from worker import queue
@@ -43,4 +44,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (initialize, jobs, checkpoints, chains, health):
         app.include_router(module.router)
     app.state.metrics = Metrics(app)
+    app.state.quotas = Quotas(settings, app.state.redis)
+    app.state.metrics.limits(app.state.quotas.describe())
+    _document_limits(app)
     return app
+
+
+def _document_limits(app: FastAPI) -> None:
+    """The quotas in force, in the OpenAPI document: ``x-cbd-limits`` and the 429/503 descriptions."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = plain()
+            limits = app.state.quotas.describe()
+            schema["info"]["x-cbd-limits"] = limits
+            text = ", ".join(f"{k}={v if v else 'none'}" for k, v in limits.items())
+            for code in ("429", "503"):
+                resp = schema["paths"]["/initialize"]["post"]["responses"].get(code)
+                if resp is not None:
+                    resp["description"] += f". This service: {text}"
+        return app.openapi_schema or schema
+
+    app.openapi = openapi

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -58,10 +58,26 @@ class Metrics:
         self.cache_requests = Counter("cbd_cache_requests", "POST /initialize answered from an existing "
                                       "checkpoint (hit) or needing a job (miss)", ["result"],
                                       registry=self.registry)
+        self.refusals = Counter("cbd_admission_refused", "POST /initialize refused by a quota (429) or a queue "
+                                "bound (503), by the limit", ["limit"], registry=self.registry)
         self.registry.register(QueueCollector(lambda: app.state.redis))
         Instrumentator(registry=self.registry, excluded_handlers=["/metrics"]).instrument(app).expose(
             app, endpoint="/metrics", include_in_schema=True, tags=["health"],
             response_class=PlainTextResponse, summary="Prometheus metrics")
+
+    def limits(self, configured: dict[str, object]) -> None:
+        """The quotas in force as gauges (0: none); refusals counted by ``refused``."""
+        gauge = Gauge("cbd_quota_limit", "configured quotas and bounds (0: none; rate_limit: requests per "
+                      "window, its window in the label)", ["limit", "window"], registry=self.registry)
+        for name, value in configured.items():
+            if name == "rate_limit":
+                amount, _, window = str(value or "0").partition("/")
+                gauge.labels(name, window.strip() or "-").set(float(amount.split()[0]) if value else 0)
+            else:
+                gauge.labels(name, "-").set(float(value or 0))
+
+    def refused(self, limit: str) -> None:
+        self.refusals.labels(limit).inc()
 
     def cache(self, *, hit: bool) -> None:
         self.cache_requests.labels("hit" if hit else "miss").inc()

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-Status = Literal["queued", "started", "finished", "failed"]
+Status = Literal["queued", "started", "finished", "failed", "cancelled"]
 Kind = Literal["initialize", "build_chain"]
 
 
@@ -42,6 +42,17 @@ class JobError(BaseModel):
     type: str = Field(description="exception class name")
     message: str
     status: int | None = Field(default=None, description="the HTTP status this error maps to")
+    hub_status: int | None = Field(default=None, description="a Hub error's HTTP status from the Hub "
+                                   "(none when it could not be reached)")
+    hub_reason: str | None = Field(default=None, description="the Hub's own words for that status")
+
+
+class JobFailure(ErrorBody):
+    """A request whose job failed while it waited: the job's own error is ``cause``."""
+
+    job_id: str | None = None
+    cause: JobError | None = Field(default=None, description="the job's error; for a push the Hub refused or "
+                                   "could not be reached, with the Hub's status and reason")
 
 
 class PushInfo(BaseModel):
@@ -64,6 +75,10 @@ class Job(BaseModel):
     kind: Kind = "initialize"
     status: Status
     rq_status: str | None = Field(default=None, description="rq's own status (deferred, scheduled...)")
+    cancelled_by: str | None = Field(default=None, description="the key (its non-secret name) or address that "
+                                     "cancelled the job; anyone may POST the same request again")
+    owner: str | None = Field(default=None, description="the key (non-secret name) or address that created "
+                              "the job: it, or an operator key, may cancel it")
     queue: str | None = None
     artifact_id: str | None = None
     chain: str | None = None

@@ -19,8 +19,8 @@ STATUS: dict[str, schemas.Status] = {
     JobStatus.CREATED: "queued", JobStatus.QUEUED: "queued", JobStatus.DEFERRED: "queued",
     JobStatus.SCHEDULED: "queued", JobStatus.RATE_LIMITED: "queued",
     JobStatus.READY_TO_ENQUEUE: "queued", JobStatus.STARTED: "started",
-    JobStatus.FINISHED: "finished", JobStatus.FAILED: "failed", JobStatus.STOPPED: "failed",
-    JobStatus.CANCELED: "failed",
+    JobStatus.FINISHED: "finished", JobStatus.FAILED: "failed", JobStatus.STOPPED: "cancelled",
+    JobStatus.CANCELED: "cancelled",
 }
 MAX_MESSAGE = 1000
 ABANDONED = ("the worker running this job stopped before finishing it (killed, out of memory or restarted) "
@@ -68,7 +68,9 @@ def job_view(job: RQJob, base: str, *, warnings: list[str] | None = None) -> sch
         id=job.id, kind=kind, status=status, rq_status=str(rq_status.value), queue=job.origin,
         artifact_id=meta.get("artifact_id"), chain=meta.get("chain"), progress=meta.get("progress"),
         enqueued_at=job.enqueued_at, started_at=job.started_at, ended_at=job.ended_at,
-        warnings=list(warnings or []))
+        warnings=list(warnings or []), owner=meta.get("owner"))
+    if status == "cancelled":
+        return view.model_copy(update=cancelled(job))
     if status == "failed":
         return view.model_copy(update={"error": job_error(job)})
     if status != "finished":
@@ -84,13 +86,26 @@ def job_view(job: RQJob, base: str, *, warnings: list[str] | None = None) -> sch
     return with_artifact(view, info, base) if info else view
 
 
+def cancelled(job: RQJob) -> dict:
+    """The fields of a cancelled job's view: who cancelled it, and that a new request starts it anew."""
+    record = job.get_meta(refresh=False).get("cancelled") or {}
+    by = str(record.get("by") or "an operator")
+    how = "while it was running (stopped at a progress point)" if job.started_at else "before it started"
+    message = (f"job {job.id} was cancelled by {by} {how}; nothing was published. Anyone may POST the same "
+               "request again to start it anew")
+    return {"cancelled_by": by, "error": schemas.JobError(type="JobCancelledError", message=message, status=409)}
+
+
 def job_error(job: RQJob) -> schemas.JobError:
     """The job's own clean error, else the last line of rq's exception text (never a traceback)."""
     err = job.get_meta(refresh=False).get("error")
     if isinstance(err, dict) and err.get("type"):
         status = err.get("status")  # written by workers before the API held the status map
+        hub_status, hub_reason = err.get("hub_status"), err.get("hub_reason")
         return schemas.JobError(type=str(err["type"]), message=str(err.get("message", ""))[:MAX_MESSAGE],
-                                status=status if isinstance(status, int) else status_of(str(err["type"])))
+                                status=status if isinstance(status, int) else status_of(str(err["type"])),
+                                hub_status=hub_status if isinstance(hub_status, int) else None,
+                                hub_reason=str(hub_reason)[:MAX_MESSAGE] if hub_reason else None)
     result = job.latest_result()
     text = result.exc_string if result is not None and result.type == Result.Type.FAILED else None
     if text and "AbandonedJobError" in text:  # rq: the worker died mid-job on the last try

@@ -59,9 +59,31 @@ class RecipeError(CBDError, ValueError):
     """A chain recipe that does not validate."""
 
 
+class JobCancelledError(CBDError):
+    """The job was cancelled (``DELETE /jobs/{id}``) and stopped at its next progress point."""
+
+
 # ---- the Hugging Face Hub (cbd.store.hub): one class per remedy; messages never contain the token ----
 class HubError(CBDError):
-    """A push to the Hugging Face Hub failed; the message never contains the token."""
+    """A push to the Hugging Face Hub failed; the message never contains the token.
+
+    ``hub_status`` is the HTTP status the Hub answered (None when it could not be reached) and
+    ``hub_reason`` the Hub's own words for it (its ``X-Error-Message`` or JSON ``error``), scrubbed.
+    """
+
+    def __init__(self, message: str, *, allowed: object | None = None, hub_status: int | None = None,
+                 hub_reason: str | None = None) -> None:
+        super().__init__(message, allowed=allowed)
+        self.hub_status = hub_status
+        self.hub_reason = hub_reason
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if self.hub_status is not None:
+            out["hub_status"] = self.hub_status
+        if self.hub_reason:
+            out["hub_reason"] = self.hub_reason
+        return out
 
 
 class InvalidPushError(HubError):
@@ -89,7 +111,8 @@ class HubConflictError(HubError):
 
 
 class HubUnavailableError(HubError):
-    """The Hub endpoint could not be reached (connection refused, DNS, timeout, offline mode)."""
+    """The Hub endpoint could not be reached (connection refused, DNS, timeout, offline mode), or it
+    answered that it is overloaded or down (429, 502, 503, 504): retry later."""
 
 
 # ---- ``cbd fetch``, the client of a cbd service (cbd.cli.fetch) ---------------------------------------

@@ -13,6 +13,10 @@ offline, so tests must set ``HF_HUB_DISABLE_XET`` (``huggingface_hub.constants.H
 Auth follows the Hub: ``Authorization: Bearer <token>``; an unknown token is 401 everywhere, a
 valid token writing outside its own namespace is 403, a private repo is invisible (401 anonymous,
 404 otherwise) to all but its owner. Namespaces are users; there are no organisations.
+
+``refuse = (status, reason)`` (settable live) makes every request answer that status with the
+Hub's error headers, e.g. ``(403, "read-only token")`` or ``(503, "maintenance")``; ``stop()`` shuts
+the server down, leaving its port closed (a Hub that is unreachable).
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ class HubServer:
         self.leak_tokens = leak_tokens  # echo the Authorization header in errors, to test scrubbing
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for tests
+        self.refuse: tuple[int, str] | None = None  # every request answers (status, reason) while set
         self._tickets: dict[str, tuple[Repo, int]] = {}  # upload ticket (presigned URL) -> repo, size
         self._seq = itertools.count(1)
         self.app = build_app(self)
@@ -140,9 +145,13 @@ class HubServer:
             time.sleep(0.01)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
+        """Shut the server down: its port refuses connections from now on."""
         self._server.should_exit = True
         self._thread.join(timeout=10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -227,6 +236,9 @@ def build_app(hub: HubServer) -> FastAPI:
     @app.middleware("http")
     async def _record(request: Request, call_next):
         hub.requests.append((request.method, request.url.path))
+        if hub.refuse is not None:
+            status, reason = hub.refuse
+            return JSONResponse({"error": reason}, status_code=status, headers={"X-Error-Message": reason})
         return await call_next(request)
 
     @app.post("/api/repos/create")

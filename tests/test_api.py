@@ -315,7 +315,13 @@ def test_a_failed_job_answers_with_its_errors_status():
                           ({"type": "HubAuthError", "message": "401 from the Hub", "status": 502}, 502),
                           ({"type": "ChainNotBuiltError", "message": "changed"}, 409),
                           ({"type": "ZeroDivisionError", "message": "oops"}, 500),
-                          ({"type": "ShapeError", "message": "odd", "status": 422}, 500)]:
+                          ({"type": "ShapeError", "message": "odd", "status": 422}, 500),
+                          # the Hub's refusals are the caller's (4xx), an unreachable Hub 503, never a 500
+                          ({"type": "HubAuthError", "message": "401 from the Hub", "hub_status": 401}, 401),
+                          ({"type": "HubPermissionError", "message": "403", "hub_status": 403}, 403),
+                          ({"type": "HubNotFoundError", "message": "404", "hub_status": 401}, 404),
+                          ({"type": "InvalidRepoIdError", "message": "bad id"}, 422),
+                          ({"type": "HubUnavailableError", "message": "refused"}, 503)]:
         view = schemas.Job(id="a" * 32, status="failed", error=schemas.JobError(**error))
         with pytest.raises(JobFailedError) as info:
             answer(view, request, Response(), Settings())

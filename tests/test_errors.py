@@ -25,13 +25,14 @@ WANT_HTTP = {"CBDError": 400, "ShapeError": 422, "UnknownNameError": 422, "Chain
              "InvalidRepoIdError": 422, "HubAuthError": 401, "HubPermissionError": 403, "HubNotFoundError": 404,
              "HubConflictError": 409, "HubUnavailableError": 503, "UnauthorizedError": 401,
              "InvalidHeaderError": 422, "NotFoundError": 404, "PushNotConfiguredError": 503,
-             "QueueUnavailableError": 503}
+             "QueueUnavailableError": 503, "JobCancelledError": 409, "ForbiddenError": 403,
+             "NotCancellableError": 409, "TooManyRequestsError": 429, "QueueFullError": 503}
 WANT_EXIT = {"CBDError": 1, "ShapeError": 2, "UnknownNameError": 3, "ChainNotBuiltError": 3,
              "ChainIncompatibleError": 2, "IntegrityError": 4, "AssetUnavailableError": 5, "StorageFullError": 1,
              "RecipeError": 2, "HubError": 5, "InvalidPushError": 2, "InvalidRepoIdError": 2, "HubAuthError": 2,
              "HubPermissionError": 2, "HubNotFoundError": 3, "HubConflictError": 1, "HubUnavailableError": 5,
              "FetchError": 1, "FetchRefusedError": 2, "FetchJobFailedError": 3, "FetchNotFoundError": 3,
-             "FetchChecksumError": 4, "FetchUnavailableError": 5}
+             "FetchChecksumError": 4, "FetchUnavailableError": 5, "JobCancelledError": 3}
 
 
 def _decided_by(cls: type, table: dict) -> type:

@@ -19,10 +19,44 @@ from contextlib import contextmanager
 from rq import get_current_job
 from rq.job import Job
 
-from cbd.errors import HubError, StorageFullError
+from cbd.errors import (
+    ChainIncompatibleError,
+    ChainNotBuiltError,
+    HubError,
+    HubUnavailableError,
+    JobCancelledError,
+    RecipeError,
+    ShapeError,
+    StorageFullError,
+    UnknownNameError,
+)
 from worker import queue, tokens
 
 PROGRESS_EVERY_S = 0.25
+# Failures that are the caller's or the Hub's, not the service's: the worker logs one line for them
+# (worker.main.HeartbeatWorker.handle_exception), no traceback.
+EXPECTED: tuple[type[Exception], ...] = (HubError, StorageFullError, ShapeError, UnknownNameError, RecipeError,
+                                         ChainIncompatibleError, ChainNotBuiltError, JobCancelledError)
+
+
+def expected(exc: BaseException | None) -> bool:
+    return isinstance(exc, EXPECTED)
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a second try could end otherwise: not when the Hub refused (a 4xx: wrong or refused
+    token, no such repo, a conflict) or the push is malformed. An unreachable or failing (5xx) Hub,
+    a worker that cannot open the token (another may have the key) and every other failure is
+    retried (``Retry(max=2)``)."""
+    if isinstance(exc, JobCancelledError):
+        return False
+    if isinstance(exc, HubUnavailableError):
+        return True
+    if type(exc) is HubError:  # the Hub's 5xx, or this worker cannot open the token (another might)
+        return exc.hub_status is None or exc.hub_status >= 500
+    return not isinstance(exc, HubError)
+
+
 TRANSPORT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "h2", "hpack", "urllib3")
 
 
@@ -75,8 +109,8 @@ def _push(job: Job | None, artifact_id: str, push: dict, token_ref: str | None) 
             result = hub.push_folder(artifacts.artifact_dir(artifact_id), push["repo_id"], token=token,
                                      private=bool(push.get("private", False)),
                                      revision=push.get("revision") or "main")
-    except HubError:
-        _drop_token_if_last_try(job, token_ref)
+    except HubError as exc:
+        _drop_token_if_last_try(job, token_ref, final=not retryable(exc))
         raise
     except Exception as exc:  # anything else leaves as a HubError with the token masked
         _drop_token_if_last_try(job, token_ref)
@@ -120,8 +154,8 @@ def _open_token(job: Job | None, token_ref: str | None) -> str:
                        "from the API's") from None
 
 
-def _drop_token_if_last_try(job: Job | None, token_ref: str | None) -> None:
-    if job is not None and token_ref and not job.retries_left:
+def _drop_token_if_last_try(job: Job | None, token_ref: str | None, *, final: bool = False) -> None:
+    if job is not None and token_ref and (final or not job.retries_left):
         queue.drop_token(job.connection, token_ref)
 
 
@@ -134,11 +168,14 @@ def _tracked(func: str) -> Iterator[Job | None]:
         _save_progress(job, {"stage": "start", "fraction": 0.0})
     start = time.monotonic()
     try:
+        _check_cancelled(job)  # cancelled between its dequeue and now
         yield job
     except Exception as exc:
         exc = _storage_full(exc) or exc
         if job is not None:
-            job.meta["error"] = {"type": type(exc).__name__, "message": _message(exc)}  # status: the API's
+            job.meta["error"] = error_record(exc)  # status: the API's
+            if not retryable(exc):
+                job.retries_left = 0  # rq reads it right after this raise: failed now, not retried
             job.save_meta()
             queue.record_job(job.connection, func, time.monotonic() - start, ok=False)
         raise exc from None
@@ -156,6 +193,16 @@ def _storage_full(exc: Exception) -> StorageFullError | None:
     return None
 
 
+def error_record(exc: Exception) -> dict:
+    """``{"type", "message"}`` plus, for a Hub error, what the Hub answered (``hub_status``,
+    ``hub_reason``): JSON scalars for ``job.meta["error"]``, never the token."""
+    out: dict = {"type": type(exc).__name__, "message": _message(exc)}
+    for name in ("hub_status", "hub_reason"):
+        if getattr(exc, name, None) is not None:
+            out[name] = getattr(exc, name)
+    return out
+
+
 def _message(exc: Exception) -> str:
     return getattr(exc, "message", None) or str(exc) or type(exc).__name__
 
@@ -170,9 +217,23 @@ def _reporter(job: Job | None) -> Callable[[dict], None]:
         now = time.monotonic()
         if now - last >= PROGRESS_EVERY_S:
             last = now
+            _check_cancelled(job)
             _save_progress(job, event)
 
     return report
+
+
+def _check_cancelled(job: Job | None) -> None:
+    """A progress point: raise ``JobCancelledError`` when ``DELETE /jobs/{id}`` asked this job to stop.
+    The runners publish atomically and remove their staging folder on any exception, so a stopped
+    job leaves nothing behind (a chain build keeps its resumable training state)."""
+    if job is None:
+        return
+    by = queue.cancel_requested(job.connection, job.id)
+    if by is not None:
+        job.meta["cancelled"] = {"by": by, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # saved by _tracked
+        raise JobCancelledError(f"job {job.id} was cancelled by {by} and stopped at a progress point; "
+                                "nothing was published. POST the same request again to start it anew")
 
 
 def _save_progress(job: Job | None, event: dict) -> None:

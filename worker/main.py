@@ -36,12 +36,14 @@ from rq import SimpleWorker
 from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job
+from rq.job_lifecycle import call_exception_handlers
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from cbd.core import artifacts
-from worker import queue
+from cbd.errors import JobCancelledError
+from worker import jobs, queue
 
 log = logging.getLogger("cbd.worker")
 ABANDON_AFTER_S = 90  # rq's forking worker: job_monitoring_interval 30 s + 60 s
@@ -66,6 +68,18 @@ class HeartbeatWorker(SimpleWorker):
     def request_stop(self, signum, frame) -> None:
         self.stop_requested = True
         super().request_stop(signum, frame)
+
+    def handle_exception(self, job: Job, *exc_info) -> None:
+        """One log line for an expected failure (the caller's or the Hub's: a refused token, an
+        unreachable Hub, a shape the chain cannot serve), rq's traceback for anything else."""
+        exc = exc_info[1] if len(exc_info) > 1 else None
+        if not jobs.expected(exc):
+            return super().handle_exception(job, *exc_info)
+        if isinstance(exc, JobCancelledError):
+            self._stopped_job_id = job.id  # rq: STOPPED (not failed), never retried
+        self.log.warning("job %s failed: %s: %s", job.id, type(exc).__name__, jobs.error_record(exc)["message"])
+        call_exception_handlers(self._exc_handlers, job, *exc_info)  # rq's, without its traceback log
+        return None
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.abandon_after_s

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -40,6 +41,7 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # rq's own rule for custom jo
 TOKEN_PREFIX = "cbd:token:"
 DURATION_PREFIX = "cbd:metrics:job:"
 LOCK_PREFIX = "cbd:lock:"
+CANCEL_PREFIX = "cbd:cancel:"  # + job id: set by DELETE /jobs/{id}, read by the job at its progress points
 DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, math.inf)
 # A job in one of these states will not produce anything: a new identical request replaces it.
 DEAD = frozenset({JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED})
@@ -130,13 +132,14 @@ def push_job_id(plan_id: str) -> str:
 # ---- enqueue -------------------------------------------------------------------------------------
 def enqueue_initialize(connection: Redis, plan: dict, queue: str, *, push: dict | None = None,
                        token_ref: str | None = None, limits: Limits = Limits(),
-                       stale: Callable[[Job], bool] | None = None) -> tuple[Job, bool]:
+                       stale: Callable[[Job], bool] | None = None, owner: str | None = None) -> tuple[Job, bool]:
     """Enqueue ``worker.jobs.initialize``; returns ``(job, created)``.
 
     Without a push the job id is the plan id and identical requests share one job; an existing
-    job for which ``stale(job)`` holds (failed, or finished but its artifact is gone) is replaced.
+    job for which ``stale(job)`` holds (failed, cancelled, or finished but its artifact is gone) is
+    replaced. ``owner`` (a key's non-secret name) is who may cancel the job, besides operators.
     """
-    meta = {"kind": "initialize", "artifact_id": plan["id"], "chain": plan["chain"]}
+    meta = {"kind": "initialize", "artifact_id": plan["id"], "chain": plan["chain"], "owner": owner}
     kwargs = {"plan": plan, "push": push, "token_ref": token_ref}
     if push is not None:
         meta["push_repo"] = push["repo_id"]
@@ -159,7 +162,7 @@ class ChainBuild(NamedTuple):
 
 
 def enqueue_build_chain(connection: Redis, name: str, *, anchors: list[str] | None = None,
-                        limits: Limits = Limits()) -> ChainBuild:
+                        limits: Limits = Limits(), owner: str | None = None) -> ChainBuild:
     """Enqueue the build of chain ``name`` on the slow queue: one job per anchor, then the manifest.
 
     ``anchors`` (the recipe's, ``a0`` first, ``Recipe.anchor_names``): job k builds anchor k and
@@ -181,10 +184,10 @@ def enqueue_build_chain(connection: Redis, name: str, *, anchors: list[str] | No
                 delete_job(old)
         previous = None
         for anchor, job_id in zip(anchors or [], ids, strict=True):
-            meta = {"kind": "build_chain", "chain": name, "anchor": anchor}
+            meta = {"kind": "build_chain", "chain": name, "anchor": anchor, "owner": owner}
             previous = _enqueue(connection, SLOW, BUILD_ANCHOR, job_id, {"name": name, "anchor": anchor}, meta,
                                 limits, unique=False, depends_on=previous)
-        meta = {"kind": "build_chain", "chain": name, "jobs": [*ids, final_id]}
+        meta = {"kind": "build_chain", "chain": name, "jobs": [*ids, final_id], "owner": owner}
         job = _enqueue(connection, SLOW, BUILD_CHAIN, final_id, {"name": name}, meta, limits, unique=False,
                        depends_on=previous)
     return ChainBuild(job, True)
@@ -254,11 +257,46 @@ def delete_job(job: Job) -> None:
 
 def _enqueue(connection: Redis, queue: str, func: str, job_id: str, kwargs: dict, meta: dict,
              limits: Limits, *, unique: bool, depends_on: Job | None = None) -> Job:
-    return get_queue(queue, connection).enqueue(
+    if not unique:  # a unique enqueue clears the flag once it has created the job (below)
+        connection.delete(CANCEL_PREFIX + job_id)  # a new job under a cancelled one's id runs
+    job = get_queue(queue, connection).enqueue(
         func, kwargs=kwargs, job_id=job_id, unique=unique, retry=Retry(max=RETRIES),
         job_timeout=limits.timeout(queue), result_ttl=limits.result_ttl_s,
         failure_ttl=limits.failure_ttl_s, meta=meta, description=f"{func.rsplit('.', 1)[-1]} {job_id}",
         depends_on=depends_on)
+    if unique:
+        connection.delete(CANCEL_PREFIX + job_id)
+    return job
+
+
+# ---- cancellation --------------------------------------------------------------------------------
+WAITING = frozenset({JobStatus.CREATED, JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
+                     JobStatus.READY_TO_ENQUEUE, JobStatus.RATE_LIMITED})
+
+
+def request_cancel(job: Job, by: str, *, limits: Limits = Limits()) -> str:
+    """Cancel ``job`` on behalf of ``by``: a waiting job at once (rq ``Job.cancel``: it never runs),
+    a running one at its next progress point (a flag the job reads: ``cancel_requested``; rq's own
+    stop command cannot interrupt a ``SimpleWorker``). Returns ``"cancelled"`` or ``"stopping"``.
+    """
+    # For a waiting job; a running one's worker rewrites its meta, and records this itself when it stops.
+    job.meta["cancelled"] = {"by": by, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    job.save_meta()
+    # First the flag, so a job dequeued between the status read and the cancel still stops.
+    job.connection.set(CANCEL_PREFIX + job.id, by, ex=limits.timeout(job.origin or FAST) + 60)
+    if job.get_status(refresh=True) in WAITING:
+        try:
+            job.cancel()
+            return "cancelled"
+        except Exception:  # started meanwhile (or cancelled by another caller): the flag stops it
+            pass
+    return "stopping"
+
+
+def cancel_requested(connection: Redis, job_id: str) -> str | None:
+    """Who cancelled job ``job_id`` while it was running, or None."""
+    value = connection.get(CANCEL_PREFIX + job_id)
+    return value.decode() if value is not None else None
 
 
 # ---- sealed Hub tokens ---------------------------------------------------------------------------

@@ -24,9 +24,18 @@ from rq.job import JobStatus
 
 from app import schemas, views
 from app.core.config import Settings
-from app.deps import ApiKeyDep, HubTokenDep, RedisDep, SettingsDep
-from app.errors import InvalidHeaderError, JobFailedError, PushNotConfiguredError, status_of
+from app.deps import CallerDep, HubTokenDep, RedisDep, SettingsDep
+from app.errors import (
+    InvalidHeaderError,
+    JobFailedError,
+    PushNotConfiguredError,
+    QueueFullError,
+    TooManyRequestsError,
+    is_hub_error,
+    status_of,
+)
 from app.metrics import Metrics
+from app.quotas import Quotas
 from cbd.core import artifacts, manifest
 from cbd.core.catalog import list_tokenizers
 from cbd.core.manifest import ChainManifest
@@ -37,7 +46,13 @@ from cbd.errors import RecipeError, UnknownNameError
 from worker import queue, tokens
 
 router = APIRouter(tags=["initialize"])
+# What a job that failed while the request waited answers with (its error's status; else 500). The
+# Hub's refusals are the caller's to fix (4xx: HUB_CODES, for Hub errors only), an unreachable or
+# failing Hub is 503 / 502; any other job error past planning is the service's (500).
 FAILURE_CODES = (409, 500, 502, 503, 507)
+HUB_CODES = (401, 403, 404, 409, 422)
+HUB_FAILURE = ("; the body's `cause` names the Hub's answer (`hub_status`, `hub_reason`) and never holds "
+               "the token")
 DONE = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
 
 RESPONSES: dict = {
@@ -46,15 +61,31 @@ RESPONSES: dict = {
           "headers": {"Location": {"schema": {"type": "string"}, "description": "/jobs/{id}"},
                       "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
     400: {"model": schemas.ValidationProblem, "description": "the body is not decodable JSON"},
-    401: {"model": schemas.ErrorBody, "description": "X-API-Key missing or wrong (CBD_API_KEYS is set)"},
-    409: {"model": schemas.ErrorBody, "description": "the chain changed while the job waited: POST again"},
+    401: {"model": schemas.ErrorBody, "description": "X-API-Key missing or wrong (CBD_API_KEYS is set), or the Hub "
+          "rejected the X-HF-Token of a push (`HubAuthError`, `WWW-Authenticate: Bearer`)" + HUB_FAILURE},
+    403: {"model": schemas.JobFailure, "description": "the Hub refused the push with this token "
+          "(`HubPermissionError`: no write access to the namespace, or a read-only token)" + HUB_FAILURE},
+    404: {"model": schemas.JobFailure, "description": "the Hub says the repo or revision does not exist or "
+          "is not visible to this token (`HubNotFoundError`)" + HUB_FAILURE},
+    409: {"model": schemas.ErrorBody, "description": "the chain changed while the job waited: POST again; "
+          "the push conflicted on the Hub (`HubConflictError`); or the job was cancelled while the request "
+          "waited (`JobCancelledError`: POST again)"},
     413: {"model": schemas.ValidationProblem, "content": {"text/plain": {"schema": {"type": "string"}}},
           "description": "the body exceeds 64 KiB (app.main.MAX_BODY): text when Content-Length says so, "
                          "JSON when the bytes received do"},
-    422: {"model": schemas.ValidationProblem, "description": "bad shape, unknown field, chain or tokenizer"},
-    500: {"model": schemas.ErrorBody, "description": "the job failed while the request waited"},
-    502: {"model": schemas.ErrorBody, "description": "the push to the Hub failed while the request waited"},
-    503: {"model": schemas.ErrorBody, "description": "Redis unreachable, or push_to_hub not configured",
+    422: {"model": schemas.ValidationProblem, "description": "bad shape, unknown field, chain or tokenizer; "
+          "or the Hub refused the push as malformed (`InvalidPushError`)"},
+    429: {"model": schemas.ErrorBody, "description": "the caller (its API key, or its address when keys are off) "
+          "is over its rate limit of requests that need a new job (CBD_RATE_LIMIT) or its cap of queued plus "
+          "running jobs on the queue (CBD_MAX_JOBS_FAST / _SLOW); `limit` names which. Cached checkpoints and "
+          "requests joining a queued job are never refused",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+    500: {"model": schemas.JobFailure, "description": "the job failed while the request waited"},
+    502: {"model": schemas.JobFailure, "description": "the Hub answered the push with an error of its own "
+          "(5xx, `HubError`)" + HUB_FAILURE},
+    503: {"model": schemas.ErrorBody, "description": "Redis unreachable, push_to_hub not configured, the queue "
+          "deeper than its bound (`QueueFullError`, CBD_QUEUE_BOUND_FAST / _SLOW: new work only), or the Hub "
+          "unreachable or overloaded (`HubUnavailableError`: retry after `Retry-After`)" + HUB_FAILURE,
           "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
     507: {"model": schemas.ErrorBody, "description": "the artifact store is full"},
 }
@@ -69,14 +100,14 @@ class Submitted:
 
 
 @router.post("/initialize", response_model=schemas.Job, response_model_exclude_none=True, responses=RESPONSES,
-             dependencies=[ApiKeyDep],
              summary="An initialisation for a target shape", description=__doc__)
 async def initialize(body: InitRequest, request: Request, response: Response, settings: SettingsDep,
-                     redis: RedisDep, token: HubTokenDep) -> schemas.Job:
+                     redis: RedisDep, token: HubTokenDep, caller: CallerDep) -> schemas.Job:
     if body.push_to_hub is not None:
         _check_push(token, settings)
     base = views.base_url(request)
-    sub = await run_in_threadpool(submit, body, token, settings, redis, base, request.app.state.metrics)
+    sub = await run_in_threadpool(submit, body, token, settings, redis, base, request.app.state.metrics,
+                                  caller.name, request.app.state.quotas)
     view = sub.view
     if sub.job is not None and sub.wait and settings.sync_wait_s > 0 and view.status in ("queued", "started"):
         job = await wait_for(sub.job, settings)
@@ -87,9 +118,10 @@ async def initialize(body: InitRequest, request: Request, response: Response, se
 def answer(view: schemas.Job, request: Request, response: Response, settings: Settings) -> schemas.Job:
     if view.status == "finished":
         return view
-    if view.status == "failed" and view.error is not None:
+    if view.status in ("failed", "cancelled") and view.error is not None:
         status = view.error.status or status_of(view.error.type)
-        raise JobFailedError(view.id, view.error.model_dump(), status if status in FAILURE_CODES else 500)
+        allowed = FAILURE_CODES + HUB_CODES if is_hub_error(view.error.type) else FAILURE_CODES
+        raise JobFailedError(view.id, view.error.model_dump(), status if status in allowed else 500)
     response.status_code = 202
     response.headers["Location"] = views.job_path(request, view.id)
     response.headers["Retry-After"] = str(settings.retry_after_s)
@@ -97,11 +129,12 @@ def answer(view: schemas.Job, request: Request, response: Response, settings: Se
 
 
 def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redis, base: str,
-           metrics: Metrics) -> Submitted:
+           metrics: Metrics, owner: str | None = None, quotas: Quotas | None = None) -> Submitted:
     """Everything blocking (disk, Redis) of one request, run in the threadpool."""
     name, chain, warnings = resolve_chain(body.chain, settings)
     if chain is None:
-        build = queue.enqueue_build_chain(redis, name, anchors=recipe_anchors(name, settings), limits=settings.limits)
+        build = queue.enqueue_build_chain(redis, name, anchors=recipe_anchors(name, settings), limits=settings.limits,
+                                          owner=owner)
         job = build.job
         steps = f" (jobs {', '.join(build.job_ids)}: one per anchor, then the manifest)" if len(build.job_ids) > 1 else ""
         message = (f"chain {name!r} is not built yet; it is being built from its recipe by job {job.id}{steps}. "
@@ -114,14 +147,25 @@ def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redi
     metrics.cache(hit=info is not None)
     if info is not None and body.push_to_hub is None:
         return Submitted(views.artifact_view(info, base, chain=chain.name, warnings=warnings))
-    push = body.push_to_hub.model_dump() if body.push_to_hub is not None else None
-    token_ref = _stash(redis, token, settings) if push is not None else None
-
     def stale(job: RQJob) -> bool:  # finished, yet its artifact is gone (deleted by an operator)
         return job.get_status(refresh=False) == JobStatus.FINISHED and artifacts.load_artifact(plan.id) is None
 
-    job, _ = queue.enqueue_initialize(redis, plan.model_dump(mode="json"), queue.queue_for(plan), push=push,
-                                      token_ref=token_ref, limits=settings.limits, stale=stale)
+    push = body.push_to_hub.model_dump() if body.push_to_hub is not None else None
+    queue_name = queue.queue_for(plan)
+    current = queue.fetch_job(redis, plan.id) if push is None else None
+    adds_work = current is None or current.get_status(refresh=False) in queue.DEAD or stale(current)
+    if adds_work and quotas is not None:  # a request deduplicated onto a live job adds none
+        try:
+            quotas.admit(redis, owner or "anonymous", queue_name)
+        except (TooManyRequestsError, QueueFullError) as exc:
+            metrics.refused(exc.limit)
+            raise
+    token_ref = _stash(redis, token, settings) if push is not None else None
+
+    job, created = queue.enqueue_initialize(redis, plan.model_dump(mode="json"), queue.queue_for(plan), push=push,
+                                      token_ref=token_ref, limits=settings.limits, stale=stale, owner=owner)
+    if created and quotas is not None:
+        quotas.track(redis, owner or "anonymous", queue_name, job.id)
     return Submitted(views.job_view(job, base, warnings=warnings), job, wait=queue.queue_for(plan) == queue.FAST,
                      warnings=warnings)
 

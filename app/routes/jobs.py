@@ -1,4 +1,5 @@
 """``GET /jobs/{id}``: status, progress, a clean error (type and message, no traceback), the result.
+``DELETE /jobs/{id}``: cancel a queued job, or stop a running one at its next progress point.
 
 A chain build's ``chain-<name>`` waits (rq: deferred) for one job per anchor: meanwhile its progress
 is theirs; once one of them has failed for good it reads as failed (``DependencyFailedError``).
@@ -8,15 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from redis import Redis
 from rq.job import Job as RQJob
 from rq.job import JobStatus
 
 from app import schemas, views
-from app.deps import RedisDep
-from app.errors import NotFoundError
+from app.deps import Caller, CallerDep, RedisDep, SettingsDep
+from app.errors import ForbiddenError, NotCancellableError, NotFoundError
 from cbd.core import artifacts
 from worker import queue
 
@@ -76,3 +77,53 @@ def _blocked_error(dep_id: str, dep: RQJob | None) -> schemas.JobError:
     message = (f"this job will not run: it waits for {what}, which {cause}. Submit the build again "
                "(POST /initialize or `cbd chain build NAME --queue`): it resumes from the anchors already built")
     return schemas.JobError(type="DependencyFailedError", message=message[:views.MAX_MESSAGE], status=500)
+
+
+CANCEL_DOC = """Cancel a job: a queued one never runs (200, `status: cancelled`); a running one (a bridge,
+a chain build's anchor) stops at its next progress point, within about a second of training
+(202, `status: started`, then `cancelled` on `GET`): nothing is published and its staging
+folder is removed. Identical requests that were deduplicated onto the job see `cancelled` with
+`cancelled_by`; anyone may POST the same request again, which starts a new job. A chain build
+(`chain-<name>`) is cancelled with all its anchor jobs. Only the key that created the job, or an
+operator key (`CBD_OPERATOR_KEYS`), may cancel it (403 otherwise); when the service has no keys,
+anyone may. A job that ends before its next progress point keeps its result."""
+
+
+@router.delete("/jobs/{job_id}", response_model=schemas.Job, response_model_exclude_none=True,
+               summary="Cancel a job", description=CANCEL_DOC, responses={
+    202: {"model": schemas.Job, "description": "running: it stops at its next progress point; poll Location",
+          "headers": {"Location": {"schema": {"type": "string"}}}},
+    401: {"model": schemas.ErrorBody, "description": "X-API-Key missing or wrong (CBD_API_KEYS is set)"},
+    403: {"model": schemas.ErrorBody, "description": "another key created this job (and this is no operator key)"},
+    404: {"model": schemas.ErrorBody, "description": "no such job"},
+    409: {"model": schemas.ErrorBody, "description": "the job has already ended (finished, failed or cancelled)"},
+    422: {"model": schemas.ValidationProblem, "description": "not a job id"},
+    503: {"model": schemas.ErrorBody, "description": "Redis unreachable",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+})
+async def cancel_job(job_id: JobId, request: Request, response: Response, redis: RedisDep, settings: SettingsDep,
+                     caller: CallerDep) -> schemas.Job:
+    view = await run_in_threadpool(_cancel, redis, job_id, caller, settings, views.base_url(request))
+    if view.status not in ("cancelled",):
+        response.status_code = 202
+        response.headers["Location"] = views.job_path(request, job_id)
+    return view
+
+
+def _cancel(redis: Redis, job_id: str, caller: Caller, settings, base: str) -> schemas.Job:
+    job = queue.fetch_job(redis, job_id)
+    if job is None:
+        raise NotFoundError(f"no job {job_id!r}")
+    owner = job.get_meta(refresh=False).get("owner")
+    if owner is not None and owner != caller.name and not caller.operator:
+        raise ForbiddenError(f"job {job_id} was created by another key ({owner}); only that key or an operator "
+                             "key (CBD_OPERATOR_KEYS) may cancel it")
+    if job.get_status(refresh=False) not in queue.WAITING | {JobStatus.STARTED}:
+        raise NotCancellableError(f"job {job_id} has already ended ({job.get_status(refresh=False).value}); "
+                                  "there is nothing to cancel")
+    ids = job.get_meta(refresh=False).get("jobs") or []  # a chain build: its anchor jobs too
+    for other in (queue.fetch_job(redis, i) for i in ids if i != job_id):
+        if other is not None and other.get_status(refresh=False) in queue.WAITING | {JobStatus.STARTED}:
+            queue.request_cancel(other, caller.name, limits=settings.limits)
+    queue.request_cancel(job, caller.name, limits=settings.limits)
+    return views.job_view(queue.fetch_job(redis, job_id) or job, base)

@@ -104,9 +104,9 @@ def _request(http: httpx.Client, method: str, path: str, **kw) -> dict:
 def _wait(http: httpx.Client, job: dict, deadline: float, progress: bool) -> dict:
     """Poll ``/jobs/{id}`` until the job finishes; a failed job raises with its clean error."""
     while job["status"] != "finished":
-        if job["status"] == "failed":
+        if job["status"] in ("failed", "cancelled"):  # cancelled: DELETE /jobs/{id} by its owner or an operator
             err = job.get("error") or {}
-            raise FetchJobFailedError(f"job {job['id']} failed: {err.get('type')}: {err.get('message')}")
+            raise FetchJobFailedError(f"job {job['id']} {job['status']}: {err.get('type')}: {err.get('message')}")
         if time.monotonic() > deadline:
             raise FetchUnavailableError(f"job {job['id']} did not finish in time (--timeout)")
         if progress and job.get("progress"):

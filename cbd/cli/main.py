@@ -44,6 +44,7 @@ from cbd.errors import (
     HubUnavailableError,
     IntegrityError,
     InvalidPushError,
+    JobCancelledError,
     RecipeError,
     ShapeError,
     StorageFullError,
@@ -82,6 +83,7 @@ EXIT: dict[type[CBDError], int] = {
     HubUnavailableError: 5,
     FetchUnavailableError: 5,
     StorageFullError: 1,
+    JobCancelledError: 3,  # as a job that failed
 }
 
 

@@ -211,7 +211,11 @@ def _unchanged(api: HfApi, repo_id: str, head: str, files: dict[str, Path]) -> b
 
 
 def _translate(exc: Exception, *, where: str, endpoint: str, parent_commit: str | None, token) -> HubError:
-    """Map a huggingface_hub / transport failure to a HubError with a remedy, token scrubbed."""
+    """Map a huggingface_hub / transport failure to a HubError with a remedy, token scrubbed.
+
+    Each error carries the Hub's HTTP status (``hub_status``, None when it was not reached) and its
+    own words for it (``hub_reason``), so a caller of the service sees what the Hub said.
+    """
     detail = scrub(" ".join(str(exc).split()), token)
     if isinstance(exc, (httpx2.TransportError, OfflineModeIsEnabled, ConnectionError)):
         return HubUnavailableError(
@@ -221,36 +225,53 @@ def _translate(exc: Exception, *, where: str, endpoint: str, parent_commit: str 
     status = (
         exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
     )
+    reason = _reason(exc, token)
+    said = {"hub_status": status, "hub_reason": reason}
     tokens_url = f"{endpoint}/settings/tokens"
     if status == 401 and token is None:
         return HubAuthError(
             f"No Hub token was given for pushing {where} (401): pass token=, or set HF_TOKEN to an"
-            f" access token with write scope (create one at {tokens_url})."
+            f" access token with write scope (create one at {tokens_url}).", **said
         )
     if status == 401 and "Invalid credentials" in detail:
         return HubAuthError(
-            f"The Hub at {endpoint} rejected the token while pushing {where} (401): pass a valid"
-            f" access token with write scope (create one at {tokens_url}), or set HF_TOKEN."
+            f"The Hub at {endpoint} rejected the token while pushing {where} (401: {reason}): pass a"
+            f" valid access token with write scope (create one at {tokens_url}), or set HF_TOKEN.", **said
         )
     if status == 403:
         return HubPermissionError(
-            f"This token may not write to {where} (403): push into your own namespace or an"
-            f" organisation where you have write access, or use a token with write scope ({tokens_url})."
+            f"The Hub refused this token writing to {where} (403: {reason}): push into your own namespace"
+            f" or an organisation where you have write access, or use a token with write scope ({tokens_url}).",
+            **said,
         )
     if status in (401, 404):
         return HubNotFoundError(
             f"{where} was not found or is not visible to this token ({status}): check the repo id and"
-            f" revision, and that the token belongs to the repo's owner. ({detail})"
+            f" revision, and that the token is valid and belongs to the repo's owner. ({detail})", **said
         )
     if status == 412:
         return HubConflictError(
             f"{where} has moved past parent_commit {parent_commit} (412): fetch the current head"
-            " (HfApi.repo_info(...).sha), check what changed, and push again with that parent."
+            " (HfApi.repo_info(...).sha), check what changed, and push again with that parent.", **said
         )
     if status == 409:
         return HubConflictError(
-            f"A concurrent operation conflicts with the push to {where} (409): retry. ({detail})"
+            f"A concurrent operation conflicts with the push to {where} (409): retry. ({detail})", **said
+        )
+    if status in (429, 502, 503, 504):
+        return HubUnavailableError(
+            f"The Hub at {endpoint} is overloaded or down ({status}: {reason}) while pushing {where}:"
+            " retry later.", **said
         )
     if isinstance(exc, ValueError):  # e.g. invalid README metadata, malformed parent commit
-        return InvalidPushError(f"The Hub refused the push to {where}: {detail}")
-    return HubError(f"Pushing {where} to {endpoint} failed ({status or type(exc).__name__}): {detail}")
+        return InvalidPushError(f"The Hub refused the push to {where}: {detail}", **said)
+    return HubError(f"Pushing {where} to {endpoint} failed ({status or type(exc).__name__}): {detail}", **said)
+
+
+def _reason(exc: Exception, token: str | None, limit: int = 300) -> str | None:
+    """The Hub's own message (``X-Error-Message`` / JSON ``error``), one line, scrubbed, bounded."""
+    text = getattr(exc, "server_message", None)
+    if not text:
+        return None
+    text = scrub(" ".join(str(text).split()), token)
+    return text if len(text) <= limit else text[:limit] + "..."
