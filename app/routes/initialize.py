@@ -81,6 +81,8 @@ async def initialize(body: InitRequest, request: Request, response: Response, se
     if sub.job is not None and sub.wait and settings.sync_wait_s > 0 and view.status in ("queued", "started"):
         job = await wait_for(sub.job, settings)
         view = await run_in_threadpool(views.job_view, job, base, warnings=sub.warnings)
+        if view.repo_id is None:
+            view = view.model_copy(update={"repo_id": sub.view.repo_id, "repo_revision": sub.view.repo_revision})
     return answer(view, request, response, settings)
 
 
@@ -122,7 +124,10 @@ def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redi
 
     job, _ = queue.enqueue_initialize(redis, plan.model_dump(mode="json"), queue.queue_for(plan), push=push,
                                       token_ref=token_ref, limits=settings.limits, stale=stale)
-    return Submitted(views.job_view(job, base, warnings=warnings), job, wait=queue.queue_for(plan) == queue.FAST,
+    view = views.job_view(job, base, warnings=warnings)
+    if view.repo_id is None:
+        view = view.model_copy(update=views.repo_fields(plan.model_dump(mode="json"), plan.id))
+    return Submitted(view, job, wait=queue.queue_for(plan) == queue.FAST,
                      warnings=warnings)
 
 
