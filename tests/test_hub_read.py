@@ -178,8 +178,7 @@ def test_transformers_and_hub_clients_get_the_bytes_checkpoints_serves(service, 
     assert "unknown tokenizer 'xx16'" in again["bad"][bad[3]]
     assert "is not ready yet" in again["bridge"] and "bridge to another tokenizer" in again["bridge"]
     assert "Retry in a while" in again["bridge"]
-    kind, cause, seconds = again["bridge_head"]
-    print("bridge HEAD path gave up after", seconds)
+    kind, cause, _ = again["bridge_head"]
     assert kind == "LocalEntryNotFoundError" and "503" in cause and "is not ready yet" in cause
 
 
@@ -255,3 +254,42 @@ def test_transformers_457_from_pretrained(service, served, tmp_path):
     out = run_client(CLIENT, env, NAME, python=str(_venv()))
     assert out["snapshot"] == digests and out["one"] == digests["config.json"]
     assert out["commit"] == body["repo_revision"] and out["layers"] == 3
+
+
+# The repo id parser alone (torch-free, no service).
+
+@pytest.mark.parametrize(("name", "dtype", "tokenizer"), [
+    ("L12-d384-h6-kv2-f1024", "float32", None), ("L12-d384-h6-kv2-f1024-fp32", "float32", None),
+    ("L4-d256-h4-kv2-f512-bf16-gpt2", "bfloat16", "gpt2"), ("L4-d256-h4-kv2-f512-fp16", "float16", None),
+    ("L4-d256-h4-kv2-f512-gpt2", "float32", "gpt2"), ("L4-d256-h4-kv2-f512-test-words", "float32", "test-words"),
+])
+def test_repo_ids_parse_to_the_post_body(name, dtype, tokenizer):
+    rn = repo_ids.parse("tiny", name)
+    req = rn.to_request()
+    assert (req.chain, req.dtype, req.tokenizer) == ("tiny", dtype, tokenizer)
+    a = req.architecture
+    assert f"L{a.num_hidden_layers}-d{a.hidden_size}-h{a.num_attention_heads}-kv{a.num_key_value_heads}-" \
+           f"f{a.intermediate_size}" == "-".join(name.split("-")[:5])
+    assert repo_ids.parse(*rn.repo_id().split("/")) == rn  # the canonical id names the same request
+    assert "-fp32" not in rn.repo_id()
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("banana", "is not an init's repo id"), ("l4-d256-h4-kv2-f512", "is not an init's repo id"),
+    ("L4-d256-h4-f512", "is not an init's repo id"), ("L0-d256-h4-kv2-f512", "num_hidden_layers: Input should be"),
+    ("L4-d256-h4-kv2-f512-Bad", "tokenizer: String should match pattern"),
+])
+def test_bad_repo_ids_say_what_is_wrong_and_what_is_allowed(name, says):
+    from cbd.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError) as e:
+        repo_ids.parse("tiny", name).to_request()
+    assert says in e.value.message and repo_ids.FORMAT in e.value.message
+    assert e.value.allowed["dtypes"] == ["fp32", "bf16", "fp16"]
+
+
+def test_commits_are_content_ids():
+    aid = "0123456789abcdef" * 2
+    assert repo_ids.commit_of(aid) == aid + "00000000"
+    assert repo_ids.artifact_of_commit(repo_ids.commit_of(aid)) == aid == repo_ids.artifact_of_commit(aid)
+    assert repo_ids.artifact_of_commit("main") is None and repo_ids.artifact_of_commit("f" * 40) is None
