@@ -182,10 +182,20 @@ def test_transformers_and_hub_clients_get_the_bytes_checkpoints_serves(service, 
     assert kind == "LocalEntryNotFoundError" and "503" in cause and "is not ready yet" in cause
 
 
-def test_post_answer_names_the_repo(served):
+def test_post_answer_names_the_repo(service, served):
     body, _ = served
     assert body["repo_id"] == NAME
     assert body["repo_revision"] == body["artifact_id"] + "0" * 8
+    bridge = repo_ids.parse(*BRIDGE.split("/")).to_request().model_dump(exclude_none=True)
+    r = httpx.post(service[0] + "/initialize", json=bridge, timeout=60)  # queued: the answer names it too
+    assert r.status_code == 202 and r.json()["repo_id"] == BRIDGE
+    assert r.json()["repo_revision"] == r.json()["artifact_id"] + "0" * 8
+    with_alpha = repo_ids.parse(*NAME.split("/")).to_request().model_dump(exclude_none=True) | {"alpha": 0.25}
+    other = httpx.post(service[0] + "/initialize", json=with_alpha, timeout=120).json()
+    assert other["repo_id"] == NAME and other["repo_revision"] != body["repo_revision"]  # the sha tells them apart
+    head = httpx.head(f"{service[0]}/{NAME}/resolve/{other['repo_revision']}/model.safetensors")
+    assert head.headers["etag"] == f'"{other["files"]["model.safetensors"]["sha256"]}"'
+    assert head.headers["x-repo-commit"] == other["repo_revision"]
 
 
 def test_hf_download_command_line(service, served, tmp_path):

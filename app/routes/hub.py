@@ -154,16 +154,15 @@ async def find_init(request: Request, chain: str, name: str, revision: str) -> I
         wanted = repo_ids.artifact_of_commit(revision)
         if revision != "main" and wanted is None:
             raise _no_revision(repo, revision)
-        if wanted is not None:
+        if wanted is not None:  # a commit names an init that exists (clients learn shas from model info)
             info = await run_in_threadpool(artifacts.load_artifact, wanted)
-            if info is not None and _matches(info.plan, rn):
-                return Init(repo, info, repo_ids.commit_of(info.id), pinned=True)
+            if info is None or not _matches(info.plan, rn):
+                raise _no_revision(repo, revision)
+            return Init(repo, info, repo_ids.commit_of(info.id), pinned=True)
         base = views.base_url(request)
         sub = await run_in_threadpool(initialize.submit, body, None, settings, request.app.state.redis, base,
                                       request.app.state.metrics)
         view = sub.view
-        if wanted is not None and view.artifact_id != wanted:
-            raise _no_revision(repo, revision)
         if sub.job is not None and sub.wait and view.status in ("queued", "started") and settings.sync_wait_s > 0:
             job = await initialize.wait_for(sub.job, settings.model_copy(
                 update={"sync_wait_s": min(settings.sync_wait_s, HUB_WAIT_S)}))
@@ -174,7 +173,7 @@ async def find_init(request: Request, chain: str, name: str, revision: str) -> I
             if view.status == "finished" and view.artifact_id else None
         if info is None:
             raise _not_ready(repo, view, request, settings)
-        return Init(repo, info, repo_ids.commit_of(info.id), pinned=wanted is not None)
+        return Init(repo, info, repo_ids.commit_of(info.id), pinned=False)
 
 
 def _no_revision(repo: str, revision: str) -> HubAnswer:
