@@ -16,7 +16,7 @@ from app import errors
 from app.core.config import Settings
 from app.metrics import Metrics
 from app.quotas import Quotas
-from app.routes import chains, checkpoints, health, initialize, jobs
+from app.routes import chains, checkpoints, health, hub, initialize, jobs
 from cbd import __version__
 from worker import queue
 
@@ -41,7 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.redis = queue.connect(settings.redis_url)
     errors.install(app)
-    for module in (initialize, jobs, checkpoints, chains, health):
+    hub.install(app)
+    for module in (initialize, jobs, checkpoints, chains, health, hub):  # hub last: its paths are the widest
         app.include_router(module.router)
     app.state.metrics = Metrics(app)
     app.state.quotas = Quotas(settings, app.state.redis)

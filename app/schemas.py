@@ -86,6 +86,10 @@ class Job(BaseModel):
     progress: dict[str, Any] | None = Field(default=None, description='e.g. {"stage": "interpolate", "fraction": 0.5}')
     error: JobError | None = None
     files: dict[str, FileLink] | None = None
+    repo_id: str | None = Field(default=None, description="the init's name for Hub clients (HF_ENDPOINT=<service>): "
+                                "`from_pretrained(repo_id)` fetches the init `main` stands for (calibrated alpha)")
+    repo_revision: str | None = Field(default=None, description="the commit sha of exactly this init (its id, "
+                                      "zero-padded to 40 hex): `from_pretrained(repo_id, revision=repo_revision)`")
     alpha: float | None = None
     alpha_source: str | None = None
     anchors: list[dict[str, Any]] | None = None

@@ -11,7 +11,7 @@ from rq.results import Result
 
 from app import schemas
 from app.errors import status_of
-from cbd.core import artifacts
+from cbd.core import artifacts, repo_ids
 from cbd.core.artifacts import ArtifactInfo
 
 # rq has more states than a client needs: waiting ones read as queued, dead ones as failed.
@@ -41,9 +41,15 @@ def file_links(info: ArtifactInfo, base: str) -> dict[str, schemas.FileLink]:
             for name, f in sorted(info.files.items())}
 
 
+def repo_fields(plan: dict[str, Any], artifact_id: str) -> dict[str, str | None]:
+    """``repo_id`` and ``repo_revision``: the init as Hub clients name it (app/routes/hub.py)."""
+    return {"repo_id": repo_ids.repo_id_of_plan(plan), "repo_revision": repo_ids.commit_of(artifact_id)}
+
+
 def with_artifact(view: schemas.Job, info: ArtifactInfo, base: str) -> schemas.Job:
     """Fill the finished-checkpoint fields of ``view`` from ``artifact.json``."""
     return view.model_copy(update={
+        **repo_fields(info.plan, info.id),
         "files": file_links(info, base), "alpha": info.alpha, "anchors": info.anchors,
         "alpha_source": info.alpha_source or info.plan.get("alpha_source"), "target": info.plan.get("target"),
         "card": (info.metrics or {}).get("card"),

@@ -112,6 +112,8 @@ async def initialize(body: InitRequest, request: Request, response: Response, se
     if sub.job is not None and sub.wait and settings.sync_wait_s > 0 and view.status in ("queued", "started"):
         job = await wait_for(sub.job, settings)
         view = await run_in_threadpool(views.job_view, job, base, warnings=sub.warnings)
+        if view.repo_id is None:
+            view = view.model_copy(update={"repo_id": sub.view.repo_id, "repo_revision": sub.view.repo_revision})
     return answer(view, request, response, settings)
 
 
@@ -166,7 +168,10 @@ def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redi
                                       token_ref=token_ref, limits=settings.limits, stale=stale, owner=owner)
     if created and quotas is not None:
         quotas.track(redis, owner or "anonymous", queue_name, job.id)
-    return Submitted(views.job_view(job, base, warnings=warnings), job, wait=queue.queue_for(plan) == queue.FAST,
+    view = views.job_view(job, base, warnings=warnings)
+    if view.repo_id is None:
+        view = view.model_copy(update=views.repo_fields(plan.model_dump(mode="json"), plan.id))
+    return Submitted(view, job, wait=queue.queue_for(plan) == queue.FAST,
                      warnings=warnings)
 
 
