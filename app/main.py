@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from app import errors
 from app.core.config import Settings
 from app.metrics import Metrics
-from app.routes import chains, checkpoints, health, initialize, jobs
+from app.routes import chains, checkpoints, health, initialize, jobs, plan, ui
 from cbd import __version__
 from worker import queue
 
@@ -24,7 +24,10 @@ from worker import queue
 MAX_BODY = 64 * 1024
 DESCRIPTION = """Initialisations for small language models of any shape, interpolated from a chain
 of distilled anchors (chain-based distillation). POST a target architecture to /initialize; the
-answer lists downloadable files (200) or a job to poll (202 + Location)."""
+answer lists downloadable files (200) or a job to poll (202 + Location). POST /plan tells what a body
+would make and cost without enqueueing anything. A web page for people is at [/](/).
+
+These docs: [Swagger UI](/docs), [ReDoc](/redoc), [openapi.json](/openapi.json)."""
 
 
 @asynccontextmanager
@@ -35,12 +38,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
+    # /docs and /redoc are app.routes.ui's: their scripts are served from here, not from a CDN
     app = FastAPI(title="cbd", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                  max_body_size=MAX_BODY)
+                  max_body_size=MAX_BODY, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.redis = queue.connect(settings.redis_url)
     errors.install(app)
-    for module in (initialize, jobs, checkpoints, chains, health):
+    for module in (initialize, plan, jobs, checkpoints, chains, health):
         app.include_router(module.router)
+    ui.install(app)
     app.state.metrics = Metrics(app)
     return app
