@@ -216,6 +216,8 @@ def test_a_good_shape_runs_to_a_finished_job_whose_link_serves_the_file(watched,
     data = page.request.get(href).body()  # as the browser downloads it (with its cookies, none needed)
     assert hashlib.sha256(data).hexdigest() == shown_sha
     assert f"{len(data):,} B" in row.inner_text()
+    header = len(data) - plan["weights_bytes"]  # the plan's size is the weights' bytes; the header adds a little
+    assert 0 < header < 64 * 1024, (len(data), plan["weights_bytes"])
     # the snippets name this request
     snippets = page.locator(".snippet pre").all_inner_texts()
     assert any(f"--ffn {ffn}" in s and "cbd fetch" in s for s in snippets)
@@ -227,3 +229,38 @@ def test_a_good_shape_runs_to_a_finished_job_whose_link_serves_the_file(watched,
                            "r.querySelector('a') && r.querySelector('a').href.endsWith(id) && "
                            "r.textContent.includes('finished'))", arg=job_id)
     assert job_id == plan["id"]
+
+
+def test_plan_enqueues_nothing_and_says_what_initialize_would_do(services):
+    base = services["keys"]  # no key needed: it changes nothing
+    before = httpx.get(base + "/jobs").json()["jobs"]
+    body = {"architecture": {"num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 2}, "dtype": "bfloat16"}
+    r = httpx.post(base + "/plan", json=body)
+    assert r.status_code == 200, r.text
+    p = r.json()
+    assert p["small"]["name"] == "a2" and p["big"]["name"] == "a1" and 0 < p["alpha"] < 1
+    assert p["small"]["heldout_loss"] == LOSSES["a2"] and p["alpha_source"] == "calibrate"
+    assert p["weights_bytes"] == 2 * p["num_params"] and p["job"] == "fast" and p["cached"] is False
+    assert httpx.get(base + "/jobs").json()["jobs"] == before
+    assert httpx.get(f"{base}/jobs/{p['id']}").status_code == 404
+    # a chain that has a recipe but is not built: POST /initialize would build it; /plan builds nothing
+    r = httpx.post(base + "/plan", json=body | {"chain": "tiny"})
+    assert r.status_code == 409 and r.json()["error"] == "ChainNotBuiltError", r.text
+    assert httpx.get(base + "/jobs/chain-tiny").status_code == 404
+
+
+def test_caching_headers_and_no_outside_urls(services):
+    base = services["open"]
+    page = httpx.get(base + "/")
+    assert page.headers["cache-control"] == "no-cache" and page.headers["etag"]
+    assert httpx.get(base + "/", headers={"If-None-Match": page.headers["etag"]}).status_code == 304
+    assets = [a for a in page.text.split('"') if a.startswith("/ui/app.")]
+    assert len(assets) == 2 and all("?v=" in a for a in assets)
+    for a in assets:
+        r = httpx.get(base + a)
+        assert r.status_code == 200 and "immutable" in r.headers["cache-control"] and r.headers["etag"]
+        assert httpx.get(base + a, headers={"If-None-Match": r.headers["etag"]}).status_code == 304
+    for path in ("/", "/docs", "/redoc"):
+        text = httpx.get(base + path).text
+        assert "https://" not in text and "http://" not in text.replace("http://www.w3.org", ""), path
+    assert b"cdn.redoc.ly" not in httpx.get(base + "/ui/vendor/redoc.standalone.js").content  # its one CDN image
