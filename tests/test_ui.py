@@ -253,6 +253,7 @@ def test_caching_headers_and_no_outside_urls(services):
     base = services["open"]
     page = httpx.get(base + "/")
     assert page.headers["cache-control"] == "no-cache" and page.headers["etag"]
+    assert "script-src 'self'" in page.headers["content-security-policy"]  # no inline or foreign script runs
     assert httpx.get(base + "/", headers={"If-None-Match": page.headers["etag"]}).status_code == 304
     assets = [a for a in page.text.split('"') if a.startswith("/ui/app.")]
     assert len(assets) == 2 and all("?v=" in a for a in assets)

@@ -35,6 +35,9 @@ VENDOR_VERSION = version("fastapi-offline")  # the vendored files change only wi
 IMMUTABLE = "public, max-age=31536000, immutable"  # an asset asked for by its content hash (?v=)
 SHORT = "public, max-age=300"
 PAGE_CACHE = "no-cache"  # the page lists chains, which change: revalidate (ETag) every time
+# The page runs only its own script and styles (no inline script, nothing from elsewhere).
+PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 NAV = ('<nav class="cbd-nav" aria-label="cbd pages" style="font:14px system-ui,sans-serif;padding:6px 12px;'
        'background:#1d3557"><a style="color:#fff;margin-right:1em" href="/">cbd home page</a>'
        '<a style="color:#fff;margin-right:1em" href="/docs">Swagger UI</a>'
@@ -89,11 +92,13 @@ async def redoc_script(request: Request) -> Response:
     return Response(data, media_type="text/javascript; charset=utf-8", headers=headers)
 
 
-def cached_html(request: Request, body: str) -> Response:
+def cached_html(request: Request, body: str, *, csp: str | None = None) -> Response:
     """HTML with a strong ETag; ``If-None-Match`` answers 304."""
     data = body.encode()
     etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
     headers = {"ETag": etag, "Cache-Control": PAGE_CACHE, "X-Content-Type-Options": "nosniff"}
+    if csp:
+        headers["Content-Security-Policy"] = csp
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
     return HTMLResponse(data, headers=headers)
@@ -125,7 +130,7 @@ def _with_nav(page: str) -> str:
 async def index(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     chains = await run_in_threadpool(chains_view, settings)
-    return cached_html(request, render_page(chains, request.app.state.ui_versions))
+    return cached_html(request, render_page(chains, request.app.state.ui_versions), csp=PAGE_CSP)
 
 
 # ---------------------------------------------------------------------------------------------- page
@@ -337,8 +342,8 @@ PAGE = """<!doctype html>
 <legend>Alpha (weight of the smaller anchor)</legend>
 <label class="inline"><input type="radio" name="alpha_mode" value="calibrated" checked> calibrated (default: the best of a grid by validation loss)</label>
 <label class="inline"><input type="radio" name="alpha_mode" value="alpha0"> alpha0 (relative log-parameter distance)</label>
-<label class="inline"><input type="radio" name="alpha_mode" value="alpha"> this alpha:
-<input name="alpha" id="f-alpha" type="number" step="0.01" value="0.5" aria-label="alpha"></label>
+<div class="inline"><label class="inline"><input type="radio" name="alpha_mode" value="alpha" id="f-alpha-mode">
+this alpha:</label> <input name="alpha" id="f-alpha" type="number" step="0.01" value="0.5" aria-label="alpha (0 to 1)"></div>
 </fieldset>
 <fieldset>
 <legend>API key</legend>

@@ -206,6 +206,7 @@
     clearTimeout(timer);
     timer = setTimeout(checkPlan, 250);
   }
+  $("#f-alpha").addEventListener("focus", () => { $("#f-alpha-mode").checked = true; schedule(); });
   form.addEventListener("input", (e) => { if (e.target !== keyInput) schedule(); });
   form.addEventListener("change", (e) => { if (e.target !== keyInput) schedule(); });
 
