@@ -15,6 +15,7 @@ serve: setup
 
 test: setup lint
 	bash scripts/ensure-redis.sh
+	bash scripts/ensure-chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # ruff, then the import-linter contracts of pyproject.toml (layers, torch-free core and web process,

@@ -16,7 +16,7 @@ from app import errors
 from app.core.config import Settings
 from app.metrics import Metrics
 from app.quotas import Quotas
-from app.routes import chains, checkpoints, health, hub, initialize, jobs
+from app.routes import chains, checkpoints, health, hub, initialize, jobs, plan, ui
 from cbd import __version__
 from worker import queue
 
@@ -25,7 +25,10 @@ from worker import queue
 MAX_BODY = 64 * 1024
 DESCRIPTION = """Initialisations for small language models of any shape, interpolated from a chain
 of distilled anchors (chain-based distillation). POST a target architecture to /initialize; the
-answer lists downloadable files (200) or a job to poll (202 + Location)."""
+answer lists downloadable files (200) or a job to poll (202 + Location). POST /plan tells what a body
+would make and cost without enqueueing anything. A web page for people is at [/](/).
+
+These docs: [Swagger UI](/docs), [ReDoc](/redoc), [openapi.json](/openapi.json)."""
 
 
 @asynccontextmanager
@@ -36,14 +39,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
+    # /docs and /redoc are app.routes.ui's: their scripts are served from here, not from a CDN
     app = FastAPI(title="cbd", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                  max_body_size=MAX_BODY)
+                  max_body_size=MAX_BODY, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.redis = queue.connect(settings.redis_url)
     errors.install(app)
     hub.install(app)
-    for module in (initialize, jobs, checkpoints, chains, health, hub):  # hub last: its paths are the widest
+    for module in (initialize, plan, jobs, checkpoints, chains, health, hub):  # hub last: its paths are the widest
         app.include_router(module.router)
+    ui.install(app)
     app.state.metrics = Metrics(app)
     app.state.quotas = Quotas(settings, app.state.redis)
     app.state.metrics.limits(app.state.quotas.describe())

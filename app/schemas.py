@@ -112,6 +112,8 @@ class AnchorInfo(BaseModel):
     num_params: int
     non_embedding_params: int
     sha256: str
+    heldout_loss: float | None = Field(default=None, description="nats/token on the chain's held-out text, "
+                                                                 "when the build measured it")
 
 
 class ServableRange(BaseModel):
@@ -147,3 +149,56 @@ class Health(BaseModel):
     chains: list[str]
     workers: int | None = None
     queues: dict[str, dict[str, int]] | None = None
+
+
+class PlanAnchor(BaseModel):
+    name: str
+    shape: str = Field(description="layers x hidden, heads/kv heads, FFN")
+    non_embedding_params: int
+    heldout_loss: float | None = None
+
+
+class PlanView(BaseModel):
+    """``POST /plan``: what ``POST /initialize`` would make from the same body; nothing is enqueued."""
+
+    id: str = Field(description="the artifact id (and job id) the request would get")
+    chain: str
+    cached: bool = Field(description="the checkpoint exists already: POST /initialize answers 200 at once")
+    queue: str
+    job: Literal["fast", "slow"] = Field(description="fast: interpolation, answered within the request "
+                                                     "when it ends in time; slow: a bridge to another tokenizer")
+    bridge: bool
+    tokenizer: str
+    target: dict[str, Any] = Field(description="the full target spec")
+    num_params: int | None = Field(default=None, description="all parameters (unknown before a bridge: the "
+                                                             "target tokenizer sets the vocabulary)")
+    non_embedding_params: int
+    weights_bytes: int | None = Field(default=None, description="size of the weights in model.safetensors "
+                                                                "(parameters x bytes per value; header excluded)")
+    dtype: str
+    small: PlanAnchor | None = Field(default=None, description="smaller adjacent anchor (weight alpha)")
+    big: PlanAnchor | None = Field(default=None, description="bigger adjacent anchor (weight 1 - alpha)")
+    alpha: float = Field(description="the request's alpha, else alpha0 (calibration starts from it)")
+    alpha_source: str = Field(description="request, distance (alpha0), calibrate or single-anchor")
+    calibrate: bool
+    warnings: list[str] = Field(default_factory=list)
+
+
+class JobSummary(BaseModel):
+    id: str
+    kind: Kind
+    status: Status
+    queue: str | None = None
+    chain: str | None = None
+    artifact_id: str | None = None
+    target: str | None = Field(default=None, description="layers x hidden, heads/kv heads, FFN")
+    fraction: float | None = Field(default=None, description="progress, 0 to 1")
+    stage: str | None = None
+    enqueued_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class JobList(BaseModel):
+    """``GET /jobs``: the most recent jobs Redis still holds, newest first."""
+
+    jobs: list[JobSummary]

@@ -121,3 +121,28 @@ def job_error(job: RQJob) -> schemas.JobError:
         return schemas.JobError(type="JobFailed", message=f"job ended as {job.get_status(refresh=False).value}")
     kind, _, message = lines[-1].partition(": ")
     return schemas.JobError(type=kind.rsplit(".", 1)[-1].strip()[:200] or "Error", message=message[:MAX_MESSAGE])
+
+
+def job_summary(job: RQJob) -> schemas.JobSummary:
+    """One row of ``GET /jobs``: the target shape from the job's plan, progress from its meta."""
+    rq_status = job.get_status(refresh=False)
+    meta = job.get_meta(refresh=False)
+    kind = meta.get("kind") or ("build_chain" if job.id.startswith("chain-") else "initialize")
+    progress = meta.get("progress") if isinstance(meta.get("progress"), dict) else {}
+    target = None
+    try:
+        plan = job.kwargs.get("plan") if isinstance(job.kwargs, dict) else None
+    except Exception:  # a record this version cannot decode: shown without its shape
+        plan = None
+    if isinstance(plan, dict) and isinstance(plan.get("target"), dict):
+        t = plan["target"]
+        target = (f"{t.get('num_hidden_layers')}x{t.get('hidden_size')} {t.get('num_attention_heads')}/"
+                  f"{t.get('num_key_value_heads') or t.get('num_attention_heads')} {t.get('intermediate_size')}")
+    fraction = progress.get("fraction")
+    status = STATUS.get(rq_status, "queued")
+    return schemas.JobSummary(
+        id=job.id, kind=kind, status=status, queue=job.origin, chain=meta.get("chain"),
+        artifact_id=meta.get("artifact_id"), target=target,
+        fraction=1.0 if status == "finished" else (float(fraction) if isinstance(fraction, int | float) else None),
+        stage=str(progress["stage"])[:200] if progress.get("stage") is not None else None,
+        enqueued_at=job.enqueued_at, ended_at=job.ended_at)

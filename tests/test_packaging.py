@@ -1,5 +1,5 @@
 """The wheel the Docker images install carries what an installed cbd reads at run time:
-the chain recipes (package data of ``anchors``) and the entry points of ``cbd serve``/``cbd worker``."""
+the chain recipes (package data of ``anchors``), the web page's assets (``app/ui``) and the entry points of ``cbd serve``/``cbd worker``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def test_wheel_has_recipes_and_entry_points(tmp_path):
     names = set(wheel.namelist())
     recipes = {p.name for p in (ROOT / "anchors").glob("*.toml")}
     assert recipes and {f"anchors/{r}" for r in recipes} <= names
+    assert {"app/ui/app.js", "app/ui/app.css"} <= names  # the web page's assets (app/routes/ui.py)
     assert not any(n.startswith(("tests/", "bench/")) for n in names)  # evidence and fixtures stay out
     ep = configparser.ConfigParser()
     ep.read_string(wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode())

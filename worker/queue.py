@@ -351,3 +351,19 @@ def queue_depths(connection: Redis) -> dict[str, dict[str, int]]:
         q = get_queue(name, connection)
         out[name] = {"queued": q.count, "started": q.started_job_registry.count}
     return out
+
+
+def recent_jobs(connection: Redis, limit: int) -> list[Job]:
+    """Up to ``limit`` jobs of every queue (waiting, running, deferred, finished, failed), newest first.
+    Read only: the registries are not cleaned up here (the workers do that)."""
+    ids: list[str] = []
+    for name in QUEUES:
+        q = get_queue(name, connection)
+        ids += q.get_job_ids(0, limit)
+        for registry in (q.started_job_registry, q.deferred_job_registry, q.finished_job_registry,
+                         q.failed_job_registry):
+            ids += registry.get_job_ids(0, limit - 1, desc=True, cleanup=False)
+    unique = [i for i in dict.fromkeys(ids) if JOB_ID_RE.match(i)]
+    jobs = [j for j in Job.fetch_many(unique, connection=connection, serializer=JSONSerializer) if j is not None]
+    jobs.sort(key=lambda j: j.enqueued_at or j.created_at, reverse=True)
+    return jobs[:limit]

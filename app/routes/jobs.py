@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from redis import Redis
 from rq.job import Job as RQJob
@@ -22,7 +22,20 @@ from cbd.core import artifacts
 from worker import queue
 
 router = APIRouter(tags=["jobs"])
+Limit = Annotated[int, Query(ge=1, le=100, description="at most this many jobs")]
 JobId = Annotated[str, Path(pattern=queue.JOB_ID_RE.pattern, description="from POST /initialize")]
+
+
+@router.get("/jobs", response_model=schemas.JobList, response_model_exclude_none=True, responses={
+    422: {"model": schemas.ValidationProblem, "description": "limit out of range"},
+    503: {"model": schemas.ErrorBody, "description": "Redis unreachable"},
+}, summary="Recent and running jobs")
+async def list_jobs(redis: RedisDep, limit: Limit = 20) -> schemas.JobList:
+    """The newest jobs Redis still holds (finished records expire after CBD_RESULT_TTL_S), newest first:
+    queued, running and deferred ones with their progress, finished and failed ones. No secrets: ids, shapes,
+    statuses."""
+    jobs = await run_in_threadpool(queue.recent_jobs, redis, limit)
+    return schemas.JobList(jobs=[views.job_summary(j) for j in jobs])
 
 
 @router.get("/jobs/{job_id}", response_model=schemas.Job, response_model_exclude_none=True, responses={
