@@ -1,8 +1,9 @@
 """The same request gives the same tensors, bit for bit, across code changes and processes.
 
 The digests below were taken before ``cbd/`` was regrouped into subpackages (commit 79f35d8) on
-the random test chain, for plain Trans (``"repair": false``, what every init was before repair);
-``repaired`` pins the default since repair (ridge refit of the pruned readers) came in. A
+the random test chain, for plain Trans and one alpha (``"repair": false``, ``"alpha_scheme":
+"global"``, what every init was before repair); ``repaired`` pins today's default (ridge refit of
+the pruned readers, an alpha per block of layers). A
 refactoring that changes any of them changed what users get. A change that is *meant* to change
 the bytes updates them in the same commit and says why.
 """
@@ -27,7 +28,7 @@ from cbd.run import run_plan
 
 ARCH_A = dict(num_hidden_layers=3, hidden_size=80, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72)
 CASES = {  # name: (request body, sha256 of every tensor's name, dtype, shape and bytes)
-    "calibrated": ({"architecture": ARCH_A, "repair": False},
+    "calibrated": ({"architecture": ARCH_A, "repair": False, "alpha_scheme": "global"},
                    "c86acdca14905d4c56c7578edaa43bf4b29012584212bfe8e6c7cc5dbfdbe617"),
     "alpha0": ({"architecture": ARCH_A, "calibrate": False, "repair": False},
                "5e5d33310c427e29d5ece5b010a22e7e4f90c7afe59d397cfb0cceaf07df967e"),
@@ -41,9 +42,9 @@ CASES = {  # name: (request body, sha256 of every tensor's name, dtype, shape an
                                     num_key_value_heads=4, intermediate_size=160), "repair": False},
               "043b147e1e28c059caf6c66f404b697f8534aceb262d086396d743a91ed832c2"),
     "bf16": ({"architecture": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4), "dtype": "bfloat16",
-              "repair": False},
+              "repair": False, "alpha_scheme": "global"},
              "d076fd008909993ef5854e6846029c75d4183e0780585635dfbb58b7c51875d9"),
-    "repaired": ({"architecture": ARCH_A}, "fd716ba72047c69ff0f86e3a999d90908c2084c2a7adaddd434783e180279a9a"),
+    "repaired": ({"architecture": ARCH_A}, "ccca03c3daabe79dd1878521c41b7d59c2ec69110e0ae725c647c9934f93bc7d"),
 }
 
 

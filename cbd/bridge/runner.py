@@ -38,7 +38,7 @@ class Bridged:
     wall_s: dict[str, float]
 
 
-def make_bridged(plan: Plan, manifest: ChainManifest, li, alpha: float, *, opts: BridgeOptions, chains_root=None,
+def make_bridged(plan: Plan, manifest: ChainManifest, li, alpha, *, opts: BridgeOptions, chains_root=None,
                  report=None, transfer=None) -> Bridged:
     """Body by LInit, vocabulary by FVT, then the bridge run (the work of ``run_bridge``).
 
@@ -113,7 +113,7 @@ def run_bridge(plan: Plan, manifest: ChainManifest, *, progress: Progress, chain
     li, alpha, calib = prepare(plan, manifest, progress=progress, chains_root=chains_root)
     with torch.random.fork_rng():
         torch.manual_seed(opts.seed)
-        out = make_bridged(plan, manifest, li, alpha, opts=opts, chains_root=chains_root, report=progress)
+        out = make_bridged(plan, manifest, li, calib.get("alphas", alpha), opts=opts, chains_root=chains_root, report=progress)
     recipe = recipe_of(plan, manifest, alpha, calib) | {
         "target": out.spec.model_dump(mode="json") | {"num_key_value_heads": out.spec.kv_heads},
         "num_params": out.spec.num_params(), "bridge": {**opts.model_dump(mode="json"), **out.summary}}

@@ -104,6 +104,8 @@ class Plan(BaseModel):
     alpha: float = Field(description="the request's alpha, else alpha0 (calibration starts from it)")
     alpha_requested: bool = Field(False, description="alpha came from the request")
     calibrate: bool = False
+    alpha_scheme: Literal["blocks", "global"] = Field(
+        "global", description="with calibrate: one alpha, or one per block of layers (cbd.inits.calibration)")
     dtype: Dtype = "float32"
     tokenizer: str
     bridge_options: BridgeOptions | None = Field(default=None, description="set exactly for a bridge plan")
@@ -190,7 +192,8 @@ def make_plan(req: InitRequest, manifest: ChainManifest, *, tokenizer: str | Non
     bopts = (bridge_options or BridgeOptions()) if bridge else None
     return Plan(chain=manifest.name, manifest_sha256=manifest.sha256, target=target,
                 small=small and small.name, big=big and big.name, alpha=round(alpha, 6),
-                alpha_requested=req.alpha is not None, calibrate=calibrate, dtype=req.dtype, tokenizer=tok,
+                alpha_requested=req.alpha is not None, calibrate=calibrate,
+                alpha_scheme=req.alpha_scheme if calibrate else "global", dtype=req.dtype, tokenizer=tok,
                 bridge_options=bopts, trans=TransOptions(repair="ridge" if req.repair else "none"),
                 warnings=warnings)
 

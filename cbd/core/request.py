@@ -65,6 +65,11 @@ class InitRequest(BaseModel):
     calibrate: bool = Field(default=True,
                             description="pick alpha from a grid around alpha0 (and both single anchors) by "
                                         "loss on the chain's validation batch, forward passes only; false: alpha0")
+    alpha_scheme: Literal["blocks", "global"] = Field(
+        default="blocks",
+        description="with calibrate: blocks (an alpha per block of layers and one for the embeddings, "
+                    "from the global grid's best, by coordinate descent on the validation batch) or "
+                    "global (one alpha)")
     repair: bool = Field(default=True,
                          description="refit the projections that read pruned units (down_proj, o_proj) by ridge "
                                      "least squares on the anchor's calibration activations (no teacher, no "

@@ -66,8 +66,9 @@ def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifes
     return {"repair": {"method": "ridge", "ridge": ridge, "axes": done}} if done else {}
 
 
-def init_card(li: LInit, alpha: float, names: dict[str, str | None], batches: list[torch.Tensor],
-              scores: dict[float, float] | None = None, *, repair: str = "none", scheme: str = "global") -> dict:
+def init_card(li: LInit, alpha, names: dict[str, str | None], batches: list[torch.Tensor],
+              scores: dict[float, float] | None = None, *, repair: str = "none", scheme: str = "global",
+              alphas_loss: float | None = None) -> dict:
     """What a user gets before training: the init's step-0 loss on the chain's validation batch
     (training text of every corpus, never held out), beside each single anchor's Trans onto the
     same target (alpha 1: the smaller, alpha 0: the bigger) and a random init (transformers' own
@@ -87,11 +88,13 @@ def init_card(li: LInit, alpha: float, names: dict[str, str | None], batches: li
             single[term] = {"anchor": names[term], "alpha": a, "loss": round(loss(a), 4)}
     best = min(single.values(), key=lambda x: x["loss"])
     tokens = sum(int(b[:, 1:].numel()) for b in batches)
+    own = alphas_loss if isinstance(alpha, dict) and alphas_loss is not None else loss(alpha)
     return {
-        "step0_loss": round(loss(alpha), 4),
+        "step0_loss": round(own, 4),
         "best_single_anchor": best, "single_anchors": single,
         "random_init_loss": round(state_loss(li.target, random_state(li.target, seed=0), batches), 4),
         "alpha": alpha, "alpha_scheme": scheme, "repair": repair,
+        "gain_over_best_single_anchor": round(best["loss"] - own, 4),
         "validation": {"what": "the chain's validation batch (training text of every corpus of its recipe)",
                        "tokens": tokens},
     }

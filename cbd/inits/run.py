@@ -7,7 +7,7 @@ from pathlib import Path
 from cbd.core.artifacts import ArtifactInfo
 from cbd.core.manifest import ChainManifest
 from cbd.core.plan import Plan
-from cbd.inits.calibration import grid_losses, init_card, repair_terms, validation_batches
+from cbd.inits.calibration import calibrate_blocks, grid_losses, init_card, repair_terms, validation_batches
 from cbd.inits.publish import Progress, publish_checkpoint, recipe_of
 from cbd.shape.linit import LInit, make_linit
 from cbd.store.anchors import load_alignment, load_anchor, tokenizer_dir
@@ -16,12 +16,13 @@ from cbd.store.anchors import load_alignment, load_anchor, tokenizer_dir
 def run_linit(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_root: Path | None = None,
               artifacts_root: Path | None = None) -> ArtifactInfo:
     li, alpha, calib = prepare(plan, manifest, progress=progress, chains_root=chains_root, card=True)
+    blend = calib.get("alphas", alpha)  # per block when the plan calibrates per block
     recipe = recipe_of(plan, manifest, alpha, calib)
     total = plan.target.num_params()  # every stored tensor's elements
 
     def tensors():
         done = 0
-        for k, (name, t) in enumerate(li.chunks(alpha)):
+        for k, (name, t) in enumerate(li.chunks(blend)):
             yield name, t
             done += t.numel()
             if k % 8 == 0:
@@ -52,9 +53,15 @@ def prepare(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_r
         scores = grid_losses(li, batches)
         alpha = min(scores, key=lambda a: (scores[a], abs(a - li.alpha)))
         calib |= {"alpha0": li.alpha, "calibration_loss": {str(a): round(v, 5) for a, v in scores.items()}}
+    alphas = None
+    if plan.calibrate and plan.alpha_scheme == "blocks":
+        progress({"stage": "calibrating alpha per block", "fraction": 0.07})
+        alphas, loss, passes = calibrate_blocks(li, batches, alpha, scores[alpha])
+        calib |= {"alphas": alphas, "alphas_loss": round(loss, 5), "alphas_passes": passes}
     if card:
-        progress({"stage": "measuring the init card", "fraction": 0.08})
-        calib["card"] = init_card(li, alpha, names, batches, scores, repair=plan.trans.repair)
+        progress({"stage": "measuring the init card", "fraction": 0.09})
+        calib["card"] = init_card(li, alphas or alpha, names, batches, scores, repair=plan.trans.repair,
+                                  scheme=plan.alpha_scheme, alphas_loss=calib.get("alphas_loss"))
     return li, alpha, calib
 
 

@@ -64,6 +64,13 @@ def write_config_files(folder: Path, spec: ModelSpec, *, dtype: str, recipe: dic
     (folder / "README.md").write_text(card)
 
 
+def _per_block(recipe: dict) -> str:
+    alphas = recipe.get("alphas")
+    if not alphas:
+        return ""
+    return ", then per block of layers: " + ", ".join(f"{k} {v:g}" for k, v in alphas.items())
+
+
 def _card_table(card: dict) -> str:
     """The init card as a table: step-0 loss beside each single anchor's and a random init's."""
     rows = [("**this init**", card["step0_loss"])]
@@ -110,7 +117,7 @@ An **initialisation** (not a trained model) of a {t['model_type']} decoder with
 ({recipe['num_params']:,} parameters), made by chain-based distillation (CBD, arXiv 2605.07783):
 LInit interpolation of the two adjacent anchors of chain `{recipe['chain']}`,
 `theta = alpha * Trans(S) + (1 - alpha) * Trans(B)` with **alpha = {recipe['alpha']:.4f}**
-({recipe['alpha_source']}). Train it further; its loss at step 0 is far below a random init's.
+({recipe['alpha_source']}){_per_block(recipe)}. Train it further; its loss at step 0 is far below a random init's.
 {warnings}
 | anchor | shape (L, d, H, G, d_h, f) | non-embedding params | sha256 |
 |---|---|---|---|

@@ -1,0 +1,96 @@
+"""The init card and the per-block alpha, on the random test chain, read back from published files.
+
+Every checkpoint says what it starts from: its step-0 loss on the chain's validation batch beside
+each single anchor's and a random init's. Those numbers are recomputed here from the published
+``model.safetensors`` (not trusted from the job), and the per-block alpha is checked never to lose
+to the global alpha it starts from.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from cbd.core.artifacts import artifact_dir
+from cbd.core.plan import make_plan
+from cbd.core.request import InitRequest
+from cbd.inits.calibration import calibrate_blocks, layer_blocks, validation_batches
+from cbd.inits.run import linit_for
+from cbd.run import run_plan
+from cbd.shape.linit import alpha_group
+from cbd.train.models import state_loss
+
+ARCH = dict(num_hidden_layers=3, hidden_size=80, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72)
+
+
+@pytest.fixture(scope="module")
+def made(random_chain, cbd_home, tmp_path_factory):
+    """(plan, artifact folder) for each alpha scheme of the same target."""
+    out = {}
+    root = tmp_path_factory.mktemp("card_artifacts")
+    for scheme in ("blocks", "global"):
+        plan = make_plan(InitRequest(chain="test", architecture=ARCH, alpha_scheme=scheme), random_chain)
+        run_plan(plan, chains_root=cbd_home / "chains", artifacts_root=root)
+        out[scheme] = plan, artifact_dir(plan.id, root)
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["blocks", "global"])
+def test_card_losses_are_those_of_the_published_files(made, random_chain, cbd_home, scheme):
+    plan, folder = made[scheme]
+    info = json.loads((folder / "artifact.json").read_text())
+    card = info["metrics"]["card"]
+    batches = validation_batches(random_chain, cbd_home / "chains")
+    assert card["alpha_scheme"] == scheme and card["repair"] == "ridge"
+    assert card["validation"]["tokens"] == sum(b[:, 1:].numel() for b in batches)
+    # the published weights, evaluated afresh, have the loss the card states
+    state = load_file(str(folder / "model.safetensors"))
+    assert state_loss(plan.target, state, batches) == pytest.approx(card["step0_loss"], abs=2e-4)
+    # each single anchor's figure is that anchor's Trans onto the target (alpha 1: S, 0: B), repaired
+    li = linit_for(plan, random_chain, cbd_home / "chains")
+    from cbd.inits.calibration import repair_terms
+
+    repair_terms(li, {"small": plan.small, "big": plan.big}, random_chain, cbd_home / "chains")
+    for term, alpha in (("small", 1.0), ("big", 0.0)):
+        got = card["single_anchors"][term]
+        assert got["anchor"] == getattr(plan, term) and got["alpha"] == alpha
+        assert state_loss(plan.target, li.state(alpha), batches) == pytest.approx(got["loss"], abs=2e-4)
+    best = min(x["loss"] for x in card["single_anchors"].values())
+    assert card["best_single_anchor"]["loss"] == best
+    assert card["step0_loss"] <= best + 1e-4  # calibration includes both single anchors
+    assert card["gain_over_best_single_anchor"] == pytest.approx(best - card["step0_loss"], abs=2e-4)
+    assert card["random_init_loss"] > 0
+    readme = (folder / "README.md").read_text()
+    assert "## Loss at step 0" in readme and f"{card['step0_loss']:.4f}" in readme
+
+
+def test_blocks_never_lose_to_the_global_alpha(made):
+    (_, blocks), (_, glob) = made["blocks"], made["global"]
+    cb = json.loads((blocks / "artifact.json").read_text())["metrics"]
+    cg = json.loads((glob / "artifact.json").read_text())["metrics"]
+    assert cb["card"]["step0_loss"] <= cg["card"]["step0_loss"] + 1e-6
+    assert set(cb["alphas"]) == {"outer"} | {f"L{j}" for j in range(ARCH["num_hidden_layers"])}
+    assert cb["alphas_passes"] <= 3 * (1 + 3)  # values x (outer + blocks), one sweep
+
+
+def test_block_alphas_apply_per_group(random_chain, cbd_home):
+    """A hand-set alpha per group gives each tensor its group's blend, and the coordinate descent's
+    reported loss is the loss of the state it returns."""
+    plan = make_plan(InitRequest(chain="test", architecture=ARCH, repair=False), random_chain)
+    li = linit_for(plan, random_chain, cbd_home / "chains")
+    alphas = {"outer": 0.0, "L0": 1.0, "L1": 0.5, "L2": 0.0}
+    mixed, small, big = li.state(alphas), li.state(1.0), li.state(0.0)
+    for name, t in mixed.items():
+        want = {0.0: big, 1.0: small}.get(alphas[alpha_group(name)])
+        if want is not None:
+            assert t.equal(want[name]), name
+        else:
+            assert t.allclose(0.5 * small[name] + 0.5 * big[name], atol=1e-6), name
+    batches = validation_batches(random_chain, cbd_home / "chains")
+    base = state_loss(plan.target, li.state(0.5), batches)
+    found, loss, _ = calibrate_blocks(li, batches, 0.5, base)
+    assert loss <= base
+    assert state_loss(plan.target, li.state(found), batches) == pytest.approx(loss, abs=1e-5)
+    assert layer_blocks(10, 4) == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
