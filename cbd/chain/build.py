@@ -341,6 +341,14 @@ def step_config(recipe: Recipe, a: AnchorRecipe, steps: int, **overrides) -> Dis
                                          | {"total_steps": steps, "device": recipe.device} | overrides))
 
 
+def autocast_of(cfg: DistillConfig) -> str:
+    """What the distillation computed in: ``bf16`` (autocast, CUDA or a CPU with native bf16) or ``float32``."""
+    from cbd.train.loop import cpu_bf16
+
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return "bf16" if cfg.bf16 and (cuda or cpu_bf16()) else "float32"
+
+
 def step_batches(recipe: Recipe, data: ChainData, a: AnchorRecipe, steps: int) -> Callable[[int], torch.Tensor]:
     """The training windows of one chain step, by step index."""
     return data.batch_fn(recipe.seed + 1000 * len(a.name) + steps)
@@ -377,6 +385,7 @@ def _build_anchor(recipe: Recipe, a: AnchorRecipe, parent: AnchorEntry, parent_s
                "heldout_loss": round(loss, 4), **data.domain_losses(student, loss),
                "tokens": result.tokens if result else 0, "teacher_tokens": result.teacher_tokens if result else 0,
                "tokens_per_s": round(result.tokens_per_s, 1) if result else 0.0,
+               "autocast": autocast_of(step_config(recipe, a, steps)) if steps else None,
                "wall_s": round(time.perf_counter() - t0, 1)}
     log.info("anchor %s done: held-out loss %.3f (%s)", a.name, metrics["heldout_loss"], metrics)
     return _publish_anchor(recipe, a.name, root, lambda: write_anchor(

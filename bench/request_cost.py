@@ -1,0 +1,93 @@
+"""What repair, calibration and the init card add to one cache miss (a benchmark, not a test).
+
+    OMP_NUM_THREADS=1 python bench/request_cost.py --chain tiny    # -> docs/data/request-cost-tiny.json
+
+For a teacher-sized target and a ~30M one, each configuration runs ``cbd.run.run_plan`` (the
+worker's job: load anchors, repair, calibrate, card, LInit, write, publish) in a fresh process,
+so peak RSS is that configuration's own and no anchor statistics are warm:
+
+- ``linit+write``: ``repair: false, calibrate: false`` (the floor: LInit and the streamed write);
+- ``+calibrate``: one alpha from the grid (what the service did before repair);
+- ``+repair+calibrate``: ridge repair of both terms and one alpha;
+- ``default``: ridge repair, per-block alpha and the init card (what ``POST /initialize`` does now).
+
+Ratios are against ``linit+write`` measured in the same run. Wall seconds on a shared machine are
+upper bounds; the job's own stage times come from its progress reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent.parent / "docs" / "data"
+TARGETS = {
+    "tiny": {
+        "teacher-sized (28x576, 9/3, 1536)": dict(num_hidden_layers=28, hidden_size=576, num_attention_heads=9,
+                                                  num_key_value_heads=3, intermediate_size=1536),
+        "~30M (16x448, 7/1, 1280)": dict(num_hidden_layers=16, hidden_size=448, num_attention_heads=7,
+                                         num_key_value_heads=1, intermediate_size=1280),
+    },
+}
+TARGETS["default"] = TARGETS["tiny"]
+CONFIGS = {
+    "linit+write": {"repair": False, "calibrate": False},
+    "+calibrate": {"repair": False, "alpha_scheme": "global"},
+    "+repair+calibrate": {"alpha_scheme": "global"},
+    "default": {},
+}
+
+CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+from cbd.core.manifest import load_manifest
+from cbd.core.plan import make_plan
+from cbd.core.request import InitRequest
+from cbd.run import run_plan
+chain, body, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+m = load_manifest(chain)
+plan = make_plan(InitRequest(chain=chain, **body), m)
+stages, t0 = [], time.perf_counter()
+run_plan(plan, artifacts_root=out, progress=lambda p: stages.append((round(time.perf_counter() - t0, 3), p.get("stage"))))
+wall = time.perf_counter() - t0
+first = {}
+for t, s in stages:
+    first.setdefault(s, t)
+print(json.dumps({"wall_s": round(wall, 3), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "stage_start_s": first, "params": plan.target.num_params()}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--chain", default="tiny")
+    args = ap.parse_args()
+    rows = []
+    for tname, arch in TARGETS[args.chain].items():
+        base = None
+        for cname, extra in CONFIGS.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                body = {"architecture": arch, **extra}
+                r = subprocess.run([sys.executable, "-c", CHILD, args.chain, json.dumps(body), tmp],
+                                   capture_output=True, text=True, check=True)
+                got = json.loads(r.stdout.strip().splitlines()[-1])
+            base = base or got
+            row = {"target": tname, "config": cname, **got,
+                   "x_linit_write": round(got["wall_s"] / base["wall_s"], 2)}
+            rows.append(row)
+            print(f"{tname:36s} {cname:18s} {got['wall_s']:7.2f} s  ({row['x_linit_write']:.2f}x)  "
+                  f"peak RSS {got['peak_rss_mb']:7.1f} MB", flush=True)
+    out = {"command": "python bench/request_cost.py " + " ".join(sys.argv[1:]), "chain": args.chain,
+           "date": time.strftime("%Y-%m-%d"), "rows": rows,
+           "bench_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    (DATA / f"request-cost-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
