@@ -128,9 +128,6 @@ class Init:
     commit: str
     pinned: bool  # asked for by commit: the answer never changes
 
-    def read(self, name: str) -> bytes:
-        return artifacts.read_file(self.info.id, name)
-
 
 def _matches(plan: dict, name: RepoName) -> bool:
     """Whether an existing init's plan is the one ``name`` describes (alpha aside)."""
