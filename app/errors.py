@@ -111,6 +111,7 @@ HTTP_STATUS: dict[type[CBDError], int] = {
     cbd_errors.ChainNotBuiltError: 409,
     cbd_errors.IntegrityError: 500,
     cbd_errors.AssetUnavailableError: 503,
+    cbd_errors.StoreUnavailableError: 503,
     cbd_errors.StorageFullError: 507,
     cbd_errors.HubError: 502,
     cbd_errors.InvalidPushError: 422,  # and InvalidRepoIdError

@@ -18,6 +18,7 @@ from app.metrics import Metrics
 from app.quotas import Quotas
 from app.routes import chains, checkpoints, health, hub, initialize, jobs, plan, ui
 from cbd import __version__
+from cbd.core import objstore
 from worker import queue
 
 # Request bodies over 64 KiB get 413 before they are parsed (the largest valid POST /initialize
@@ -39,6 +40,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
+    objstore.get_store()  # a malformed CBD_STORE_URL stops the start, saying what is allowed
     # /docs and /redoc are app.routes.ui's: their scripts are served from here, not from a CDN
     app = FastAPI(title="cbd", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   max_body_size=MAX_BODY, docs_url=None, redoc_url=None)

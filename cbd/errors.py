@@ -55,6 +55,12 @@ class StorageFullError(CBDError):
     """The artifact store ran out of space while writing."""
 
 
+class StoreUnavailableError(CBDError):
+    """The object store (``CBD_STORE_URL``) cannot be reached, or refuses this service's credentials.
+
+    Messages name the store by its URL and endpoint, never by its credentials."""
+
+
 class RecipeError(CBDError, ValueError):
     """A chain recipe that does not validate."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cbd.core.artifacts import ArtifactInfo, load_artifact
+from cbd.core.chainstore import ensure_local
 from cbd.core.manifest import load_manifest
 from cbd.core.plan import Plan
 from cbd.errors import ChainNotBuiltError
@@ -21,7 +22,9 @@ def run_plan(plan: Plan, *, progress: Progress | None = None, chains_root: Path 
     if existing is not None:
         return existing
     report = progress or (lambda _: None)
-    manifest = load_manifest(plan.chain, chains_root)
+    # with an s3:// store, the chain is pulled into this host's cache first when it is not there yet
+    manifest = load_manifest(plan.chain, chains_root) if chains_root is not None else \
+        ensure_local(plan.chain, plan.manifest_sha256)
     if manifest.sha256 != plan.manifest_sha256:
         raise ChainNotBuiltError(f"chain {plan.chain!r} changed since this request was planned; send it again")
     if plan.bridge:

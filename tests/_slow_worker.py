@@ -9,6 +9,8 @@ Test-only: nothing in cbd/, app/ or worker/ knows about it. Run as
   (``tests/random_chain.py``, each anchor file delayed by ``CBD_TEST_SLOW_ANCHOR_S`` while
   its staging folder exists) in place of
   the real distillation, which needs the teacher: a slow-queue job that writes files for seconds;
+- ``CBD_TEST_SLOW_UPLOAD_S``: sleep this long after each object uploaded to an S3 store, so a job
+  spends seconds with some of an artifact's files in the bucket and not its index (kill tests);
 - ``CBD_TEST_ENOSPC_FROM_TENSOR``: from this tensor of ``model.safetensors`` on, the file write
   fails with ``OSError(ENOSPC)`` inside ``StreamingWriter``'s own I/O wrapper, as on a full disk
   (the store-full path end to end without a tmpfs, hence without root).
@@ -55,6 +57,18 @@ def full_disk_from(n: int) -> None:
     StreamingWriter.write = write
 
 
+def slow_uploads(delay: float) -> None:
+    from cbd.core import objstore
+
+    original = objstore.S3Store.put_file
+
+    def put_file(self, key, path):
+        original(self, key, path)
+        time.sleep(delay)
+
+    objstore.S3Store.put_file = put_file
+
+
 def stub_chain_builds(root: Path, delay: float) -> None:
 
     from random_chain import build_random_chain
@@ -79,6 +93,8 @@ def stub_chain_builds(root: Path, delay: float) -> None:
 if __name__ == "__main__":
     if os.environ.get("CBD_TEST_SLOW_TENSOR_S"):
         slow_tensors(float(os.environ["CBD_TEST_SLOW_TENSOR_S"]))
+    if os.environ.get("CBD_TEST_SLOW_UPLOAD_S"):
+        slow_uploads(float(os.environ["CBD_TEST_SLOW_UPLOAD_S"]))
     if os.environ.get("CBD_TEST_ENOSPC_FROM_TENSOR"):
         full_disk_from(int(os.environ["CBD_TEST_ENOSPC_FROM_TENSOR"]))
     if os.environ.get("CBD_TEST_STUB_CHAINS"):

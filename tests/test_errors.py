@@ -21,14 +21,14 @@ SERVICE = [c for _, c in inspect.getmembers(app_errors, inspect.isclass)
 # codes README states (a Hub error by its cause: 2 bad input or token, 3 not found, 5 unreachable)
 WANT_HTTP = {"CBDError": 400, "ShapeError": 422, "UnknownNameError": 422, "ChainNotBuiltError": 409,
              "ChainIncompatibleError": 422, "IntegrityError": 500, "AssetUnavailableError": 503,
-             "StorageFullError": 507, "RecipeError": 422, "HubError": 502, "InvalidPushError": 422,
+             "StorageFullError": 507, "StoreUnavailableError": 503, "RecipeError": 422, "HubError": 502, "InvalidPushError": 422,
              "InvalidRepoIdError": 422, "HubAuthError": 401, "HubPermissionError": 403, "HubNotFoundError": 404,
              "HubConflictError": 409, "HubUnavailableError": 503, "UnauthorizedError": 401,
              "InvalidHeaderError": 422, "NotFoundError": 404, "PushNotConfiguredError": 503,
              "QueueUnavailableError": 503, "JobCancelledError": 409, "ForbiddenError": 403,
              "NotCancellableError": 409, "TooManyRequestsError": 429, "QueueFullError": 503}
 WANT_EXIT = {"CBDError": 1, "ShapeError": 2, "UnknownNameError": 3, "ChainNotBuiltError": 3,
-             "ChainIncompatibleError": 2, "IntegrityError": 4, "AssetUnavailableError": 5, "StorageFullError": 1,
+             "ChainIncompatibleError": 2, "IntegrityError": 4, "AssetUnavailableError": 5, "StorageFullError": 1, "StoreUnavailableError": 5,
              "RecipeError": 2, "HubError": 5, "InvalidPushError": 2, "InvalidRepoIdError": 2, "HubAuthError": 2,
              "HubPermissionError": 2, "HubNotFoundError": 3, "HubConflictError": 1, "HubUnavailableError": 5,
              "FetchError": 1, "FetchRefusedError": 2, "FetchJobFailedError": 3, "FetchNotFoundError": 3,

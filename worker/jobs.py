@@ -28,6 +28,7 @@ from cbd.errors import (
     RecipeError,
     ShapeError,
     StorageFullError,
+    StoreUnavailableError,
     UnknownNameError,
 )
 from worker import queue, tokens
@@ -36,7 +37,8 @@ PROGRESS_EVERY_S = 0.25
 # Failures that are the caller's or the Hub's, not the service's: the worker logs one line for them
 # (worker.main.HeartbeatWorker.handle_exception), no traceback.
 EXPECTED: tuple[type[Exception], ...] = (HubError, StorageFullError, ShapeError, UnknownNameError, RecipeError,
-                                         ChainIncompatibleError, ChainNotBuiltError, JobCancelledError)
+                                         ChainIncompatibleError, ChainNotBuiltError, JobCancelledError,
+                                         StoreUnavailableError)
 
 
 def expected(exc: BaseException | None) -> bool:
@@ -84,6 +86,10 @@ def build_chain(name: str) -> dict:
 
     with _tracked("build_chain") as job:
         manifest = build(name, progress=_reporter(job))
+        from cbd.core import chainstore, objstore
+
+        if objstore.is_remote():  # other hosts' workers and the API read chains from the bucket
+            chainstore.push_chain(name)
         return {"chain": manifest.name, "anchors": [a.name for a in manifest.anchors],
                 "manifest_sha256": manifest.sha256}
 
@@ -106,7 +112,7 @@ def _push(job: Job | None, artifact_id: str, push: dict, token_ref: str | None) 
     _save_progress(job, {"stage": "push", "fraction": 0.0})
     try:
         with _quiet_transport():
-            result = hub.push_folder(artifacts.artifact_dir(artifact_id), push["repo_id"], token=token,
+            result = hub.push_folder(artifacts.local_copy(artifact_id), push["repo_id"], token=token,
                                      private=bool(push.get("private", False)),
                                      revision=push.get("revision") or "main")
     except HubError as exc:

@@ -42,7 +42,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from cbd.core import artifacts
-from cbd.errors import JobCancelledError
+from cbd.errors import JobCancelledError, StoreUnavailableError
 from worker import jobs, queue
 
 log = logging.getLogger("cbd.worker")
@@ -123,6 +123,12 @@ def run_worker(queues: Sequence[str] = queue.QUEUES, redis_url: str | None = Non
     removed = artifacts.cleanup_orphans(older_than_s=queue.Limits.from_env().orphan_age_s)
     if removed:
         log.info("removed %d orphaned staging folders", len(removed))
+    try:  # objects of ids whose upload never finished (a worker killed mid-upload), past the orphan age
+        gone = artifacts.cleanup_remote_orphans(older_than_s=queue.Limits.from_env().orphan_age_s)
+        if gone:
+            log.info("removed the objects of %d unpublished artifacts from the store", len(gone))
+    except StoreUnavailableError as exc:
+        log.warning("orphan cleanup skipped: %s", exc.message)
     worked = False
     for generation in itertools.count():
         connection = queue.connect(redis_url, blocking=True)

@@ -22,6 +22,9 @@ pydantic model still validates every value (a bad ``CBD_SYNC_WAIT_S`` fails at s
 | CBD_MAX_JOBS_SLOW     | 0 (no cap)                 | queued + running slow jobs (bridges) per caller      |
 | CBD_QUEUE_BOUND_FAST  | 1000                       | fast queue depth beyond which new work gets 503      |
 | CBD_QUEUE_BOUND_SLOW  | 100                        | slow queue depth beyond which new work gets 503      |
+| CBD_STORE_URL         | file://$CBD_HOME           | the store: a folder, or ``s3://bucket/prefix``       |
+| CBD_STORE_REDIRECT    | 0                          | 1: downloads from S3 redirect to presigned URLs      |
+| CBD_PRESIGN_EXPIRES_S | 3600                       | how long a presigned download URL is valid           |
 
 A caller is its API key (by a non-secret name), or its client address when keys are off.
 
@@ -47,7 +50,8 @@ ENV = {
     "operator_keys": "CBD_OPERATOR_KEYS", "rate_limit": "CBD_RATE_LIMIT",
     "max_jobs_fast": "CBD_MAX_JOBS_FAST", "max_jobs_slow": "CBD_MAX_JOBS_SLOW",
     "queue_bound_fast": "CBD_QUEUE_BOUND_FAST", "queue_bound_slow": "CBD_QUEUE_BOUND_SLOW",
-    "token_ttl_s": "CBD_TOKEN_TTL_S", **queue.LIMITS_ENV, "public_url": "CBD_PUBLIC_URL",
+    "token_ttl_s": "CBD_TOKEN_TTL_S", "store_redirect": "CBD_STORE_REDIRECT",
+    "presign_expires_s": "CBD_PRESIGN_EXPIRES_S", **queue.LIMITS_ENV, "public_url": "CBD_PUBLIC_URL",
 }
 
 
@@ -74,6 +78,8 @@ class Settings(BaseModel):
     max_jobs_slow: int = Field(default=0, ge=0)
     queue_bound_fast: int = Field(default=1000, ge=1)
     queue_bound_slow: int = Field(default=100, ge=1)
+    store_redirect: bool = Field(default=False, description="S3 store: redirect downloads to presigned URLs")
+    presign_expires_s: int = Field(default=3600, ge=60, le=7 * 86400)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -8,7 +8,7 @@ from fastapi.concurrency import run_in_threadpool
 from app import schemas
 from app.core.config import Settings
 from app.deps import SettingsDep
-from cbd.core import manifest
+from cbd.core import chainstore
 from cbd.core.catalog import list_tokenizers
 from cbd.core.manifest import AnchorEntry, ChainManifest
 from cbd.core.plan import MAX_GROWTH
@@ -22,7 +22,7 @@ async def get_chains(settings: SettingsDep) -> schemas.ChainsResponse:
 
 
 def chains_view(settings: Settings) -> schemas.ChainsResponse:
-    chains = [chain_info(manifest.load_manifest(n)) for n in manifest.list_chains()]
+    chains = [chain_info(chainstore.load_manifest(n)) for n in chainstore.list_chains()]
     return schemas.ChainsResponse(default_chain=settings.default_chain, chains=chains,
                                   recipes=settings.recipes(), tokenizers=list_tokenizers())
 

@@ -1,8 +1,11 @@
 """``GET|HEAD /checkpoints/{id}/{file}``: immutable files, streamed, with a strong ETag.
 
-Starlette's FileResponse does HEAD, Range (206, multipart, 416) and If-Range; the ETag is the
-file's sha256 from ``artifact.json`` (so If-Range and If-None-Match compare content, not mtime)
-and If-None-Match -> 304 is added here. Content-addressed, so cacheable forever.
+The ETag is the file's sha256 from ``artifact.json`` (so If-Range and If-None-Match compare content,
+not mtime) and If-None-Match -> 304 is answered here. Content-addressed, so cacheable forever.
+From a folder store, Starlette's FileResponse does HEAD, Range (206, multipart, 416) and If-Range;
+from an S3 bucket (``serve_file``) the file is streamed by ranged GETs (one range: 206; several: the
+whole file, 200, as RFC 9110 allows; 416 past the end; If-Range), or with ``CBD_STORE_REDIRECT=1``
+the answer is a redirect to a presigned URL of the object (the bucket then answers the Range).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from app import schemas
 from app.errors import NotFoundError
@@ -30,7 +33,11 @@ RESPONSES: dict = {
     206: {"content": {"application/octet-stream": BINARY}, "description": "the requested Range"},
     304: {"description": "If-None-Match matched the ETag"},
     404: {"model": schemas.ErrorBody, "description": "no such checkpoint or file"},
+    307: {"description": "with CBD_STORE_REDIRECT=1 (an S3 store): a presigned URL of the object in "
+                         "`Location`; the ETag and Cache-Control headers are this answer's"},
     416: {"description": "Range not satisfiable"},
+    503: {"model": schemas.ErrorBody, "description": "the object store is unreachable (`StoreUnavailableError`)",
+          "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
     422: {"model": schemas.ValidationProblem, "description": "invalid id or file name"},
     500: schemas.CORRUPT,
 }
@@ -51,7 +58,62 @@ async def get_file(artifact_id: ArtifactId, name: FileName, request: Request) ->
     if _matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return FileResponse(artifacts.artifact_dir(artifact_id) / name, media_type=media, headers=headers)
+    return await serve_file(request, artifact_id, name, info.files[name].size, etag, headers, media)
+
+
+async def serve_file(request: Request, aid: str, name: str, size: int, etag: str, headers: dict, media: str, *,
+                     filename: str | None = None, redirect_status: int = 307) -> Response:
+    """The file's bytes from wherever the store keeps them (see the module docstring)."""
+    path = artifacts.file_path(aid, name)
+    if path is not None:
+        return FileResponse(path, media_type=media, headers=headers, filename=filename,
+                            content_disposition_type="inline")
+    if filename is not None:
+        headers = headers | {"Content-Disposition": f'inline; filename="{filename}"'}
+    settings = request.app.state.settings
+    if settings.store_redirect:
+        url = await run_in_threadpool(artifacts.presign, aid, name, settings.presign_expires_s)
+        return Response(status_code=redirect_status, headers=headers | {"Location": url})
+    start, end, status = 0, size, 200
+    headers = headers | {"Accept-Ranges": "bytes"}
+    wanted = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    if wanted and (if_range is None or if_range.strip() == etag):
+        parsed = parse_range(wanted, size)
+        if parsed == "unsatisfiable":
+            return Response(status_code=416, headers=headers | {"Content-Range": f"bytes */{size}"})
+        if parsed is not None:
+            start, end, status = parsed[0], parsed[1], 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type=media)
+    body = await run_in_threadpool(artifacts.open_file, aid, name, start, end)  # 503 here, not mid-body
+    return StreamingResponse(body, status_code=status, headers=headers, media_type=media)
+
+
+def parse_range(value: str, size: int) -> tuple[int, int] | str | None:
+    """``bytes=a-b`` / ``a-`` / ``-n`` -> (start, end exclusive); "unsatisfiable"; None for anything
+    else (several ranges, another unit, bad syntax): then the whole file is sent."""
+    unit, _, spec = value.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()) or (first and not first.isdigit()) or \
+            (last and not last.isdigit()):
+        return None
+    if not first:  # the last n bytes
+        n = int(last)
+        if n == 0:
+            return "unsatisfiable"
+        return max(0, size - n), size
+    start = int(first)
+    end = min(size, int(last) + 1) if last else size
+    if start >= size:
+        return "unsatisfiable"
+    if last and int(last) < start:
+        return None
+    return start, end
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:

@@ -1,9 +1,7 @@
-"""``GET /healthz``: 200 when Redis answers and the artifact store is writable, else 503."""
+"""``GET /healthz``: 200 when Redis answers and the store (a folder, or an S3 bucket) is writable, else 503
+with the reason in ``store`` / ``redis``."""
 
 from __future__ import annotations
-
-import os
-import tempfile
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
@@ -14,7 +12,8 @@ from rq import Worker
 
 from app import schemas
 from app.deps import RedisDep, SettingsDep
-from cbd.core import manifest, paths
+from cbd.core import chainstore, objstore, paths
+from cbd.errors import CBDError
 from worker import queue
 
 router = APIRouter(tags=["health"])
@@ -39,24 +38,20 @@ def check(redis: Redis) -> schemas.Health:
     except RedisError as exc:
         redis_state = f"unreachable ({type(exc).__name__})"
     store = store_state()
+    try:
+        chains = chainstore.list_chains() if store == "ok" else []
+    except CBDError as exc:  # the store went away between the probe and the listing
+        chains, store = [], f"unreachable ({exc.message})"[:500]
     ok = redis_state == "ok" and store == "ok"
     return schemas.Health(status="ok" if ok else "unavailable", redis=redis_state, store=store,
-                          chains=manifest.list_chains(), workers=workers, queues=depths)
+                          chains=chains, workers=workers, queues=depths)
 
 
 def store_state() -> str:
-    """Write, fsync and remove a probe file in the artifact store (one name per call: concurrent
-    probes sharing a name removed each other's file and reported a healthy store unwritable)."""
-    root = paths.artifacts_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".healthz-", dir=root)
-        try:
-            os.write(fd, b"ok")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as exc:
-        return f"not writable ({exc.strerror or type(exc).__name__})"
-    return "ok"
+    """"ok", or why the store is not usable: with a folder, a probe file written, fsynced and removed in
+    the artifacts folder (one name per call: concurrent probes sharing a name removed each other's file
+    and reported a healthy store unwritable); with a bucket, a probe object written, read and removed."""
+    store = objstore.get_store()
+    if store.remote:
+        return store.probe()
+    return objstore.LocalStore(paths.artifacts_dir()).probe()

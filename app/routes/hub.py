@@ -32,11 +32,10 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from app import views
@@ -45,6 +44,7 @@ from app.deps import require_api_key
 from app.errors import JobFailedError, UnauthorizedError, http_status
 from app.routes import initialize
 from app.routes.checkpoints import _matches as etag_matches
+from app.routes.checkpoints import serve_file
 from cbd.core import artifacts, repo_ids
 from cbd.core.artifacts import ArtifactInfo
 from cbd.core.repo_ids import RepoName
@@ -128,9 +128,6 @@ class Init:
     commit: str
     pinned: bool  # asked for by commit: the answer never changes
 
-    def path(self, name: str) -> Path:
-        return artifacts.artifact_dir(self.info.id) / name
-
 
 def _matches(plan: dict, name: RepoName) -> bool:
     """Whether an existing init's plan is the one ``name`` describes (alpha aside)."""
@@ -206,16 +203,16 @@ def _git_oid(data: bytes) -> str:
 
 
 @lru_cache(maxsize=1024)
-def _blob_oid(path: str, sha256: str, size: int, lfs: bool) -> str:
+def _blob_oid(aid: str, name: str, sha256: str, size: int, lfs: bool) -> str:
     """The git blob id the Hub lists for a file: of its content, or of its LFS pointer (files are immutable,
-    so ``(path, sha256)`` keys the cache)."""
-    return _git_oid(_pointer(sha256, size) if lfs else Path(path).read_bytes())
+    so ``(id, name, sha256)`` keys the cache)."""
+    return _git_oid(_pointer(sha256, size) if lfs else artifacts.read_file(aid, name))
 
 
 def _entry(init: Init, name: str, *, sibling: bool) -> dict:
     f = init.info.files[name]
     lfs = _is_lfs(name, f.size)
-    oid = _blob_oid(str(init.path(name)), f.sha256, f.size, lfs)
+    oid = _blob_oid(init.info.id, name, f.sha256, f.size, lfs)
     out: dict = {"rfilename": name, "size": f.size, "blobId": oid} if sibling else \
         {"type": "file", "path": name, "oid": oid, "size": f.size}
     if lfs:
@@ -275,5 +272,6 @@ async def resolve(request: Request, chain: str, name: str, revision: str, filena
         headers |= {"X-Linked-Etag": etag, "X-Linked-Size": str(f.size)}
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
-    return FileResponse(init.path(filename), media_type="application/octet-stream", headers=headers,
-                        content_disposition_type="inline", filename=filename)
+    # from a bucket: streamed, or (CBD_STORE_REDIRECT=1) a 302 to a presigned URL, as the Hub's CDN redirects
+    return await serve_file(request, init.info.id, filename, f.size, etag, headers, "application/octet-stream",
+                            filename=filename, redirect_status=302)

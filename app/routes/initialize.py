@@ -36,7 +36,7 @@ from app.errors import (
 )
 from app.metrics import Metrics
 from app.quotas import Quotas
-from cbd.core import artifacts, manifest
+from cbd.core import artifacts, chainstore, manifest
 from cbd.core.catalog import list_tokenizers
 from cbd.core.manifest import ChainManifest
 from cbd.core.plan import make_plan
@@ -83,7 +83,8 @@ RESPONSES: dict = {
     500: {"model": schemas.JobFailure, "description": "the job failed while the request waited"},
     502: {"model": schemas.JobFailure, "description": "the Hub answered the push with an error of its own "
           "(5xx, `HubError`)" + HUB_FAILURE},
-    503: {"model": schemas.ErrorBody, "description": "Redis unreachable, push_to_hub not configured, the queue "
+    503: {"model": schemas.ErrorBody, "description": "Redis or the object store (`StoreUnavailableError`) "
+          "unreachable, push_to_hub not configured, the queue "
           "deeper than its bound (`QueueFullError`, CBD_QUEUE_BOUND_FAST / _SLOW: new work only), or the Hub "
           "unreachable or overloaded (`HubUnavailableError`: retry after `Retry-After`)" + HUB_FAILURE,
           "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
@@ -191,16 +192,16 @@ async def wait_for(job: RQJob, settings: Settings) -> RQJob:
 
 def resolve_chain(requested: str | None, settings: Settings) -> tuple[str, ChainManifest | None, list[str]]:
     """(name, manifest or None when it must be built first, warnings). See the module docstring."""
-    built = manifest.list_chains()
+    built = chainstore.list_chains()
     if requested is not None:
         if requested in built:
-            return requested, manifest.load_manifest(requested), []
+            return requested, chainstore.load_manifest(requested), []
         if settings.recipe_exists(requested):
             return requested, None, []
         raise _no_chain(f"chain {requested!r} is not built and has no recipe", built, settings)
     name, warning = manifest.pick_default_chain(settings.default_chain, built)
     if name in built:
-        return name, manifest.load_manifest(name), [warning] if warning else []
+        return name, chainstore.load_manifest(name), [warning] if warning else []
     if settings.recipe_exists(name):
         return name, None, []
     raise _no_chain(f"no chain is built and the default chain {name!r} has no recipe", built, settings)

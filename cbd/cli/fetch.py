@@ -14,11 +14,13 @@ subclass each; ``cbd.cli.main.EXIT``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -130,6 +132,19 @@ def download(http: httpx.Client, job: dict, *, progress: bool = False) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _stream(http: httpx.Client, url: str, headers: dict) -> Iterator[httpx.Response]:
+    """GET ``url``; a redirect (a service that hands out presigned URLs of its object store) is followed
+    without the client's own headers (its X-API-Key stays with the service), the Range kept."""
+    with http.stream("GET", url, headers=headers, timeout=300.0) as r:
+        if not r.is_redirect:
+            yield r
+            return
+        location = str(r.url.join(r.headers["location"]))
+    with httpx.stream("GET", location, headers=headers, timeout=300.0, follow_redirects=True) as r:
+        yield r
+
+
 def _download_file(http: httpx.Client, url: str, dest: Path, size: int, sha256: str, progress: bool) -> None:
     if dest.is_file() and dest.stat().st_size == size and sha256_file(dest) == sha256:
         return
@@ -140,7 +155,7 @@ def _download_file(http: httpx.Client, url: str, dest: Path, size: int, sha256: 
         have = 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
-        with http.stream("GET", url, headers=headers, timeout=300.0) as r:
+        with _stream(http, url, headers) as r:
             if r.status_code == 416 and have == size:
                 pass
             elif r.status_code not in (200, 206):

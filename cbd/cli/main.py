@@ -48,6 +48,7 @@ from cbd.errors import (
     RecipeError,
     ShapeError,
     StorageFullError,
+    StoreUnavailableError,
     UnknownNameError,
 )
 
@@ -83,6 +84,7 @@ EXIT: dict[type[CBDError], int] = {
     HubUnavailableError: 5,
     FetchUnavailableError: 5,
     StorageFullError: 1,
+    StoreUnavailableError: 5,
     JobCancelledError: 3,  # as a job that failed
 }
 
@@ -104,8 +106,8 @@ def init(
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
 ) -> None:
     """Initialise a model of the given shape locally (no service) into OUT."""
-    from cbd.core.artifacts import artifact_dir
-    from cbd.core.manifest import load_manifest
+    from cbd.core.artifacts import local_copy
+    from cbd.core.chainstore import load_manifest
     from cbd.core.plan import make_plan
     from cbd.run import run_plan
 
@@ -118,7 +120,7 @@ def init(
     info = run_plan(plan, progress=_printer())
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(artifact_dir(info.id), out)
+    shutil.copytree(local_copy(info.id), out)
     console.print(f"[green]wrote[/] {out} (id {info.id}, alpha {info.alpha:.4f}, anchors "
                   f"{', '.join(a['name'] for a in info.anchors)})")
 
@@ -207,7 +209,7 @@ def _enqueue_chain(r, redis_url: str | None) -> None:
 @chain_app.command("list")
 def chain_list() -> None:
     """Built chains and their anchors."""
-    from cbd.core.manifest import list_chains, load_manifest
+    from cbd.core.chainstore import list_chains, load_manifest
     from cbd.core.recipe import list_recipes
 
     built = list_chains()
@@ -216,6 +218,29 @@ def chain_list() -> None:
     unbuilt = [r for r in list_recipes() if r not in built]
     if unbuilt:
         console.print(f"recipes not built yet: {', '.join(unbuilt)} (cbd chain build NAME)")
+
+
+@chain_app.command("push")
+def chain_push(name: Annotated[str, typer.Argument(help="a chain built on this host")]) -> None:
+    """Publish a chain built here to the S3 store (CBD_STORE_URL): its files, then its manifest last."""
+    from cbd.core.chainstore import push_chain
+    from cbd.core.objstore import get_store
+
+    out = push_chain(name)
+    console.print(f"[green]pushed[/] chain {name} to {get_store().describe()}: {out['uploaded']} files "
+                  f"({out['bytes']:,} bytes) uploaded, {out['skipped']} unchanged")
+    print(json.dumps(out))
+
+
+@chain_app.command("pull")
+def chain_pull(name: Annotated[str, typer.Argument(help="a chain in the S3 store")]) -> None:
+    """Download a chain from the S3 store into this host's cache, every file's sha256 checked."""
+    from cbd.core.chainstore import ensure_local
+    from cbd.core.manifest import chain_dir
+
+    m = ensure_local(name)
+    console.print(f"[green]chain {name}[/] in {chain_dir(name)} (manifest {m.sha256[:12]})")
+    print(json.dumps({"chain": name, "manifest_sha256": m.sha256, "path": str(chain_dir(name))}))
 
 
 @app.command()
@@ -242,7 +267,8 @@ def default_chain() -> str:
     """The service's rule (``cbd.core.manifest.pick_default_chain``) with ``$CBD_DEFAULT_CHAIN``."""
     import os
 
-    from cbd.core.manifest import DEFAULT_CHAIN, list_chains, pick_default_chain
+    from cbd.core.chainstore import list_chains
+    from cbd.core.manifest import DEFAULT_CHAIN, pick_default_chain
 
     name, warning = pick_default_chain(os.environ.get("CBD_DEFAULT_CHAIN") or DEFAULT_CHAIN, list_chains())
     if warning:

@@ -3,6 +3,16 @@
 Torch-free (the web process serves from it). A folder ``$CBD_ARTIFACTS/<id>/`` exists only
 once every file in it is complete and ``artifact.json`` lists their sizes and sha256s; work in
 progress lives in ``.tmp-<id>-<pid>-<host>`` beside it and is never served.
+
+With an ``s3://`` ``CBD_STORE_URL`` (``cbd.core.objstore``) the truth is the bucket: a worker still
+writes the folder locally, then uploads its files to ``artifacts/<id>/<file>`` and the index
+``artifacts/<id>/artifact.json`` **last**; an artifact exists when its index object does, so a reader
+never sees a partial one, and objects of an id without an index (a worker killed mid-upload) are
+removed by ``cleanup_remote_orphans``. The local folder stays as this host's cache (``local_copy``).
+Called with an explicit ``root``, every function works on that folder, whatever the store.
+
+The interface other modules build on (a store budget, say): ``list_artifacts``, ``load_artifact``,
+``open_file``, ``publish``, ``delete_artifact``, ``artifact_size``.
 """
 
 from __future__ import annotations
@@ -13,12 +23,13 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cbd.core import paths
+from cbd.core import objstore, paths
 from cbd.core.files import atomic_write_bytes, publish_dir, sha256_file
 from cbd.errors import IntegrityError, UnknownNameError
 
@@ -68,8 +79,28 @@ def artifact_dir(aid: str, root: Path | None = None) -> Path:
     return (root or paths.artifacts_dir()) / check_id(aid)
 
 
+def _remote(root: Path | None) -> objstore.S3Store | None:
+    """The bucket when the store is one and no explicit folder was asked for."""
+    if root is not None:
+        return None
+    store = objstore.get_store()
+    return store if store.remote else None
+
+
+def key_of(aid: str, name: str = INDEX) -> str:
+    return f"artifacts/{check_id(aid)}/{check_file_name(name)}"
+
+
 def load_artifact(aid: str, root: Path | None = None) -> ArtifactInfo | None:
     """The finished artifact, or None when it does not exist (yet)."""
+    if (store := _remote(root)) is not None:
+        data = store.get_bytes(key_of(aid))
+        if data is None:
+            return None
+        try:
+            return ArtifactInfo.model_validate_json(data)
+        except ValueError as exc:
+            raise IntegrityError(f"artifact index {key_of(aid)} in {store.url} is corrupt: {exc}") from None
     index = artifact_dir(aid, root) / INDEX
     if not index.is_file():
         return None
@@ -99,8 +130,116 @@ def publish(tmp: Path, aid: str, fields: dict[str, Any], root: Path | None = Non
     info = ArtifactInfo(id=aid, files=files, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         **fields)
     atomic_write_bytes(tmp / INDEX, info.model_dump_json(indent=2).encode())
-    publish_dir(tmp, artifact_dir(aid, root))
+    if (store := _remote(root)) is not None:
+        for name in sorted(files):  # the files, then the index: the index makes the artifact visible
+            store.put_file(key_of(aid, name), tmp / name)
+        store.put_file(key_of(aid), tmp / INDEX)
+    publish_dir(tmp, artifact_dir(aid, root))  # with a bucket: this host's cache of it
     return load_artifact(aid, root) or info
+
+
+def list_artifacts(root: Path | None = None) -> list[str]:
+    """Ids of the finished artifacts (those with an index), sorted."""
+    if (store := _remote(root)) is not None:
+        return sorted(o.key.split("/")[1] for o in store.list("artifacts/")
+                      if o.key.count("/") == 2 and o.key.endswith("/" + INDEX) and ID_RE.match(o.key.split("/")[1]))
+    root = root or paths.artifacts_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if ID_RE.match(p.name) and (p / INDEX).is_file())
+
+
+def artifact_size(aid: str, root: Path | None = None) -> int | None:
+    """Bytes of the artifact's files (its index aside), or None when it does not exist."""
+    info = load_artifact(aid, root)
+    return None if info is None else sum(f.size for f in info.files.values())
+
+
+def open_file(aid: str, name: str, start: int = 0, end: int | None = None,
+              root: Path | None = None) -> Iterator[bytes]:
+    """Bytes ``[start, end)`` of one file of a finished artifact, streamed (from the bucket, or the folder)."""
+    if (store := _remote(root)) is not None:
+        return store.stream(key_of(aid, name), start, end)
+    return objstore._file_chunks(open(artifact_dir(aid, root) / check_file_name(name), "rb"), start, end)
+
+
+def file_path(aid: str, name: str, root: Path | None = None) -> Path | None:
+    """The file on this host's disk when the store is a folder (served with sendfile), else None."""
+    if _remote(root) is not None:
+        return None
+    return artifact_dir(aid, root) / check_file_name(name)
+
+
+def read_file(aid: str, name: str, root: Path | None = None) -> bytes:
+    """A small file of a finished artifact, whole."""
+    return b"".join(open_file(aid, name, root=root))
+
+
+def presign(aid: str, name: str, expires_s: int) -> str | None:
+    """A URL the client may GET ``name`` from without credentials (a bucket only), else None."""
+    store = _remote(None)
+    return store.presign(key_of(aid, name), expires_s) if store is not None else None
+
+
+def delete_artifact(aid: str, root: Path | None = None) -> bool:
+    """Remove an artifact, its index first (so it stops existing before any of its files goes);
+    the local cache folder too. Returns whether it existed."""
+    existed = load_artifact(aid, root) is not None
+    if (store := _remote(root)) is not None:
+        store.delete([key_of(aid)])
+        store.delete([o.key for o in store.list(f"artifacts/{aid}/")])
+    folder = artifact_dir(aid, root)
+    if folder.is_dir():
+        gone = folder.with_name(f".tmp-{aid}-{os.getpid()}-{host_tag()}")  # out of sight first, then removed
+        shutil.rmtree(gone, ignore_errors=True)
+        os.rename(folder, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    return existed
+
+
+def local_copy(aid: str) -> Path:
+    """The artifact's folder on this host: with a bucket, downloaded (each file's sha256 checked) into
+    the local cache when it is not there yet. An UnknownNameError when the artifact does not exist."""
+    info = load_artifact(aid)
+    if info is None:
+        raise UnknownNameError(f"no checkpoint {aid}")
+    final = artifact_dir(aid)
+    cached = load_artifact(aid, final.parent)
+    if _remote(None) is None or (cached is not None and cached.files == info.files):
+        return final
+    tmp = staging_dir(aid)
+    try:
+        for name, f in info.files.items():
+            with open(tmp / name, "wb") as out:
+                for block in open_file(aid, name):
+                    out.write(block)
+            if sha256_file(tmp / name) != f.sha256:
+                raise IntegrityError(f"{key_of(aid, name)} does not match its sha256 in the index")
+        atomic_write_bytes(tmp / INDEX, info.model_dump_json(indent=2).encode())
+        publish_dir(tmp, final, replace=cached is not None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def cleanup_remote_orphans(*, older_than_s: float) -> list[str]:
+    """Delete the objects of ids that have no index (a worker killed mid-upload) once their newest
+    object is older than ``older_than_s`` (a live writer may still be uploading). A bucket only."""
+    store = _remote(None)
+    if store is None:
+        return []
+    groups: dict[str, list[objstore.ObjectInfo]] = {}
+    for o in store.list("artifacts/"):
+        parts = o.key.split("/")
+        if len(parts) == 3 and ID_RE.match(parts[1]):
+            groups.setdefault(parts[1], []).append(o)
+    now, removed = time.time(), []
+    for aid, objs in groups.items():
+        if any(o.key.endswith("/" + INDEX) for o in objs) or now - max(o.mtime for o in objs) <= older_than_s:
+            continue
+        store.delete([o.key for o in objs])
+        removed.append(aid)
+    return removed
 
 
 def host_tag() -> str:
