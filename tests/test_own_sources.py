@@ -347,3 +347,12 @@ def test_real_teacher_as_a_path_builds_the_packaged_tiny_chain_bit_for_bit(tiny_
         mine = LazyReader(chain_dir("tiny-path", tmp_path) / a.name / "model.safetensors").load_all()
         theirs = LazyReader(chain_dir("tiny", root) / a.name / "model.safetensors").load_all()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), a.name
+
+
+def test_the_readme_recipe_is_a_valid_recipe():
+    import tomllib
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("## Your own model and data", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    r = Recipe.model_validate(tomllib.loads(block))
+    assert r.source.startswith("hf:") and r.tokenizer == "source" and len(r.anchors) == 3 and r.data.mixed
