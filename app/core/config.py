@@ -40,7 +40,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from cbd.core import manifest, paths
+from cbd.core import manifest, paths, recipe
 from cbd.core.names import NAME_PATTERN
 from worker import queue, tokens
 
@@ -99,10 +99,15 @@ class Settings(BaseModel):
         return queue.Limits(fast_timeout_s=self.fast_timeout_s, slow_timeout_s=self.slow_timeout_s,
                             result_ttl_s=self.result_ttl_s)
 
+    def recipe_dirs(self) -> list[Path]:
+        """The packaged recipes, then the operator's folders (``$CBD_RECIPES``, read where the workers read it)."""
+        return recipe.recipe_dirs(self.recipes_dir)
+
+    def recipe_file(self, name: str) -> Path | None:
+        return recipe.find_recipe(name, self.recipe_dirs())
+
     def recipe_exists(self, name: str) -> bool:
-        return (self.recipes_dir / f"{name}.toml").is_file()
+        return self.recipe_file(name) is not None
 
     def recipes(self) -> list[str]:
-        if not self.recipes_dir.is_dir():
-            return []
-        return sorted(p.stem for p in self.recipes_dir.glob("*.toml"))
+        return recipe.list_recipes(self.recipe_dirs())

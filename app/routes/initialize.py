@@ -217,7 +217,8 @@ def _no_chain(what: str, built: list[str], settings: Settings) -> UnknownNameErr
 def recipe_anchors(name: str, settings: Settings) -> list[str] | None:
     """The recipe's anchors, a0 first; None when it cannot be read here (the build job then says why)."""
     try:
-        return load_recipe(settings.recipes_dir / f"{name}.toml").anchor_names
+        path = settings.recipe_file(name)
+        return load_recipe(path).anchor_names if path is not None else None
     except (RecipeError, OSError):
         return None
 

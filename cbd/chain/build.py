@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cbd import __version__
-from cbd.core.catalog import TOKENIZER_FILES
+from cbd.core.catalog import TEACHERS, TOKENIZER_FILES
 from cbd.core.files import publish_dir
 from cbd.core.manifest import (
     AnchorEntry,
@@ -69,9 +69,10 @@ class ChainData:
         from cbd.data import batches as data
 
         d = recipe.data
+        tok = chain_tokenizer(recipe)
         self.domains = d.corpus_names
         self.heldout_by_domain = {
-            name: data.eval_batches(data.token_file(name, recipe.tokenizer, "heldout"),
+            name: data.eval_batches(data.token_file(name, tok, "heldout"),
                                     batch_size=d.eval_batch_size, seq_len=d.eval_seq_len,
                                     num_batches=d.eval_batches, seed=recipe.seed)
             for name in self.domains}
@@ -80,7 +81,7 @@ class ChainData:
         self._bs = recipe.train.batch_size
         self.mix: dict | None = None
         if not d.mixed:
-            self.train = data.token_file(d.corpus, recipe.tokenizer, "train")
+            self.train = data.token_file(d.corpus, tok, "train")
             self.calibration = data.calibration_batch(self.train, batch_size=d.calibration_batch_size,
                                                       seq_len=d.calibration_seq_len, seed=recipe.seed)
             self.validation = data.eval_batches(self.train, batch_size=4, seq_len=d.calibration_seq_len,
@@ -88,7 +89,7 @@ class ChainData:
             return
         from cbd.data import mix
 
-        self.train_by_domain = {name: data.token_file(name, recipe.tokenizer, "train") for name in self.domains}
+        self.train_by_domain = {name: data.token_file(name, tok, "train") for name in self.domains}
         trains = list(self.train_by_domain.values())
         sizes = {name: len(t) for name, t in self.train_by_domain.items()}
         run = max((a.steps if a.steps is not None else recipe.train.steps) for a in recipe.anchors)
@@ -130,6 +131,7 @@ def build_chain(recipe_or_name: Recipe | str, *, root: Path | None = None, progr
     """Every anchor in order, then the manifest; a chain built from the same recipe is returned as is."""
     recipe = _recipe(recipe_or_name)
     report = progress or (lambda _: None)
+    check_source(recipe)
     if not force and (built := built_manifest(recipe, root)) is not None:
         log.info("chain %s is already built", recipe.name)
         return built
@@ -164,6 +166,7 @@ def build_anchor(recipe_or_name: Recipe | str, name: str, *, root: Path | None =
     report = progress or (lambda _: None)
     data = data if data is not None else []
     if name == "a0":
+        check_source(recipe)
         return _anchor_zero(recipe, root, data, report)
     a = recipe.anchor(name)
     parent = _parent(recipe, name, root)
@@ -210,15 +213,72 @@ def write_chain_manifest(recipe_or_name: Recipe | str, *, root: Path | None = No
 
 
 def source_dir(recipe: Recipe) -> Path:
-    """The recipe's source model folder: a0's weights, or with ``anchor_zero`` its family and tokenizer."""
-    from cbd.data.teachers import teacher_dir
+    """The recipe's source model folder: a0's weights, or with ``anchor_zero`` its family and tokenizer
+    (a packaged model built from its package, a ``path:`` folder, or an ``hf:`` snapshot fetched once)."""
+    from cbd.data.sources import source_folder
 
-    return teacher_dir(recipe.source)
+    return source_folder(recipe.source)
+
+
+def chain_tokenizer(recipe: Recipe) -> str | Path:
+    """The chain's tokenizer: a name (``cbd.data.tokenizers``), or the source folder (``tokenizer = "source"``)."""
+    return source_dir(recipe) if recipe.tokenizer == "source" else recipe.tokenizer
+
+
+def check_source(recipe: Recipe) -> None:
+    """Refuse a source the weight-role tables cannot read, or one without a licence, before any work
+    (a Hub source: only its config.json and README.md are fetched)."""
+    from cbd.data.sources import source_info
+
+    source_info(recipe.source, recipe.license)
+
+
+def source_spec(recipe: Recipe) -> ModelSpec:
+    """The source's shape from its ``config.json`` alone (a Hub source's weights are not fetched), checked."""
+    from cbd.data.sources import source_info
+
+    if recipe.source.startswith("hf:"):
+        return ModelSpec.from_hf_config(source_info(recipe.source, recipe.license).config)
+    check_source(recipe)
+    return _source_spec(recipe)
+
+
+def resolve(recipe: Recipe) -> Recipe:
+    """The recipe with every ``fraction`` anchor given its shape for this source (``cbd.core.ladder``)."""
+    if recipe.resolved:
+        return recipe
+    from cbd.core.ladder import resolve_anchors
+
+    src = source_spec(recipe)
+    zero = target_spec(recipe.anchor_zero, src) if recipe.anchor_zero is not None else None
+    return resolve_anchors(recipe, src, zero)
+
+
+def read_source_state(folder: Path, spec: ModelSpec, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``spec`` from a source checkpoint (one file or sharded), one tensor at a time, as float32.
+    GPT-2 checkpoints saved without the ``transformer.`` prefix (the original ones) are read too."""
+    from cbd.errors import RecipeError
+    from cbd.tensors.sharded import CheckpointReader
+
+    reader = CheckpointReader(folder)
+    stored = set(reader.keys())
+    names = arch.param_names(spec)
+    where = {}
+    for n in names:
+        if n not in stored and spec.family == "gpt2" and n.removeprefix("transformer.") in stored:
+            where[n] = n.removeprefix("transformer.")
+        else:
+            where[n] = n
+    missing = [n for n in names if where[n] not in stored]
+    if missing:
+        raise RecipeError(f"source {source}: its weights lack {len(missing)} tensors of a {spec.model_type} of its "
+                          f"config, e.g. {missing[:3]}; stored: {sorted(stored)[:3]}...")
+    return {n: reader(where[n]) for n in names}
 
 
 # ---- pieces ----------------------------------------------------------------------------------------
 def _recipe(recipe_or_name: Recipe | str) -> Recipe:
-    return load_recipe(recipe_or_name) if isinstance(recipe_or_name, str) else recipe_or_name
+    return resolve(load_recipe(recipe_or_name) if isinstance(recipe_or_name, str) else recipe_or_name)
 
 
 def _data(recipe: Recipe, cache: list[ChainData]) -> ChainData:
@@ -271,6 +331,17 @@ def _source_spec(recipe: Recipe) -> ModelSpec:
     return ModelSpec.from_hf_config(json.loads((source_dir(recipe) / "config.json").read_text()))
 
 
+def _provenance(recipe: Recipe) -> dict:
+    """``source`` (what, which commit, its licence and where the licence was stated) and ``license``."""
+    from cbd.data.sources import commit_of, source_info
+
+    info = source_info(recipe.source, recipe.license).record()
+    commit = commit_of(source_dir(recipe))
+    if commit is not None:
+        info["commit"] = commit
+    return {"source": info, "license": info["license"]}
+
+
 def _anchor_zero(recipe: Recipe, root: Path | None, data: list[ChainData], report: Progress) -> AnchorEntry:
     z = recipe.anchor_zero
     spec = _source_spec(recipe) if z is None else target_spec(z, _source_spec(recipe))
@@ -288,13 +359,15 @@ def _anchor_zero(recipe: Recipe, root: Path | None, data: list[ChainData], repor
 
 def _source_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path | None) -> AnchorEntry:
     t0 = time.perf_counter()
-    state = LazyReader(source_dir(recipe) / "model.safetensors").load_all()
-    state = {n: state[n] for n in arch.param_names(spec)}
+    provenance = _provenance(recipe)
+    state = read_source_state(source_dir(recipe), spec, recipe.source)
     model = build_model(spec, state)
     imp = importance(model, spec, data.calibration)
     loss = evaluate(model, data.heldout)
     metrics = {"heldout_loss": round(loss, 4), **data.domain_losses(model, loss), "tokens": 0, "teacher_tokens": 0,
-               "wall_s": round(time.perf_counter() - t0, 1), "note": "the source model (Q4_1 de-quantised)"}
+               "wall_s": round(time.perf_counter() - t0, 1), **provenance,
+               "note": "the source model (Q4_1 de-quantised)" if recipe.source in TEACHERS
+               else f"the source model ({recipe.source})"}
     if data.mix is not None:
         metrics["data_mix"] = data.mix
     log.info("anchor a0 (source) held-out loss %.3f", metrics["heldout_loss"])
@@ -305,6 +378,8 @@ def _source_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path 
 def _foreign_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path | None,
                     report: Progress) -> AnchorEntry:
     """a0 of ``spec`` (the source's family and tokenizer) taught by a foreign model (sequence-level KD)."""
+    from transformers import AutoTokenizer
+
     from cbd.chain.anchor_zero import SeqKDOptions, foreign_anchor_zero
     from cbd.data.teachers import teacher_dir
     from cbd.data.tokenizers import load_tokenizer
@@ -313,14 +388,16 @@ def _foreign_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path
     t0 = time.perf_counter()
     opts = SeqKDOptions.model_validate(
         {"teacher": z.foreign, "seed": recipe.seed} | z.seqkd.model_dump(exclude_none=True))
-    chain_tok = load_tokenizer(recipe.tokenizer)
+    tok = chain_tokenizer(recipe)
+    chain_tok = load_tokenizer(tok) if isinstance(tok, str) else AutoTokenizer.from_pretrained(tok)
     state, kd = foreign_anchor_zero(spec, chain_tok, recipe.data.corpus, opts,
                                     report=lambda e: report({**e, "anchor": "a0"}))
     model = build_model(spec, state)
     imp = importance(model, spec, data.calibration)
     provenance = json.loads((teacher_dir(z.foreign) / "source.json").read_text())
     loss = evaluate(model, data.heldout)
-    metrics = {"heldout_loss": round(loss, 4), **data.domain_losses(model, loss), "tokens": kd["tokens"],
+    metrics = {"heldout_loss": round(loss, 4), **data.domain_losses(model, loss), **_provenance(recipe),
+               "tokens": kd["tokens"],
                "teacher_tokens": kd["teacher_tokens"], "wall_s": round(time.perf_counter() - t0, 1),
                "note": f"taught by {z.foreign} (another family) by sequence-level KD on its continuations of "
                        f"{recipe.data.corpus} prompts",
@@ -387,6 +464,8 @@ def _build_anchor(recipe: Recipe, a: AnchorRecipe, parent: AnchorEntry, parent_s
                "tokens_per_s": round(result.tokens_per_s, 1) if result else 0.0,
                "autocast": autocast_of(step_config(recipe, a, steps)) if steps else None,
                "wall_s": round(time.perf_counter() - t0, 1)}
+    if "license" in parent.metrics:  # the source's licence travels down the chain
+        metrics["license"] = parent.metrics["license"]
     log.info("anchor %s done: held-out loss %.3f (%s)", a.name, metrics["heldout_loss"], metrics)
     return _publish_anchor(recipe, a.name, root, lambda: write_anchor(
         root, recipe.name, a.name, spec, state, importance=imp, alignment=alignment, parent=parent.name,

@@ -163,7 +163,7 @@ def inspect(path: Annotated[Path, typer.Argument(help="checkpoint folder, anchor
 
 @chain_app.command("build")
 def chain_build(
-    recipe: Annotated[str, typer.Argument(help="recipe name in anchors/ or a .toml path")],
+    recipe: Annotated[str, typer.Argument(help="recipe name (anchors/, then $CBD_RECIPES) or a .toml path anywhere")],
     force: Annotated[bool, typer.Option(help="rebuild even when built (finished anchors are still reused)")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (overrides the recipe)")] = None,
     queue: Annotated[bool, typer.Option("--queue", help="submit to the workers' slow queue instead: one job per "
@@ -177,8 +177,8 @@ def chain_build(
     if queue:
         elsewhere = Path(recipe).suffix == ".toml" and Path(recipe).resolve() != recipe_path(r.name).resolve()
         if force or device or elsewhere:
-            console.print("[red]error:[/] --queue builds anchors/<name>.toml as the workers read it: "
-                          "no .toml path elsewhere, --force or --device")
+            console.print("[red]error:[/] --queue builds <name>.toml as the workers read it (anchors/ or a "
+                          "$CBD_RECIPES folder): no .toml path elsewhere, --force or --device")
             raise typer.Exit(2)
         _enqueue_chain(r, redis_url)
         return
@@ -193,6 +193,45 @@ def chain_build(
         r = r.model_copy(update={"device": device})
     m = build_chain(r, force=force)
     _print_chain(m)
+
+
+@chain_app.command("plan")
+def chain_plan(
+    recipe: Annotated[str, typer.Argument(help="recipe name (anchors/, then $CBD_RECIPES) or a .toml path anywhere")],
+) -> None:
+    """The resolved ladder (fractions of the source made shapes), parameter counts and an estimated build
+    time, before anything runs (a Hub source: only its config.json and README.md are fetched)."""
+    from cbd.chain.build import resolve, source_spec
+    from cbd.core.ladder import estimate_build
+    from cbd.core.plan import target_spec
+    from cbd.core.recipe import load_recipe
+    from cbd.data.sources import source_info
+
+    r = load_recipe(recipe)
+    info = source_info(r.source, r.license)
+    src = source_spec(r)
+    resolved = resolve(r)
+    zero = target_spec(r.anchor_zero, src) if r.anchor_zero is not None else src
+    specs = [zero, *(target_spec(a, src) for a in resolved.anchors)]
+    est = estimate_build(resolved, specs)
+    lines = [f"chain {r.name}: source {r.source}" + (f" (commit {info.commit})" if info.commit else "")
+             + f", licence {info.license} (from the {info.license_from}), tokenizer {r.tokenizer}"]
+    n_src = src.non_embedding_params()
+    rows = [("a0", None, zero, "source" if r.anchor_zero is None else f"taught by {r.anchor_zero.foreign}")]
+    rows += [(a.name, a.fraction, spec, str(e["steps"])) for a, spec, e in zip(resolved.anchors, specs[1:],
+                                                                                est["anchors"], strict=True)]
+    head = ("anchor", "fraction", "L x d", "heads/kv", "head dim", "ffn", "non-emb params", "of source", "params",
+            "steps")
+    table = [head] + [(name, "" if frac is None else f"{frac:g}", f"{s.num_hidden_layers} x {s.hidden_size}",
+                       f"{s.num_attention_heads}/{s.kv_heads}", str(s.head_dim), str(s.ffn),
+                       f"{s.non_embedding_params():,}", f"{s.non_embedding_params() / n_src:.1%}",
+                       f"{s.num_params():,}", steps) for name, frac, s, steps in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+              for row in table]
+    lines.append(f"estimated build: {est['cpu_minutes_2cpu']} minutes on 2 CPU cores ({est['flops']:.3g} FLOPs of "
+                 f"distillation at {est['rate']})")
+    print("\n".join(lines))
 
 
 def _enqueue_chain(r, redis_url: str | None) -> None:

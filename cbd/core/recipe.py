@@ -12,6 +12,7 @@ from the corpus and a0 learns those texts; the chain then continues from a0 as u
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -19,11 +20,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from cbd.core import paths
-from cbd.core.catalog import CORPORA, TEACHERS
+from cbd.core.catalog import TEACHERS
 from cbd.core.manifest import check_name
-from cbd.core.names import NAME_PATTERN
+from cbd.core.names import NAME_PATTERN, NAME_RE
 from cbd.core.plan import TransOptions
 from cbd.core.request import Architecture
+from cbd.core.sources import absolute_corpus, absolute_source, parse_corpus, parse_source
+from cbd.core.spec import MAX_HEADS, MAX_HIDDEN, MAX_LAYERS
 from cbd.core.training import (
     BatchSize,
     Count,
@@ -45,11 +48,41 @@ from cbd.errors import RecipeError, UnknownNameError
 
 
 class AnchorRecipe(Architecture):
-    """One anchor: its shape (transformers names) and optional per-anchor training overrides."""
+    """One anchor: its shape (transformers names), or ``fraction`` of the source's non-embedding
+    parameters (resolved to a valid shape for the source by ``cbd.core.ladder``), and optional
+    per-anchor training overrides. A resolved anchor holds both (the shape is what is built)."""
 
     name: str = Field(pattern=NAME_PATTERN)
+    num_hidden_layers: int | None = Field(default=None, ge=1, le=MAX_LAYERS)
+    hidden_size: int | None = Field(default=None, ge=1, le=MAX_HIDDEN)
+    num_attention_heads: int | None = Field(default=None, ge=1, le=MAX_HEADS)
+    fraction: float | None = Field(default=None, gt=0, lt=1, allow_inf_nan=False,
+                                   description="of the source's non-embedding parameters, instead of a shape")
     steps: int | None = Field(default=None, ge=0)
     lr: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _shape_or_fraction(self) -> AnchorRecipe:
+        given = [self.num_hidden_layers, self.hidden_size, self.num_attention_heads]
+        if all(v is None for v in given):
+            if self.fraction is None:
+                raise ValueError(f"anchor {self.name!r}: give its shape (num_hidden_layers, hidden_size, "
+                                 "num_attention_heads, ...) or a fraction of the source (fraction = 0.3)")
+        elif any(v is None for v in given):
+            raise ValueError(f"anchor {self.name!r}: num_hidden_layers, hidden_size and num_attention_heads "
+                             "go together (or give fraction instead)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        out = handler(self)
+        if self.fraction is None:  # the dump anchors had before fractions existed
+            out.pop("fraction", None)
+        return out
+
+    @property
+    def resolved(self) -> bool:
+        return self.num_hidden_layers is not None
 
 
 class TrainRecipe(Trains):
@@ -72,8 +105,10 @@ class TrainRecipe(Trains):
 
 
 def _known_corpus(name: str, what: str) -> str:
-    if name not in CORPORA:
-        raise ValueError(f"{what} {name!r} is not a known corpus; known: {sorted(CORPORA)}")
+    try:
+        parse_corpus(name)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
     return name
 
 
@@ -224,9 +259,14 @@ class Recipe(BaseModel):
 
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
-    source: str = Field("smollm2-135m", description="a0, or with anchor_zero only its family and tokenizer")
-    source_repo: str = Field("HuggingFaceTB/SmolLM2-135M-Instruct", description="base_model on model cards")
-    tokenizer: str = "smollm2"
+    source: str = Field("smollm2-135m", description="a0, or with anchor_zero only its family and tokenizer: "
+                        "a packaged model, 'path:/a/hf/folder' or 'hf:Org/Name@REVISION' (cbd.core.sources)")
+    source_repo: str = Field("HuggingFaceTB/SmolLM2-135M-Instruct", description="base_model on model cards "
+                             "(default for hf: sources: the repo id; for path: sources: the source)")
+    tokenizer: str = Field("smollm2", description="a tokenizer by name, or 'source': the source folder's own "
+                           "(the default for path: and hf: sources)")
+    license: str | None = Field(default=None, description="the source's licence (an SPDX id or the name its card "
+                                "uses); required when the source's card and config state none")
     seed: int = 0
     device: str = "auto"
     prune: TransOptions = TransOptions()
@@ -236,6 +276,44 @@ class Recipe(BaseModel):
     expected: dict[str, Any] = Field(default_factory=dict, description="documented build time etc.")
     mode: Literal["chain", "direct"] = Field("chain", description="direct: every anchor distilled from the source")
     anchor_zero: AnchorZeroRecipe | None = Field(default=None, description="a0 taught by a foreign model")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_defaults(cls, data: Any) -> Any:
+        """A ``ladder`` becomes anchors a1..aK by fraction; a path:/hf: source brings its own tokenizer and
+        base model name unless the recipe names them."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "ladder" in data:
+            ladder = data.pop("ladder")
+            if "anchors" in data:
+                raise ValueError("give anchors or ladder (fractions of the source), not both")
+            if not isinstance(ladder, list) or not ladder:
+                raise ValueError(f"ladder must be a list of fractions of the source, largest first (got {ladder!r})")
+            data["anchors"] = [{"name": f"a{k + 1}", "fraction": f} for k, f in enumerate(ladder)]
+        src = data.get("source")
+        if isinstance(src, str) and src.startswith(("path:", "hf:")):
+            data.setdefault("tokenizer", "source")
+            data.setdefault("source_repo", src[3:].partition("@")[0] if src.startswith("hf:") else src)
+        return data
+
+    @model_validator(mode="after")
+    def _known_source(self) -> Recipe:
+        parse_source(self.source)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        out = handler(self)
+        if self.license is None:  # the dump recipes had before licences were stated
+            out.pop("license", None)
+        return out
+
+    @property
+    def resolved(self) -> bool:
+        """Every anchor has a shape (none is still a fraction of the source)."""
+        return all(a.resolved for a in self.anchors)
 
     @model_validator(mode="after")
     def _unique_shrinking(self) -> Recipe:
@@ -262,21 +340,82 @@ class Recipe(BaseModel):
         raise UnknownNameError(f"recipe {self.name!r} has no anchor {name!r}", allowed=self.anchor_names)
 
 
+def extra_recipe_dirs() -> list[Path]:
+    """Folders of recipes of one's own (``$CBD_RECIPES``, ``os.pathsep``-separated): the service and
+    ``cbd chain build NAME`` find them by name after the packaged ones (a packaged name wins)."""
+    return [Path(p).expanduser() for p in os.environ.get("CBD_RECIPES", "").split(os.pathsep) if p.strip()]
+
+
+def recipe_dirs(packaged: Path | None = None) -> list[Path]:
+    """Where recipes are looked up by name, in order: the packaged ``anchors/``, then ``$CBD_RECIPES``."""
+    return [packaged or paths.RECIPES_DIR, *extra_recipe_dirs()]
+
+
+def find_recipe(name: str, dirs: list[Path] | None = None) -> Path | None:
+    """The file of recipe ``name`` (``<dir>/<name>.toml``, first folder first), or None."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        return None
+    for d in dirs or recipe_dirs():
+        if (d / f"{name}.toml").is_file():
+            return d / f"{name}.toml"
+    return None
+
+
 def recipe_path(name: str) -> Path:
-    return paths.RECIPES_DIR / f"{check_name(name, 'recipe name')}.toml"
+    """Where recipe ``name`` is read from (the packaged folder when no folder has it)."""
+    return find_recipe(name) or paths.RECIPES_DIR / f"{check_name(name, 'recipe name')}.toml"
 
 
-def list_recipes() -> list[str]:
-    return sorted(p.stem for p in paths.RECIPES_DIR.glob("*.toml"))
+def list_recipes(dirs: list[Path] | None = None) -> list[str]:
+    return sorted({p.stem for d in dirs or recipe_dirs() if d.is_dir() for p in d.glob("*.toml")
+                   if NAME_RE.match(p.stem)})
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A recipe by name (packaged, then ``$CBD_RECIPES``) or from a ``.toml`` file anywhere.
+
+    Relative paths inside a recipe file (``source = "path:..."``, ``files:``/``jsonl:``/``parquet:``
+    corpora) are relative to the file's folder; the recorded recipe holds them absolute. A recipe
+    found by name must be called what its file is called (the service builds it by that name).
+    """
     path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = recipe_path(str(name_or_path))
-        if not path.is_file():
-            raise UnknownNameError(f"no recipe {name_or_path!r} in {paths.RECIPES_DIR}", allowed=list_recipes())
+    by_name = path.suffix != ".toml"
+    if by_name:
+        found = find_recipe(str(name_or_path))
+        if found is None:
+            raise UnknownNameError(f"no recipe {name_or_path!r} in {', '.join(map(str, recipe_dirs()))} "
+                                   "(give a .toml path to build a recipe from anywhere)", allowed=list_recipes())
+        path = found
     try:
-        return Recipe.model_validate(tomllib.loads(path.read_text()))
-    except (tomllib.TOMLDecodeError, ValidationError) as exc:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise RecipeError(f"recipe {path} cannot be read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"recipe {path} is invalid: {exc}") from None
+    data = _absolute_paths(data, path.resolve().parent) if isinstance(data, dict) else data
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"recipe {path} is invalid: {exc}") from None
+    if by_name and recipe.name != path.stem:
+        raise RecipeError(f"recipe {path} is named {recipe.name!r}: a recipe found by name must be called "
+                          f"what its file is ({path.stem!r})", allowed={"name": path.stem})
+    return recipe
+
+
+def _absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` with the relative local paths of its source and corpora made absolute against ``base``."""
+    data = dict(data)
+    if isinstance(data.get("source"), str):
+        data["source"] = absolute_source(data["source"], base)
+    d = data.get("data")
+    if isinstance(d, dict):
+        d = dict(d)
+        if isinstance(d.get("corpus"), str):
+            d["corpus"] = absolute_corpus(d["corpus"], base)
+        if isinstance(d.get("corpora"), list):
+            d["corpora"] = [dict(c, name=absolute_corpus(c["name"], base))
+                            if isinstance(c, dict) and isinstance(c.get("name"), str) else c
+                            for c in d["corpora"]]
+        data["data"] = d
+    return data

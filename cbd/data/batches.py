@@ -21,7 +21,7 @@ from cbd.core.catalog import list_corpora
 from cbd.core.names import check_known
 from cbd.core.paths import assets_dir
 from cbd.data.archives import build_once
-from cbd.data.corpora import corpus
+from cbd.data.corpora import corpus, corpus_dir
 from cbd.data.teachers import sha256_file
 from cbd.data.tokenizers import load_tokenizer, tokenizer_dir
 from cbd.errors import AssetUnavailableError, ShapeError
@@ -41,19 +41,30 @@ def encode_documents(tokenizer, docs: list[str]) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(d + [eos] for d in ids), dtype=np.uint32)
 
 
-def token_file(corpus_name: str, tokenizer_name: str, split: str) -> np.ndarray:
+def token_file(corpus_name: str, tokenizer_name: str | Path, split: str) -> np.ndarray:
     """Memory-mapped uint32 token ids of one split, built once under ``assets_dir()/tokens``.
 
+    ``corpus_name``: a packaged corpus or a corpus spec of one's own (``files:...``, cbd.data.external);
+    ``tokenizer_name``: a tokenizer by name, or a folder holding ``tokenizer.json`` (a source's own).
     The cache key includes a hash of ``tokenizer.json``, so a replaced tokenizer is re-tokenised.
     """
-    check_known(corpus_name, list_corpora(), "corpus")
+    if ":" not in corpus_name:
+        check_known(corpus_name, list_corpora(), "corpus")
     check_known(split, SPLITS, "split")
-    tok_key = f"{tokenizer_name}-{sha256_file(tokenizer_dir(tokenizer_name) / 'tokenizer.json')[:12]}"
-    path = assets_dir() / "tokens" / corpus_name / tok_key / f"{split}.u32"
+    if isinstance(tokenizer_name, Path):
+        tok_key = f"source-{sha256_file(tokenizer_name / 'tokenizer.json')[:12]}"
+    else:
+        tok_key = f"{tokenizer_name}-{sha256_file(tokenizer_dir(tokenizer_name) / 'tokenizer.json')[:12]}"
+    key = corpus_dir(corpus_name).name if ":" in corpus_name else corpus_name  # an external corpus: by content
+    path = assets_dir() / "tokens" / key / tok_key / f"{split}.u32"
 
     def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
         docs = getattr(corpus(corpus_name), split)
-        encode_documents(load_tokenizer(tokenizer_name), docs).tofile(tmp)
+        tok = (AutoTokenizer.from_pretrained(tokenizer_name) if isinstance(tokenizer_name, Path)
+               else load_tokenizer(tokenizer_name))
+        encode_documents(tok, docs).tofile(tmp)
 
     return np.memmap(build_once(path, build), dtype=np.uint32, mode="r")
 

@@ -91,7 +91,12 @@ FETCH: dict[str, Callable[[], dict[str, list[str]]]] = {  # title -> documents, 
 
 
 def corpus_dir(name: str) -> Path:
-    """Folder with ``train.jsonl`` and ``heldout.jsonl`` (one ``{"title", "text"}`` per document)."""
+    """Folder with ``train.jsonl`` and ``heldout.jsonl`` (one ``{"title", "text"}`` per document): a packaged
+    corpus by name, or one of one's own (``files:``, ``jsonl:``, ``parquet:``, ``hf-dataset:``, cbd.data.external)."""
+    if name not in CORPORA and isinstance(name, str) and ":" in name:
+        from cbd.data.external import external_corpus_dir
+
+        return external_corpus_dir(name)
     src = CORPORA[check_known(name, list_corpora(), "corpus")]
 
     def build(tmp: Path) -> None:

@@ -17,6 +17,7 @@ from cbd import __version__
 from cbd.core.artifacts import ArtifactInfo, publish, staging_dir
 from cbd.core.manifest import ChainManifest
 from cbd.core.plan import Plan
+from cbd.core.sources import chain_license
 from cbd.core.spec import ModelSpec
 from cbd.store.checkpoint import model_card, write_config_files, write_weights
 
@@ -32,7 +33,8 @@ def publish_checkpoint(plan: Plan, manifest: ChainManifest, spec: ModelSpec,
     tmp = staging_dir(plan.id, artifacts_root)
     try:
         write_weights(tmp, spec, tensors, dtype=plan.dtype, recipe=recipe)
-        card = model_card(repo_name=f"cbd-{plan.id[:12]}", recipe=recipe, base_model=manifest.source)
+        card = model_card(repo_name=f"cbd-{plan.id[:12]}", recipe=recipe, base_model=manifest.source,
+                          license=chain_license(manifest))
         write_config_files(tmp, spec, dtype=plan.dtype, recipe=recipe, tokenizer_src=tokenizer_src,
                            card=card + extra_card)
         if finish is not None:
