@@ -16,7 +16,9 @@ from fastapi.responses import FileResponse
 
 from app import schemas
 from app.errors import NotFoundError
+from app.files import OpenedFileResponse
 from cbd.core import artifacts
+from worker import store_budget
 
 router = APIRouter(tags=["checkpoints"])
 CACHE = "public, max-age=31536000, immutable"
@@ -44,14 +46,28 @@ async def get_file(artifact_id: ArtifactId, name: FileName, request: Request) ->
     artifacts.check_file_name(name)  # rejects '..' inside names the pattern lets through
     info = await run_in_threadpool(artifacts.load_artifact, artifact_id)
     if info is None or name not in info.files:
-        raise NotFoundError(f"checkpoint {artifact_id} has no file {name!r}" if info else
-                            f"no checkpoint {artifact_id}")
+        raise NotFoundError(f"checkpoint {artifact_id} has no file {name!r}" if info else missing(artifact_id))
     etag = f'"{info.files[name].sha256}"'
     headers = {"ETag": etag, "Cache-Control": CACHE}
     if _matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return FileResponse(artifacts.artifact_dir(artifact_id) / name, media_type=media, headers=headers)
+    try:  # opened here: an eviction from now on cannot cut this download short (app/files.py)
+        return await run_in_threadpool(open_file, artifact_id, name, media_type=media, headers=headers)
+    except FileNotFoundError:
+        raise NotFoundError(missing(artifact_id)) from None
+
+
+def open_file(artifact_id: str, name: str, **kwargs) -> OpenedFileResponse:
+    """The file, opened; its checkpoint marked as used (the store budget evicts the least recently used)."""
+    response = OpenedFileResponse.open(artifacts.artifact_dir(artifact_id) / name, **kwargs)
+    store_budget.record_access(artifact_id)
+    return response
+
+
+def missing(artifact_id: str) -> str:
+    return (f"no checkpoint {artifact_id} (if it existed, it was evicted from the store under "
+            "CBD_STORE_MAX_BYTES: POST /initialize the same request again and it is made anew, the same bytes)")
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from app import views
@@ -45,6 +45,7 @@ from app.deps import require_api_key
 from app.errors import JobFailedError, UnauthorizedError, http_status
 from app.routes import initialize
 from app.routes.checkpoints import _matches as etag_matches
+from app.routes.checkpoints import open_file
 from cbd.core import artifacts, repo_ids
 from cbd.core.artifacts import ArtifactInfo
 from cbd.core.repo_ids import RepoName
@@ -233,8 +234,11 @@ def _files(init: Init) -> list[str]:
 async def model_info(request: Request, chain: str, name: str, revision: str = "main") -> JSONResponse:
     init = await find_init(request, chain, name, revision)
     blobs = request.query_params.get("blobs") in ("1", "true", "True")
-    siblings = await run_in_threadpool(
-        lambda: [_entry(init, n, sibling=True) if blobs else {"rfilename": n} for n in _files(init)])
+    try:
+        siblings = await run_in_threadpool(
+            lambda: [_entry(init, n, sibling=True) if blobs else {"rfilename": n} for n in _files(init)])
+    except FileNotFoundError:
+        raise _evicted(init, request) from None
     plan = init.info.plan
     body = {"_id": init.info.id, "id": init.repo, "modelId": init.repo, "author": chain, "sha": init.commit,
             "private": False, "disabled": False, "gated": False, "downloads": 0, "likes": 0,
@@ -256,7 +260,10 @@ async def tree(request: Request, chain: str, name: str, revision: str, prefix: s
         raise HubAnswer(404, f"{prefix} does not exist in {init.repo} at {revision}", "EntryNotFound",
                         headers={"X-Repo-Commit": init.commit})
     names = [prefix] if prefix else _files(init)
-    entries = await run_in_threadpool(lambda: [_entry(init, n, sibling=False) for n in names])
+    try:
+        entries = await run_in_threadpool(lambda: [_entry(init, n, sibling=False) for n in names])
+    except FileNotFoundError:
+        raise _evicted(init, request) from None
     return JSONResponse(entries, headers={"X-Repo-Commit": init.commit})
 
 
@@ -275,5 +282,14 @@ async def resolve(request: Request, chain: str, name: str, revision: str, filena
         headers |= {"X-Linked-Etag": etag, "X-Linked-Size": str(f.size)}
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
-    return FileResponse(init.path(filename), media_type="application/octet-stream", headers=headers,
-                        content_disposition_type="inline", filename=filename)
+    try:  # opened here: an eviction from now on cannot cut this download short (app/files.py)
+        return await run_in_threadpool(open_file, init.info.id, filename, media_type="application/octet-stream",
+                                       headers=headers, content_disposition_type="inline", filename=filename)
+    except FileNotFoundError:  # evicted since find_init: the next request makes it again
+        raise _evicted(init, request) from None
+
+
+def _evicted(init: Init, request: Request) -> HubAnswer:
+    return HubAnswer(503, f"{init.repo} was just evicted from the store (CBD_STORE_MAX_BYTES); retry: the next "
+                          "request makes it anew, the same bytes",
+                     headers={"Retry-After": str(request.app.state.settings.retry_after_s)})
