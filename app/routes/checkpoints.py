@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from app import schemas
+from app.deps import ReaderDep, check_chain
 from app.errors import NotFoundError
 from app.files import OpenedFileResponse
 from cbd.core import artifacts
@@ -31,6 +32,8 @@ RESPONSES: dict = {
     200: {"content": {"application/octet-stream": BINARY}, "description": "the file"},
     206: {"content": {"application/octet-stream": BINARY}, "description": "the requested Range"},
     304: {"description": "If-None-Match matched the ETag"},
+    401: {"model": schemas.ErrorBody, "description": "no key, and reads need one (CBD_READ_KEYS_REQUIRED), or a wrong key"},
+    403: {"model": schemas.ErrorBody, "description": "the key is scoped to other chains"},
     404: {"model": schemas.ErrorBody, "description": "no such checkpoint or file"},
     416: {"description": "Range not satisfiable"},
     422: {"model": schemas.ValidationProblem, "description": "invalid id or file name"},
@@ -42,9 +45,11 @@ RESPONSES: dict = {
             operation_id="get_checkpoint_file")
 @router.head("/checkpoints/{artifact_id}/{name}", response_class=FileResponse, responses=RESPONSES,
              operation_id="head_checkpoint_file")
-async def get_file(artifact_id: ArtifactId, name: FileName, request: Request) -> Response:
+async def get_file(artifact_id: ArtifactId, name: FileName, request: Request, caller: ReaderDep) -> Response:
     artifacts.check_file_name(name)  # rejects '..' inside names the pattern lets through
     info = await run_in_threadpool(artifacts.load_artifact, artifact_id)
+    if info is not None or caller.key_id is None:  # anonymous where reads need a key: 401, existing or not
+        check_chain(caller, info.plan.get("chain") if info else None, f"checkpoint {artifact_id}")
     if info is None or name not in info.files:
         raise NotFoundError(f"checkpoint {artifact_id} has no file {name!r}" if info else missing(artifact_id))
     etag = f'"{info.files[name].sha256}"'

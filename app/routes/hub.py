@@ -41,8 +41,8 @@ from redis.exceptions import RedisError
 
 from app import views
 from app.core.config import Settings
-from app.deps import require_api_key
-from app.errors import JobFailedError, UnauthorizedError, http_status
+from app.deps import check_chain, read_caller, require_api_key
+from app.errors import ForbiddenError, JobFailedError, UnauthorizedError, http_status
 from app.routes import initialize
 from app.routes.checkpoints import _matches as etag_matches
 from app.routes.checkpoints import open_file
@@ -110,16 +110,22 @@ def hub_errors(settings: Settings) -> Iterator[None]:
         raise
 
 
-def check_key(request: Request) -> None:
-    """``require_api_key`` (app.deps) with the key as huggingface_hub sends a token, or as X-API-Key."""
+def check_key(request: Request, chain: str) -> None:
+    """``require_api_key`` (app.deps) with the key as huggingface_hub sends a token, or as X-API-Key; then
+    the key's chains (403 for a key scoped to others)."""
     auth = request.headers.get("authorization") or ""
     scheme, _, token = auth.partition(" ")
-    key = token.strip() if scheme.lower() == "bearer" else None
+    key = (token.strip() if scheme.lower() == "bearer" else None) or request.headers.get("x-api-key")
+    settings = request.app.state.settings
     try:
-        require_api_key(request.app.state.settings, key or request.headers.get("x-api-key"))
+        require_api_key(settings, key)
     except UnauthorizedError:
         raise UnauthorizedError("a valid API key is required: give it to the client as its Hugging Face token "
                                 "(HF_TOKEN=<key>, or token=<key>), sent as 'Authorization: Bearer <key>'") from None
+    try:
+        check_chain(read_caller(request, settings, key), chain, f"repo {chain}/...")
+    except ForbiddenError as e:
+        raise HubAnswer(403, e.message) from None
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,7 @@ async def find_init(request: Request, chain: str, name: str, revision: str) -> I
     settings: Settings = request.app.state.settings
     repo = f"{chain}/{name}"
     with hub_errors(settings):
-        check_key(request)
+        check_key(request, chain)
         rn = repo_ids.parse(chain, name)
         body = rn.to_request()
         wanted = repo_ids.artifact_of_commit(revision)

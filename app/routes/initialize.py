@@ -24,7 +24,7 @@ from rq.job import JobStatus
 
 from app import schemas, views
 from app.core.config import Settings
-from app.deps import CallerDep, HubTokenDep, RedisDep, SettingsDep
+from app.deps import Caller, CallerDep, HubTokenDep, RedisDep, SettingsDep, check_chain
 from app.errors import (
     InvalidHeaderError,
     JobFailedError,
@@ -64,7 +64,8 @@ RESPONSES: dict = {
     400: {"model": schemas.ValidationProblem, "description": "the body is not decodable JSON"},
     401: {"model": schemas.ErrorBody, "description": "X-API-Key missing or wrong (CBD_API_KEYS is set), or the Hub "
           "rejected the X-HF-Token of a push (`HubAuthError`, `WWW-Authenticate: Bearer`)" + HUB_FAILURE},
-    403: {"model": schemas.JobFailure, "description": "the Hub refused the push with this token "
+    403: {"model": schemas.JobFailure, "description": "the key is scoped to other chains (`ForbiddenError`); or the "
+          "Hub refused the push with this token "
           "(`HubPermissionError`: no write access to the namespace, or a read-only token)" + HUB_FAILURE},
     404: {"model": schemas.JobFailure, "description": "the Hub says the repo or revision does not exist or "
           "is not visible to this token (`HubNotFoundError`)" + HUB_FAILURE},
@@ -109,7 +110,7 @@ async def initialize(body: InitRequest, request: Request, response: Response, se
     base = views.base_url(request)
     for _ in range(REMAKES + 1):
         sub = await run_in_threadpool(submit, body, token, settings, redis, base, request.app.state.metrics,
-                                      caller.name, request.app.state.quotas)
+                                      caller.name, request.app.state.quotas, caller)
         view = sub.view
         if sub.job is not None and sub.wait and settings.sync_wait_s > 0 and view.status in ("queued", "started"):
             job = await wait_for(sub.job, settings)
@@ -146,9 +147,14 @@ def answer(view: schemas.Job, request: Request, response: Response, settings: Se
 
 
 def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redis, base: str,
-           metrics: Metrics, owner: str | None = None, quotas: Quotas | None = None) -> Submitted:
-    """Everything blocking (disk, Redis) of one request, run in the threadpool."""
+           metrics: Metrics, owner: str | None = None, quotas: Quotas | None = None,
+           caller: Caller | None = None) -> Submitted:
+    """Everything blocking (disk, Redis) of one request, run in the threadpool; ``caller``'s chains checked."""
+    if caller is not None and body.chain is not None:  # before the chain is looked up: nothing told about it
+        check_chain(caller, body.chain, "this request")
     name, chain, warnings = resolve_chain(body.chain, settings)
+    if caller is not None:
+        check_chain(caller, name, "this request")
     if chain is None:
         build = queue.enqueue_build_chain(redis, name, anchors=recipe_anchors(name, settings), limits=settings.limits,
                                           owner=owner)
