@@ -12,8 +12,8 @@ from fastapi import Depends, Header, Request, Security
 from fastapi.security import APIKeyHeader
 from redis import Redis
 
-from app.core.config import Settings
-from app.errors import InvalidHeaderError, UnauthorizedError
+from app.core.config import Settings, key_name
+from app.errors import ForbiddenError, InvalidHeaderError, UnauthorizedError
 
 TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,4096}$")  # printable ASCII, no spaces
 
@@ -41,6 +41,7 @@ class Caller:
     key_id: str | None
     operator: bool
     address: str
+    chains: frozenset[str] | None = None  # the chains it may use (public ones included); None: every chain
 
     @property
     def name(self) -> str:
@@ -48,9 +49,7 @@ class Caller:
         return self.key_id or f"addr-{self.address}"
 
 
-def key_id(key: str) -> str:
-    """A stable, non-secret name of an API key: ``key-`` + 12 hex digits of its sha256."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+key_id = key_name  # ``key-`` + 12 hex digits of the key's sha256 (app.core.config)
 
 
 def _matches(given: str | None, keys: tuple) -> bool:
@@ -74,10 +73,50 @@ def caller(request: Request, settings: SettingsDep,
            key: Annotated[str | None, Security(api_key_header)] = None) -> Caller:
     """The checked caller of a request that needs a key when keys are configured (401 otherwise)."""
     require_api_key(settings, key)
-    keyed = bool(settings.api_keys or settings.operator_keys)
+    return _identify(request, settings, key)
+
+
+def _identify(request: Request, settings: Settings, key: str | None) -> Caller:
+    """The caller of a checked key (or of none), its chains, noted for the access log (``request.state``)."""
+    keyed = settings.keyed
     address = request.client.host if request.client is not None else "unknown"
-    return Caller(key_id=key_id(key) if keyed and key else None,
-                  operator=bool(settings.operator_keys) and _matches(key, settings.operator_keys), address=address)
+    name = key_id(key) if keyed and key else None
+    operator = bool(settings.operator_keys) and _matches(key, settings.operator_keys)
+    request.state.cbd_key = name
+    return Caller(key_id=name, operator=operator, address=address,
+                  chains=settings.chains_of(name, operator=operator) if keyed else None)
+
+
+def reader(request: Request, settings: SettingsDep,
+           key: Annotated[str | None, Header(alias="X-API-Key", description=(
+               "needed when the service sets CBD_READ_KEYS_REQUIRED (except for public chains); a key scoped to "
+               "chains (CBD_API_KEYS key:chain1|chain2) reads only those"))] = None) -> Caller:
+    """The caller of a read: a wrong key is 401; no key is anonymous, which sees only the public chains
+    when ``CBD_READ_KEYS_REQUIRED`` is set (``check_chain`` then answers 401 for the rest)."""
+    return read_caller(request, settings, key)
+
+
+def read_caller(request: Request, settings: Settings, key: str | None) -> Caller:
+    if key and settings.keyed:
+        require_api_key(settings, key)
+    return _identify(request, settings, key if settings.keyed else None)
+
+
+def require_some_chain(caller: Caller, what: str) -> None:
+    """401 for an anonymous caller that may see no chain at all (reads need a key, none is public)."""
+    if caller.key_id is None and caller.chains is not None and not caller.chains:
+        raise UnauthorizedError(f"{what}: a valid X-API-Key header is required (CBD_READ_KEYS_REQUIRED)")
+
+
+def check_chain(caller: Caller, chain: str | None, what: str) -> None:
+    """401 (no key, reads need one) or 403 (a key scoped to other chains) unless ``caller`` may use ``chain``."""
+    if caller.chains is None or (chain is not None and chain in caller.chains):
+        return
+    if caller.key_id is None:
+        raise UnauthorizedError(f"{what}: a valid X-API-Key header is required (CBD_READ_KEYS_REQUIRED)")
+    allowed = sorted(caller.chains)
+    raise ForbiddenError(f"{what}: key {caller.key_id} may not use chain {chain!r}; its chains: "
+                         f"{', '.join(allowed) or 'none'}", allowed={"chains": allowed})
 
 
 def hub_token(x_hf_token: Annotated[str | None, Header(
@@ -93,4 +132,5 @@ def hub_token(x_hf_token: Annotated[str | None, Header(
 
 ApiKeyDep = Depends(require_api_key)
 CallerDep = Annotated[Caller, Depends(caller)]
+ReaderDep = Annotated[Caller, Depends(reader)]
 HubTokenDep = Annotated[str | None, Depends(hub_token)]

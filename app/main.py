@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import errors
+from app import access_log, errors
 from app.core.config import Settings
 from app.metrics import Metrics
 from app.quotas import Quotas
@@ -51,6 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (initialize, plan, jobs, checkpoints, chains, health, hub):  # hub last: its paths are the widest
         app.include_router(module.router)
     ui.install(app)
+    if access_log.configure(settings.access_log):
+        app.add_middleware(access_log.AccessLog)
     app.state.metrics = Metrics(app)
     app.state.quotas = Quotas(settings, app.state.redis)
     app.state.metrics.limits(app.state.quotas.describe())

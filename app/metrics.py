@@ -16,7 +16,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from redis import Redis
 from redis.exceptions import RedisError
 
-from worker import queue
+from worker import queue, store_budget
 
 
 class QueueCollector(Collector):
@@ -50,6 +50,26 @@ class QueueCollector(Collector):
         yield outcomes
 
 
+class StoreCollector(Collector):
+    """The artifact store as its last eviction round left it (``worker.store_budget``: ``.budget.json``)."""
+
+    def collect(self) -> Iterator[Metric]:
+        stats = store_budget.read_stats()
+        for name, key, help_ in (
+                ("cbd_store_bytes", "bytes", "bytes under CBD_ARTIFACTS after the last eviction round"),
+                ("cbd_store_checkpoints", "checkpoints", "published checkpoints after the last eviction round"),
+                ("cbd_store_max_bytes", "max_bytes", "CBD_STORE_MAX_BYTES in force at the last round (0: no cap)"),
+                ("cbd_store_min_free_bytes", "min_free_bytes", "CBD_STORE_MIN_FREE_BYTES at the last round")):
+            g = GaugeMetricFamily(name, help_)
+            g.add_metric([], stats.get(key, 0.0))
+            yield g
+        for name, key, help_ in (("cbd_store_evictions", "evictions", "checkpoints evicted (least recently used)"),
+                                 ("cbd_store_evicted_bytes", "evicted_bytes", "bytes freed by evictions")):
+            c = CounterMetricFamily(name, help_)
+            c.add_metric([], stats.get(key, 0.0))
+            yield c
+
+
 class Metrics:
     """One registry per app (tests build many apps in one process)."""
 
@@ -61,6 +81,7 @@ class Metrics:
         self.refusals = Counter("cbd_admission_refused", "POST /initialize refused by a quota (429) or a queue "
                                 "bound (503), by the limit", ["limit"], registry=self.registry)
         self.registry.register(QueueCollector(lambda: app.state.redis))
+        self.registry.register(StoreCollector())
         Instrumentator(registry=self.registry, excluded_handlers=["/metrics"]).instrument(app).expose(
             app, endpoint="/metrics", include_in_schema=True, tags=["health"],
             response_class=PlainTextResponse, summary="Prometheus metrics")

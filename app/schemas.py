@@ -135,9 +135,21 @@ class ChainInfo(BaseModel):
     servable: ServableRange
 
 
+class ChainBuild(BaseModel):
+    """A chain being built (its ``chain-<name>`` job): what ``POST /initialize`` answers 202 with meanwhile."""
+
+    chain: str
+    job: str
+    status: str
+    progress: dict | None = None
+    location: str
+
+
 class ChainsResponse(BaseModel):
     default_chain: str
     chains: list[ChainInfo]
+    builds: list[ChainBuild] = Field(default_factory=list, description="recipes being built (not yet in `chains`), "
+                                     "with progress; e.g. the first chain after `cbd serve` on a fresh machine")
     recipes: list[str] = Field(description="recipes that can be built (anchors/<name>.toml)")
     tokenizers: list[str] = Field(description="target tokenizers accepted besides each chain's own")
 

@@ -17,8 +17,11 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
+    from worker.store_cli import store_app
+
     app.command("serve")(serve)
     app.command("worker")(worker)
+    app.add_typer(store_app, name="store")
 
 
 def serve(

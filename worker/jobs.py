@@ -9,6 +9,7 @@ published atomically, so a retry is harmless).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -31,7 +32,7 @@ from cbd.errors import (
     StoreUnavailableError,
     UnknownNameError,
 )
-from worker import queue, tokens
+from worker import queue, store_budget, tokens
 
 PROGRESS_EVERY_S = 0.25
 # Failures that are the caller's or the Hub's, not the service's: the worker logs one line for them
@@ -67,8 +68,12 @@ def initialize(plan: dict, push: dict | None = None, token_ref: str | None = Non
     from cbd.core.plan import Plan
     from cbd.run import run_plan
 
-    with _tracked("initialize") as job:
+    with _tracked("initialize") as job, contextlib.ExitStack() as stack:
+        store_budget.before_write()  # CBD_STORE_MAX_BYTES / _MIN_FREE_BYTES: room for this one
+        if push is not None:  # never evicted between its publish and the end of its push
+            stack.enter_context(store_budget.hold(plan["id"]))
         info = run_plan(Plan.model_validate(plan), progress=_reporter(job))
+        store_budget.after_publish(info.id)
         out = {"artifact_id": info.id, "alpha": info.alpha,
                "files": {n: f.model_dump() for n, f in info.files.items()}}
         if push is not None:

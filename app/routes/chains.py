@@ -4,25 +4,63 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
+from redis import Redis
+from redis.exceptions import RedisError
+from rq.job import JobStatus
 
-from app import schemas
+from app import schemas, views
 from app.core.config import Settings
-from app.deps import SettingsDep
+from app.deps import ReaderDep, RedisDep, SettingsDep, require_some_chain
 from cbd.core import chainstore
 from cbd.core.catalog import list_tokenizers
 from cbd.core.manifest import AnchorEntry, ChainManifest
 from cbd.core.plan import MAX_GROWTH
+from worker import queue
 
 router = APIRouter(tags=["chains"])
 
 
-@router.get("/chains", response_model=schemas.ChainsResponse, responses={500: schemas.CORRUPT})
-async def get_chains(settings: SettingsDep) -> schemas.ChainsResponse:
-    return await run_in_threadpool(chains_view, settings)
+@router.get("/chains", response_model=schemas.ChainsResponse, responses={
+    401: {"model": schemas.ErrorBody, "description": "no key, and reads need one (CBD_READ_KEYS_REQUIRED), or a wrong key"},
+    500: schemas.CORRUPT})
+async def get_chains(settings: SettingsDep, caller: ReaderDep, redis: RedisDep) -> schemas.ChainsResponse:
+    """The built chains this caller may use (a key scoped to chains sees those and the public ones), and the
+    builds in progress with their progress."""
+    require_some_chain(caller, "the chain list")
+    view = await run_in_threadpool(chains_view, settings, caller.chains)
+    builds = await run_in_threadpool(builds_view, redis, settings, view, caller.chains)
+    return view.model_copy(update={"builds": builds})
 
 
-def chains_view(settings: Settings) -> schemas.ChainsResponse:
-    chains = [chain_info(chainstore.load_manifest(n)) for n in chainstore.list_chains()]
+def builds_view(redis: Redis, settings: Settings, view: schemas.ChainsResponse,
+                visible: frozenset[str] | None) -> list[schemas.ChainBuild]:
+    """``chain-<recipe>`` jobs still running or waiting, for recipes not built yet (Redis down: none)."""
+    from app.routes.jobs import waiting_view
+
+    built = {c.name for c in view.chains}
+    out = []
+    try:
+        for name in view.recipes:
+            if name in built or (visible is not None and name not in visible):
+                continue
+            job = queue.fetch_job(redis, queue.chain_job_id(name))
+            if job is None:
+                continue
+            v = views.job_view(job, "")
+            if v.rq_status == JobStatus.DEFERRED.value:
+                v = waiting_view(v, job)
+            if v.status in ("queued", "started", "failed"):
+                out.append(schemas.ChainBuild(chain=name, job=job.id, status=v.status, progress=v.progress,
+                                              location=f"/jobs/{job.id}"))
+    except RedisError:
+        return []
+    return out
+
+
+def chains_view(settings: Settings, visible: frozenset[str] | None = None) -> schemas.ChainsResponse:
+    """The chains (``visible`` only, when given), recipes and tokenizers."""
+    chains = [chain_info(chainstore.load_manifest(n)) for n in chainstore.list_chains()
+              if visible is None or n in visible]
     return schemas.ChainsResponse(default_chain=settings.default_chain, chains=chains,
                                   recipes=settings.recipes(), tokenizers=list_tokenizers())
 

@@ -18,8 +18,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
 from app import schemas
+from app.deps import ReaderDep, check_chain
 from app.errors import NotFoundError
+from app.files import OpenedFileResponse
 from cbd.core import artifacts
+from worker import store_budget
 
 router = APIRouter(tags=["checkpoints"])
 CACHE = "public, max-age=31536000, immutable"
@@ -32,6 +35,8 @@ RESPONSES: dict = {
     200: {"content": {"application/octet-stream": BINARY}, "description": "the file"},
     206: {"content": {"application/octet-stream": BINARY}, "description": "the requested Range"},
     304: {"description": "If-None-Match matched the ETag"},
+    401: {"model": schemas.ErrorBody, "description": "no key, and reads need one (CBD_READ_KEYS_REQUIRED), or a wrong key"},
+    403: {"model": schemas.ErrorBody, "description": "the key is scoped to other chains"},
     404: {"model": schemas.ErrorBody, "description": "no such checkpoint or file"},
     307: {"description": "with CBD_STORE_REDIRECT=1 (an S3 store): a presigned URL of the object in "
                          "`Location`; the ETag and Cache-Control headers are this answer's"},
@@ -47,27 +52,35 @@ RESPONSES: dict = {
             operation_id="get_checkpoint_file")
 @router.head("/checkpoints/{artifact_id}/{name}", response_class=FileResponse, responses=RESPONSES,
              operation_id="head_checkpoint_file")
-async def get_file(artifact_id: ArtifactId, name: FileName, request: Request) -> Response:
+async def get_file(artifact_id: ArtifactId, name: FileName, request: Request, caller: ReaderDep) -> Response:
     artifacts.check_file_name(name)  # rejects '..' inside names the pattern lets through
     info = await run_in_threadpool(artifacts.load_artifact, artifact_id)
+    if info is not None or caller.key_id is None:  # anonymous where reads need a key: 401, existing or not
+        check_chain(caller, info.plan.get("chain") if info else None, f"checkpoint {artifact_id}")
     if info is None or name not in info.files:
-        raise NotFoundError(f"checkpoint {artifact_id} has no file {name!r}" if info else
-                            f"no checkpoint {artifact_id}")
+        raise NotFoundError(f"checkpoint {artifact_id} has no file {name!r}" if info else missing(artifact_id))
     etag = f'"{info.files[name].sha256}"'
     headers = {"ETag": etag, "Cache-Control": CACHE}
     if _matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return await serve_file(request, artifact_id, name, info.files[name].size, etag, headers, media)
+    try:
+        return await serve_file(request, artifact_id, name, info.files[name].size, etag, headers, media)
+    except FileNotFoundError:
+        raise NotFoundError(missing(artifact_id)) from None
 
 
 async def serve_file(request: Request, aid: str, name: str, size: int, etag: str, headers: dict, media: str, *,
                      filename: str | None = None, redirect_status: int = 307) -> Response:
-    """The file's bytes from wherever the store keeps them (see the module docstring)."""
+    """The file's bytes from wherever the store keeps them (see the module docstring). A local
+    file is opened here: an eviction from now on cannot cut the download short (app/files.py);
+    FileNotFoundError when it is gone already."""
     path = artifacts.file_path(aid, name)
     if path is not None:
-        return FileResponse(path, media_type=media, headers=headers, filename=filename,
-                            content_disposition_type="inline")
+        response = await run_in_threadpool(OpenedFileResponse.open, path, media_type=media, headers=headers,
+                                           filename=filename, content_disposition_type="inline")
+        store_budget.record_access(aid)
+        return response
     if filename is not None:
         headers = headers | {"Content-Disposition": f'inline; filename="{filename}"'}
     settings = request.app.state.settings
@@ -114,6 +127,11 @@ def parse_range(value: str, size: int) -> tuple[int, int] | str | None:
     if last and int(last) < start:
         return None
     return start, end
+
+
+def missing(artifact_id: str) -> str:
+    return (f"no checkpoint {artifact_id} (if it existed, it was evicted from the store under "
+            "CBD_STORE_MAX_BYTES: POST /initialize the same request again and it is made anew, the same bytes)")
 
 
 def _matches(if_none_match: str | None, etag: str) -> bool:

@@ -40,8 +40,8 @@ from redis.exceptions import RedisError
 
 from app import views
 from app.core.config import Settings
-from app.deps import require_api_key
-from app.errors import JobFailedError, UnauthorizedError, http_status
+from app.deps import check_chain, read_caller, require_api_key
+from app.errors import ForbiddenError, JobFailedError, UnauthorizedError, http_status
 from app.routes import initialize
 from app.routes.checkpoints import _matches as etag_matches
 from app.routes.checkpoints import serve_file
@@ -109,16 +109,22 @@ def hub_errors(settings: Settings) -> Iterator[None]:
         raise
 
 
-def check_key(request: Request) -> None:
-    """``require_api_key`` (app.deps) with the key as huggingface_hub sends a token, or as X-API-Key."""
+def check_key(request: Request, chain: str) -> None:
+    """``require_api_key`` (app.deps) with the key as huggingface_hub sends a token, or as X-API-Key; then
+    the key's chains (403 for a key scoped to others)."""
     auth = request.headers.get("authorization") or ""
     scheme, _, token = auth.partition(" ")
-    key = token.strip() if scheme.lower() == "bearer" else None
+    key = (token.strip() if scheme.lower() == "bearer" else None) or request.headers.get("x-api-key")
+    settings = request.app.state.settings
     try:
-        require_api_key(request.app.state.settings, key or request.headers.get("x-api-key"))
+        require_api_key(settings, key)
     except UnauthorizedError:
         raise UnauthorizedError("a valid API key is required: give it to the client as its Hugging Face token "
                                 "(HF_TOKEN=<key>, or token=<key>), sent as 'Authorization: Bearer <key>'") from None
+    try:
+        check_chain(read_caller(request, settings, key), chain, f"repo {chain}/...")
+    except ForbiddenError as e:
+        raise HubAnswer(403, e.message) from None
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,7 @@ async def find_init(request: Request, chain: str, name: str, revision: str) -> I
     settings: Settings = request.app.state.settings
     repo = f"{chain}/{name}"
     with hub_errors(settings):
-        check_key(request)
+        check_key(request, chain)
         rn = repo_ids.parse(chain, name)
         body = rn.to_request()
         wanted = repo_ids.artifact_of_commit(revision)
@@ -230,8 +236,11 @@ def _files(init: Init) -> list[str]:
 async def model_info(request: Request, chain: str, name: str, revision: str = "main") -> JSONResponse:
     init = await find_init(request, chain, name, revision)
     blobs = request.query_params.get("blobs") in ("1", "true", "True")
-    siblings = await run_in_threadpool(
-        lambda: [_entry(init, n, sibling=True) if blobs else {"rfilename": n} for n in _files(init)])
+    try:
+        siblings = await run_in_threadpool(
+            lambda: [_entry(init, n, sibling=True) if blobs else {"rfilename": n} for n in _files(init)])
+    except FileNotFoundError:
+        raise _evicted(init, request) from None
     plan = init.info.plan
     body = {"_id": init.info.id, "id": init.repo, "modelId": init.repo, "author": chain, "sha": init.commit,
             "private": False, "disabled": False, "gated": False, "downloads": 0, "likes": 0,
@@ -253,7 +262,10 @@ async def tree(request: Request, chain: str, name: str, revision: str, prefix: s
         raise HubAnswer(404, f"{prefix} does not exist in {init.repo} at {revision}", "EntryNotFound",
                         headers={"X-Repo-Commit": init.commit})
     names = [prefix] if prefix else _files(init)
-    entries = await run_in_threadpool(lambda: [_entry(init, n, sibling=False) for n in names])
+    try:
+        entries = await run_in_threadpool(lambda: [_entry(init, n, sibling=False) for n in names])
+    except FileNotFoundError:
+        raise _evicted(init, request) from None
     return JSONResponse(entries, headers={"X-Repo-Commit": init.commit})
 
 
@@ -273,5 +285,14 @@ async def resolve(request: Request, chain: str, name: str, revision: str, filena
     if etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     # from a bucket: streamed, or (CBD_STORE_REDIRECT=1) a 302 to a presigned URL, as the Hub's CDN redirects
-    return await serve_file(request, init.info.id, filename, f.size, etag, headers, "application/octet-stream",
-                            filename=filename, redirect_status=302)
+    try:
+        return await serve_file(request, init.info.id, filename, f.size, etag, headers, "application/octet-stream",
+                                filename=filename, redirect_status=302)
+    except FileNotFoundError:  # evicted since find_init: the next request makes it again
+        raise _evicted(init, request) from None
+
+
+def _evicted(init: Init, request: Request) -> HubAnswer:
+    return HubAnswer(503, f"{init.repo} was just evicted from the store (CBD_STORE_MAX_BYTES); retry: the next "
+                          "request makes it anew, the same bytes",
+                     headers={"Retry-After": str(request.app.state.settings.retry_after_s)})

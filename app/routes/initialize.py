@@ -24,7 +24,7 @@ from rq.job import JobStatus
 
 from app import schemas, views
 from app.core.config import Settings
-from app.deps import CallerDep, HubTokenDep, RedisDep, SettingsDep
+from app.deps import Caller, CallerDep, HubTokenDep, RedisDep, SettingsDep, check_chain
 from app.errors import (
     InvalidHeaderError,
     JobFailedError,
@@ -43,7 +43,7 @@ from cbd.core.plan import make_plan
 from cbd.core.recipe import load_recipe
 from cbd.core.request import InitRequest
 from cbd.errors import RecipeError, UnknownNameError
-from worker import queue, tokens
+from worker import queue, store_budget, tokens
 
 router = APIRouter(tags=["initialize"])
 # What a job that failed while the request waited answers with (its error's status; else 500). The
@@ -53,6 +53,7 @@ FAILURE_CODES = (409, 500, 502, 503, 507)
 HUB_CODES = (401, 403, 404, 409, 422)
 HUB_FAILURE = ("; the body's `cause` names the Hub's answer (`hub_status`, `hub_reason`) and never holds "
                "the token")
+REMAKES = 2
 DONE = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
 
 RESPONSES: dict = {
@@ -63,7 +64,8 @@ RESPONSES: dict = {
     400: {"model": schemas.ValidationProblem, "description": "the body is not decodable JSON"},
     401: {"model": schemas.ErrorBody, "description": "X-API-Key missing or wrong (CBD_API_KEYS is set), or the Hub "
           "rejected the X-HF-Token of a push (`HubAuthError`, `WWW-Authenticate: Bearer`)" + HUB_FAILURE},
-    403: {"model": schemas.JobFailure, "description": "the Hub refused the push with this token "
+    403: {"model": schemas.JobFailure, "description": "the key is scoped to other chains (`ForbiddenError`); or the "
+          "Hub refused the push with this token "
           "(`HubPermissionError`: no write access to the namespace, or a read-only token)" + HUB_FAILURE},
     404: {"model": schemas.JobFailure, "description": "the Hub says the repo or revision does not exist or "
           "is not visible to this token (`HubNotFoundError`)" + HUB_FAILURE},
@@ -107,20 +109,34 @@ async def initialize(body: InitRequest, request: Request, response: Response, se
     if body.push_to_hub is not None:
         _check_push(token, settings)
     base = views.base_url(request)
-    sub = await run_in_threadpool(submit, body, token, settings, redis, base, request.app.state.metrics,
-                                  caller.name, request.app.state.quotas)
-    view = sub.view
-    if sub.job is not None and sub.wait and settings.sync_wait_s > 0 and view.status in ("queued", "started"):
-        job = await wait_for(sub.job, settings)
-        view = await run_in_threadpool(views.job_view, job, base, warnings=sub.warnings)
-        if view.repo_id is None:
-            view = view.model_copy(update={"repo_id": sub.view.repo_id, "repo_revision": sub.view.repo_revision})
+    for _ in range(REMAKES + 1):
+        sub = await run_in_threadpool(submit, body, token, settings, redis, base, request.app.state.metrics,
+                                      caller.name, request.app.state.quotas, caller)
+        view = sub.view
+        if sub.job is not None and sub.wait and settings.sync_wait_s > 0 and view.status in ("queued", "started"):
+            job = await wait_for(sub.job, settings)
+            view = await run_in_threadpool(views.job_view, job, base, warnings=sub.warnings)
+            if view.repo_id is None:
+                view = view.model_copy(update={"repo_id": sub.view.repo_id, "repo_revision": sub.view.repo_revision})
+        if not evicted(view, body):
+            break
     return answer(view, request, response, settings)
 
 
+def evicted(view: schemas.Job, body: InitRequest) -> bool:
+    """A finished init whose checkpoint the store budget evicted before this answer (a budget smaller than
+    the work in flight): submitted again, it is made anew (``REMAKES`` times at most, then 202)."""
+    return (view.status == "finished" and view.kind == "initialize" and view.files is None
+            and body.push_to_hub is None and view.artifact_id is not None)
+
+
 def answer(view: schemas.Job, request: Request, response: Response, settings: Settings) -> schemas.Job:
-    if view.status == "finished":
+    if view.status == "finished" and not (view.kind == "initialize" and view.files is None and view.artifact_id):
         return view
+    if view.status == "finished":  # made, then evicted before this answer: POSTed again it is made anew
+        view = view.model_copy(update={"status": "queued", "message": (
+            f"checkpoint {view.artifact_id} was evicted from the store (CBD_STORE_MAX_BYTES) right after it was "
+            "made; POST the same request again: it is made anew, the same bytes")})
     if view.status in ("failed", "cancelled") and view.error is not None:
         status = view.error.status or status_of(view.error.type)
         allowed = FAILURE_CODES + HUB_CODES if is_hub_error(view.error.type) else FAILURE_CODES
@@ -132,9 +148,14 @@ def answer(view: schemas.Job, request: Request, response: Response, settings: Se
 
 
 def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redis, base: str,
-           metrics: Metrics, owner: str | None = None, quotas: Quotas | None = None) -> Submitted:
-    """Everything blocking (disk, Redis) of one request, run in the threadpool."""
+           metrics: Metrics, owner: str | None = None, quotas: Quotas | None = None,
+           caller: Caller | None = None) -> Submitted:
+    """Everything blocking (disk, Redis) of one request, run in the threadpool; ``caller``'s chains checked."""
+    if caller is not None and body.chain is not None:  # before the chain is looked up: nothing told about it
+        check_chain(caller, body.chain, "this request")
     name, chain, warnings = resolve_chain(body.chain, settings)
+    if caller is not None:
+        check_chain(caller, name, "this request")
     if chain is None:
         build = queue.enqueue_build_chain(redis, name, anchors=recipe_anchors(name, settings), limits=settings.limits,
                                           owner=owner)
@@ -149,6 +170,7 @@ def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redi
     info = artifacts.load_artifact(plan.id)
     metrics.cache(hit=info is not None)
     if info is not None and body.push_to_hub is None:
+        store_budget.record_access(info.id)  # the budget evicts the least recently used
         return Submitted(views.artifact_view(info, base, chain=chain.name, warnings=warnings))
     def stale(job: RQJob) -> bool:  # finished, yet its artifact is gone (deleted by an operator)
         return job.get_status(refresh=False) == JobStatus.FINISHED and artifacts.load_artifact(plan.id) is None

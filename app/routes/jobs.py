@@ -16,7 +16,7 @@ from rq.job import Job as RQJob
 from rq.job import JobStatus
 
 from app import schemas, views
-from app.deps import Caller, CallerDep, RedisDep, SettingsDep
+from app.deps import Caller, CallerDep, ReaderDep, RedisDep, SettingsDep, check_chain, require_some_chain
 from app.errors import ForbiddenError, NotCancellableError, NotFoundError
 from cbd.core import artifacts
 from worker import queue
@@ -27,29 +27,40 @@ JobId = Annotated[str, Path(pattern=queue.JOB_ID_RE.pattern, description="from P
 
 
 @router.get("/jobs", response_model=schemas.JobList, response_model_exclude_none=True, responses={
+    401: {"model": schemas.ErrorBody, "description": "no key, and reads need one (CBD_READ_KEYS_REQUIRED), or a wrong key"},
     422: {"model": schemas.ValidationProblem, "description": "limit out of range"},
     503: {"model": schemas.ErrorBody, "description": "Redis unreachable"},
 }, summary="Recent and running jobs")
-async def list_jobs(redis: RedisDep, limit: Limit = 20) -> schemas.JobList:
+async def list_jobs(redis: RedisDep, caller: ReaderDep, limit: Limit = 20) -> schemas.JobList:
     """The newest jobs Redis still holds (finished records expire after CBD_RESULT_TTL_S), newest first:
     queued, running and deferred ones with their progress, finished and failed ones. No secrets: ids, shapes,
-    statuses."""
+    statuses. A key scoped to chains sees their jobs only."""
+    require_some_chain(caller, "the job list")
     jobs = await run_in_threadpool(queue.recent_jobs, redis, limit)
-    return schemas.JobList(jobs=[views.job_summary(j) for j in jobs])
+    return schemas.JobList(jobs=[views.job_summary(j) for j in jobs
+                                 if caller.chains is None or j.get_meta(refresh=False).get("chain") in caller.chains])
 
 
 @router.get("/jobs/{job_id}", response_model=schemas.Job, response_model_exclude_none=True, responses={
+    401: {"model": schemas.ErrorBody, "description": "no key, and reads need one (CBD_READ_KEYS_REQUIRED), or a wrong key"},
+    403: {"model": schemas.ErrorBody, "description": "the key is scoped to other chains"},
     404: {"model": schemas.ErrorBody, "description": "no such job (finished records expire after CBD_RESULT_TTL_S)"},
     422: {"model": schemas.ValidationProblem, "description": "not a job id"},
     500: schemas.CORRUPT,
     503: {"model": schemas.ErrorBody, "description": "Redis unreachable"},
 })
-async def get_job(job_id: JobId, request: Request, redis: RedisDep) -> schemas.Job:
-    return await run_in_threadpool(_view, redis, job_id, views.base_url(request))
+async def get_job(job_id: JobId, request: Request, redis: RedisDep, caller: ReaderDep) -> schemas.Job:
+    return await run_in_threadpool(_view, redis, job_id, views.base_url(request), caller)
 
 
-def _view(redis: Redis, job_id: str, base: str) -> schemas.Job:
+def _view(redis: Redis, job_id: str, base: str, caller: Caller | None = None) -> schemas.Job:
     job = queue.fetch_job(redis, job_id)
+    if caller is not None:
+        chain = job.get_meta(refresh=False).get("chain") if job is not None else None
+        if job is None and artifacts.ID_RE.match(job_id) and (info := artifacts.load_artifact(job_id)):
+            chain = info.plan.get("chain")
+        if chain is not None or caller.key_id is None:
+            check_chain(caller, chain, f"job {job_id}")
     if job is not None:
         view = views.job_view(job, base)
         return waiting_view(view, job) if view.rq_status == JobStatus.DEFERRED.value else view
@@ -127,6 +138,7 @@ def _cancel(redis: Redis, job_id: str, caller: Caller, settings, base: str) -> s
     job = queue.fetch_job(redis, job_id)
     if job is None:
         raise NotFoundError(f"no job {job_id!r}")
+    check_chain(caller, job.get_meta(refresh=False).get("chain"), f"job {job_id}")
     owner = job.get_meta(refresh=False).get("owner")
     if owner is not None and owner != caller.name and not caller.operator:
         raise ForbiddenError(f"job {job_id} was created by another key ({owner}); only that key or an operator "

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app import schemas
 from app.core.config import Settings
-from app.deps import SettingsDep
+from app.deps import Caller, ReaderDep, SettingsDep, check_chain
 from app.routes.chains import heldout_loss
 from app.routes.initialize import check_tokenizer, resolve_chain
 from cbd.core import artifacts
@@ -32,16 +32,22 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
                                                      "(POST /initialize would build it: a slow job)"},
     413: {"model": schemas.ValidationProblem, "content": {"text/plain": {"schema": {"type": "string"}}},
           "description": "the body exceeds 64 KiB"},
+    401: {"model": schemas.ErrorBody, "description": "no key, and reads need one (CBD_READ_KEYS_REQUIRED), or a wrong key"},
+    403: {"model": schemas.ErrorBody, "description": "the key is scoped to other chains"},
     422: {"model": schemas.ValidationProblem, "description": "bad shape, unknown field, chain or tokenizer"},
     500: schemas.CORRUPT,
 }, summary="The plan POST /initialize would run (nothing is enqueued)")
-async def post_plan(body: InitRequest, settings: SettingsDep) -> schemas.PlanView:
+async def post_plan(body: InitRequest, settings: SettingsDep, caller: ReaderDep) -> schemas.PlanView:
     """The same body as ``POST /initialize``; the answer says what that request would make and cost."""
-    return await run_in_threadpool(plan_view, body, settings)
+    return await run_in_threadpool(plan_view, body, settings, caller)
 
 
-def plan_view(body: InitRequest, settings: Settings) -> schemas.PlanView:
+def plan_view(body: InitRequest, settings: Settings, caller: Caller | None = None) -> schemas.PlanView:
+    if caller is not None and body.chain is not None:
+        check_chain(caller, body.chain, "this plan")
     name, chain, warnings = resolve_chain(body.chain, settings)
+    if caller is not None:
+        check_chain(caller, name, "this plan")
     if chain is None:
         raise ChainNotBuiltError(f"chain {name!r} is not built yet; POST /initialize would build it from its "
                                  "recipe first (a slow job, one per anchor)", allowed={"recipe": name})

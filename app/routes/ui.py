@@ -129,7 +129,7 @@ def _with_nav(page: str) -> str:
 @router.get("/")
 async def index(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    chains = await run_in_threadpool(chains_view, settings)
+    chains = await run_in_threadpool(chains_view, settings, settings.chains_of(None) if settings.keyed else None)
     return cached_html(request, render_page(chains, request.app.state.ui_versions), csp=PAGE_CSP)
 
 
