@@ -2,8 +2,8 @@
 
 The digests below were taken before ``cbd/`` was regrouped into subpackages (commit 79f35d8) on
 the random test chain, for plain Trans and one alpha (``"repair": false``, ``"alpha_scheme":
-"global"``, what every init was before repair); ``repaired`` pins today's default (ridge refit of
-the pruned readers, an alpha per block of layers). A
+"global"``, what every init was before repair); ``repaired`` pins today's default (the pruned
+readers refit in situ by ridge least squares, an alpha per block of layers). A
 refactoring that changes any of them changed what users get. A change that is *meant* to change
 the bytes updates them in the same commit and says why.
 """
@@ -44,7 +44,7 @@ CASES = {  # name: (request body, sha256 of every tensor's name, dtype, shape an
     "bf16": ({"architecture": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4), "dtype": "bfloat16",
               "repair": False, "alpha_scheme": "global"},
              "d076fd008909993ef5854e6846029c75d4183e0780585635dfbb58b7c51875d9"),
-    "repaired": ({"architecture": ARCH_A}, "ccca03c3daabe79dd1878521c41b7d59c2ec69110e0ae725c647c9934f93bc7d"),
+    "repaired": ({"architecture": ARCH_A}, "9e31ec1e38c579553b215dbb49f0ef679d5ac2709f8e923e9537250c5fe62649"),
 }
 
 

@@ -45,10 +45,15 @@ def test_one_corpus_dumps_as_before_mixes():
     r = recipe({"corpus": "shakespeare"})
     assert not r.data.mixed and r.data.weights == {"shakespeare": 1.0}
     assert list(r.model_dump(mode="json")["data"]) == OLD_DATA_KEYS
-    for name in list_recipes():  # the shipped recipes' recorded [data] has exactly the old keys
+    for name in list_recipes():  # one-corpus recipes record exactly the old keys; mixes round-trip too
         shipped = load_recipe(name)
-        assert list(shipped.model_dump(mode="json")["data"]) == OLD_DATA_KEYS
+        keys = list(shipped.model_dump(mode="json")["data"])
+        if not shipped.data.mixed:
+            assert keys == OLD_DATA_KEYS
+        else:
+            assert "corpus" not in keys and "corpora" in keys
         assert Recipe.model_validate(json.loads(json.dumps(shipped.model_dump(mode="json")))) == shipped
+    assert load_recipe("default").data.mixed and load_recipe("tiny").data.mixed  # the general mix
 
 
 @pytest.mark.parametrize(("data", "message"), [

@@ -436,8 +436,11 @@ def _build_anchor(recipe: Recipe, a: AnchorRecipe, parent: AnchorEntry, parent_s
     parent_spec = parent.spec
     spec = target_spec(a, parent_spec)
     t0 = time.perf_counter()
-    if recipe.prune.repair == "ridge":  # the pruned readers refit on the parent's own activations
-        state, alignment = repaired_prune(parent_state, parent_spec, parent_imp, spec, recipe.prune, data.calibration)
+    repair_report = None
+    if recipe.prune.repair == "ridge":  # the pruned readers refit in situ (cbd.repair), no teacher
+        state, alignment, repair_report = repaired_prune(parent_state, parent_spec, parent_imp, spec, recipe.prune,
+                                                         list(data.calibration.split(4)), check=data.validation)
+        log.info("anchor %s: repair %s", a.name, repair_report)
     else:
         state, alignment = prune(parent_state, parent_spec, parent_imp, spec, recipe.prune)
     student = build_model(spec, state)
@@ -458,7 +461,7 @@ def _build_anchor(recipe: Recipe, a: AnchorRecipe, parent: AnchorEntry, parent_s
     imp = importance(student, spec, data.calibration)
     loss = (result.final_eval_loss if result and result.final_eval_loss is not None
             else evaluate(student, data.heldout))
-    metrics = {"heldout_loss_pruned": round(pruned_loss, 4),
+    metrics = {"heldout_loss_pruned": round(pruned_loss, 4), **({"repair": repair_report} if repair_report else {}),
                "heldout_loss": round(loss, 4), **data.domain_losses(student, loss),
                "tokens": result.tokens if result else 0, "teacher_tokens": result.teacher_tokens if result else 0,
                "tokens_per_s": round(result.tokens_per_s, 1) if result else 0.0,

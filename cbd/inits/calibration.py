@@ -3,7 +3,6 @@ request-time repair of both LInit terms (readers refit on each anchor's calibrat
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -34,36 +33,29 @@ def calibration_tokens(manifest: ChainManifest, chains_root: Path | None = None)
     return LazyReader(path, keep_dtype=True)("tokens").long()
 
 
-# (chain manifest sha256, anchor name) -> that anchor's reader statistics computed so far; a worker
-# keeps the last few anchors' warm between jobs (a0's full statistics are ~0.6 GB, float64)
-_STATS: OrderedDict[tuple[str, str], dict] = OrderedDict()
-STATS_KEEP = 2
-
-
 def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifest, chains_root: Path | None = None,
-                 *, ridge: float = 1e-3) -> dict:
+                 ) -> dict:
     """Refit, for each anchor term of ``li`` (``names``: "small"/"big" -> anchor name), the readers of
-    the units its map prunes (into ``li.replaced``), on that anchor's own forward passes over the
-    chain's calibration batch (no teacher, no gradients); returns what was done, for the recipe."""
-    from cbd.repair.refit import dropped, dropped_spans, refits
+    the units its map prunes, in situ (``cbd.repair.refit.insitu_refits``: on the inputs they get
+    inside that anchor's Trans onto the target, toward the anchor's own outputs, over the chain's
+    calibration batch; no teacher, no gradients), into ``li.replaced``; a refit that does not lower
+    the term's loss on the chain's validation batch is dropped (the ridge is chosen there too:
+    ``cbd.repair.refit.INSITU_RIDGE``). Returns what was done, for the recipe and the card."""
+    from cbd.repair.refit import insitu_refits
 
-    tokens, done = None, {}
+    tokens, check, done = None, None, {}
     for term, anchor, maps in (("small", li.small, li.maps_small), ("big", li.big, li.maps_big)):
         if anchor is None or maps is None:
             continue
-        axes = sorted({axis for _, axis in dropped(anchor.spec, maps)}) + (["depth"] if dropped_spans(anchor.spec, maps) else [])
-        if not axes:
-            continue
-        key = (manifest.sha256, str(names[term]))
-        stats = _STATS.setdefault(key, {})
-        _STATS.move_to_end(key)
-        while len(_STATS) > STATS_KEEP:
-            _STATS.popitem(last=False)
-        tokens = calibration_tokens(manifest, chains_root) if tokens is None else tokens
+        if tokens is None:
+            tokens, check = calibration_tokens(manifest, chains_root), validation_batches(manifest, chains_root)
         state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
-        li.replaced[term] = refits(anchor.spec, state, maps, list(tokens.split(4)), stats=stats, ridge=ridge)
-        done[term] = axes
-    return {"repair": {"method": "ridge", "ridge": ridge, "axes": done}} if done else {}
+        per_layer, report = insitu_refits(anchor.spec, state, li.target, maps, list(tokens.split(4)), check=check,
+                                          width_expand=li.opts.width_expand, depth_expand=li.opts.depth_expand)
+        if report["refit"]:
+            li.replaced[term] = per_layer
+            done[term] = {"anchor": names[term], **report}
+    return {"repair": {"method": "ridge, in situ", "terms": done}} if done else {}
 
 
 def init_card(li: LInit, alpha, names: dict[str, str | None], batches: list[torch.Tensor],
