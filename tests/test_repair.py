@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from cbd.core.spec import ModelSpec
 from cbd.repair import repair
+from cbd.repair.refit import insitu_repair
 from cbd.shape import arch
 from cbd.shape.importance import importance
 from cbd.shape.maps import choose_maps
@@ -295,6 +296,44 @@ def test_repair_is_exact_when_dropped_units_are_combinations_of_kept(llama, gpt2
         theirs = build_model(tgt, plain)(held).logits
     assert (full - ours).abs().max() <= 1e-4
     assert (full - theirs).abs().max() > 1e-3  # the unrepaired subset really differs
+    # in situ (what the service runs): the same exact recovery, layer after layer
+    situ, report = insitu_repair(spec, state, tgt, maps, [torch.cat([calib, calib[:, :1]], 1)], ridge=1e-10,
+                                 check=[_batch(spec, 8, t=33)])
+    assert report["kept"] and report["ridge"] == 1e-10
+    with torch.no_grad():  # float32 forward passes layer after layer: exact to ~1e-4
+        err = (full - build_model(tgt, situ)(held).logits).abs().max()
+    assert err <= 1e-3 and err < 0.05 * (full - theirs).abs().max(), err
+
+
+def _check_loss(spec, state, batches) -> float:
+    from cbd.train.models import state_loss
+
+    return state_loss(spec, state, batches)
+
+
+@settings(max_examples=int(os.environ.get("REPAIR_EXAMPLES", "12")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=subsets(), width_expand=st.sampled_from(["clone", "zero"]))
+def test_insitu_repair_never_worse_on_the_check_batch(llama, gpt2, case, width_expand):
+    """The service's repair (in situ, ridge chosen on a check batch): over random subsets of either
+    family, the state it returns never has a higher loss on the check batch than plain Trans, and
+    when it keeps a refit the loss it reports is the one recomputed here from the returned state."""
+    family, shape = case
+    spec, state, imp, calib = llama if family == "llama" else gpt2
+    tgt = spec.with_shape(**shape)
+    maps = choose_maps(spec, tgt, imp)
+    check = [_batch(spec, 9, t=33)]
+    fixed, report = insitu_repair(spec, state, tgt, maps, [_batch(spec, 1, t=33)], check=check,
+                                  width_expand=width_expand)
+    plain = trans_state(state, spec, tgt, maps, width_expand=width_expand)
+    assert list(fixed) == arch.param_names(tgt)
+    lp, lf = _check_loss(tgt, plain, check), _check_loss(tgt, fixed, check)
+    assert lf <= lp + 1e-6, report
+    if report.get("kept"):
+        assert report["check_loss_by_ridge"][str(report["ridge"])] == pytest.approx(lf, abs=1e-4)
+        assert lf < lp
+    else:
+        assert all(torch.equal(fixed[n], plain[n]) for n in plain)
 
 
 def _save(folder, tgt, state):

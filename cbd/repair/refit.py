@@ -460,8 +460,10 @@ def _sequential(state, spec, tgt, maps, plain, todo, spans, batches, ys, readers
     model = build_model(tgt, plain)
     params = dict(model.named_parameters())
     per_layer: dict[tuple[int, str], Tensor] = {}
-    for j in sorted({j for j, _ in todo}):
-        axes = [axis for axis in ("q", "ffn") if (j, axis) in todo]
+    # one pass per reader, in the order the model computes them (layer j's o_proj before its
+    # down_proj: the FFN's inputs depend on the refit attention output)
+    for j, axis_now in [(j, a) for j in sorted({j for j, _ in todo}) for a in ("q", "ffn") if (j, a) in todo]:
+        axes = [axis_now]
         fits: dict[str, Fit] = {}
         for b, held in zip(batches, ys, strict=True):
             hooks = []
