@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/interp.py --chain tiny        # -> docs/data/interp-tiny.json
     OMP_NUM_THREADS=1 python bench/interp.py --chain default --seeds 3
+    python bench/interp.py --chain tiny --report   # markdown tables, docs/interp-tiny.png
 
 For every paired target of ``bench/quality.py``'s list (and one between the first anchor and the
 source), each initialiser below is made by the service's own code (``cbd.core.plan.make_plan``
@@ -104,14 +105,72 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
             "domains": list(chain_corpora(manifest.recipe)), "rows": rows}
 
 
+def report(chain: str) -> str:
+    """Markdown tables and a plot (docs/interp-<chain>.png) from docs/data/interp-<chain>.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = json.loads((DATA / f"interp-{chain}.json").read_text())
+    domains = d["domains"]
+    lines = [f"Command: `{d['command']}`; {d['seeds']} seeds ({d['windows']}); nats/token, mean over the "
+             f"held-out works of {', '.join(domains)} (± std over seeds of that mean), then each domain.", "",
+             "| target | anchors | init | validation (chooses) | held-out mean | " + " | ".join(domains) + " |",
+             "|---|---|---|---|---|" + "---|" * len(domains)]
+    targets = list(dict.fromkeys(r["target"] for r in d["rows"]))
+    for t in targets:
+        rows = [r for r in d["rows"] if r["target"] == t]
+        best_single = min((r for r in rows if r["method"].startswith("single")), key=lambda r: r["validation_loss"])
+        for r in rows:
+            name = r["method"] + (" **(default)**" if r["method"] == "blocks alpha, repair ridge" else "")
+            pair = f"{r.get('small', '')} + {r.get('big', '')}" if r.get("small") else ""
+            val = f"{r['validation_loss']:.3f}" if "validation_loss" in r else ""
+            lines.append(f"| {t} | {pair} | {name} | {val} | {r['mean']:.3f} ± {r['std']:.3f} | "
+                         + " | ".join(f"{r['by_domain'][x]:.3f}" for x in domains) + " |")
+        dflt = next(r for r in rows if r["method"] == "blocks alpha, repair ridge")
+        old = next(r for r in rows if r["method"] == "global alpha, repair none")
+        lines.append(f"| {t} | | *default minus best single anchor (by validation: {best_single['method']})* | | "
+                     f"{dflt['mean'] - best_single['mean']:+.3f} | "
+                     + " | ".join(f"{dflt['by_domain'][x] - best_single['by_domain'][x]:+.3f}" for x in domains) + " |")
+        lines.append(f"| {t} | | *default minus the service before (global alpha, no repair)* | | "
+                     f"{dflt['mean'] - old['mean']:+.3f} | "
+                     + " | ".join(f"{dflt['by_domain'][x] - old['by_domain'][x]:+.3f}" for x in domains) + " |")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    methods = [m for m in dict.fromkeys(r["method"] for r in d["rows"]) if m != "random"]
+    width = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        xs, ys, es = [], [], []
+        for i, t in enumerate(targets):
+            r = next((r for r in d["rows"] if r["target"] == t and r["method"] == m), None)
+            if r:
+                xs.append(i + k * width)
+                ys.append(r["mean"])
+                es.append(r["std"])
+        ax.bar(xs, ys, width, yerr=es, label=m, capsize=2)
+    lo = min(r["mean"] for r in d["rows"] if r["method"] != "random")
+    ax.set_ylim(lo - 0.5, max(r["mean"] for r in d["rows"] if r["method"] != "random") + 0.3)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(targets))], targets, fontsize=8)
+    ax.set_ylabel("held-out loss at step 0 (nats/token, mean over domains)")
+    ax.set_title(f"chain {chain}: init schemes, {d['seeds']} seeds (error bars: std over seeds)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(DATA.parent / f"interp-{chain}.png", dpi=110)
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chain", default="tiny")
+    ap.add_argument("--report", action="store_true", help="tables and plot from the saved data only")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--batches", type=int, default=2, help="held-out batches per domain per seed")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--only", help="comma-separated target names")
     args = ap.parse_args()
+    if args.report:
+        print(report(args.chain))
+        return
     out = run(args.chain, args.seeds, args.batches, args.seq_len, args.only.split(",") if args.only else None)
     out["command"] = "python bench/interp.py " + " ".join(sys.argv[1:])
     path = DATA / f"interp-{args.chain}.json"

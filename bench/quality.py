@@ -408,7 +408,8 @@ def main() -> None:
             ap.error("--context is only for `curves --methods random`")
         ctx = study.context(load_manifest(args.context))
         recipe = load_recipe(args.chain)
-        if (recipe.source_repo, recipe.tokenizer, recipe.data.corpus) != (ctx.manifest.source, ctx.tokenizer, ctx.corpus):
+        if (recipe.source_repo, recipe.tokenizer, list(recipe.data.weights)) != (ctx.manifest.source, ctx.tokenizer,
+                                                                                  ctx.corpora):
             ap.error(f"chain {args.context!r} has another source, tokenizer or corpus than recipe {args.chain!r}")
     else:
         ctx = study.context(load_manifest(args.chain))

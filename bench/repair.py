@@ -71,9 +71,10 @@ def calibration(ctx: study.Context, how: str, seqs: int, seq_len: int) -> list[t
     if how == "validation":
         return [b[:, :-1] for b in ctx.validation()]
     from cbd.data import batches as data
+    from cbd.data.mix import mixed_fixed_batch
 
-    tokens = data.token_file(ctx.corpus, ctx.tokenizer, "train")
-    return list(data.calibration_batch(tokens, batch_size=seqs, seq_len=seq_len, seed=123).split(4))
+    trains = [data.token_file(n, ctx.tokenizer, "train") for n in ctx.corpora]
+    return list(mixed_fixed_batch(trains, [1.0] * len(trains), n_rows=seqs, seq_len=seq_len, seed=123).split(4))
 
 
 def main() -> None:

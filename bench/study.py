@@ -32,14 +32,24 @@ State = dict[str, torch.Tensor]
 @dataclass
 class Context:
     manifest: ChainManifest
-    corpus: str
+    corpora: list[str]  # the chain's recipe corpora: held-out text of each
     tokenizer: str
 
+    @property
+    def corpus(self) -> str:
+        return "+".join(self.corpora)
+
     def heldout(self, seed: int, *, batches: int = 4, batch_size: int = 4, seq_len: int = 256) -> list[torch.Tensor]:
+        """``batches`` held-out windows split evenly over the chain's corpora (at least one each, one
+        corpus after the other): the mean loss is the mean over domains."""
         from cbd.data import batches as data
 
-        tokens = data.token_file(self.corpus, self.tokenizer, "heldout")
-        return data.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, num_batches=batches, seed=seed)
+        out = []
+        for name in self.corpora:
+            tokens = data.token_file(name, self.tokenizer, "heldout")
+            out += data.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len,
+                                     num_batches=max(1, batches // len(self.corpora)), seed=seed)
+        return out
 
     def validation(self) -> list[torch.Tensor]:
         from cbd.inits.calibration import validation_batches
@@ -50,9 +60,24 @@ class Context:
         return load_anchor(self.manifest, name)
 
 
+def train_windows(ctx: Context, *, batch_size: int, seq_len: int, seed: int):
+    """step -> training batch of the chain's corpora (equal token shares for a mix, as the packaged
+    recipes weight them)."""
+    from cbd.data import batches as data
+    from cbd.data.mix import mixed_train_batches
+
+    trains = [data.token_file(n, ctx.tokenizer, "train") for n in ctx.corpora]
+    if len(trains) == 1:
+        return lambda step: next(data.train_batches(trains[0], batch_size=batch_size, seq_len=seq_len, seed=seed,
+                                                    start_step=step))
+    return lambda step: next(mixed_train_batches(trains, [1.0] * len(trains), batch_size=batch_size, seq_len=seq_len,
+                                                 seed=seed, start_step=step))
+
+
 def context(manifest: ChainManifest) -> Context:
-    return Context(manifest, manifest.recipe.get("data", {}).get("corpus", "austen"),
-                   manifest.tokenizer)
+    from cbd.core.recipe import chain_corpora
+
+    return Context(manifest, list(chain_corpora(manifest.recipe)), manifest.tokenizer)
 
 
 def spec_of(ctx: Context, arch: dict) -> ModelSpec:
@@ -167,7 +192,6 @@ def recovery(ctx: Context, target: ModelSpec, state: State, *, tokens: int, eval
     Every method gets the same optimiser (AdamW), schedule (warmup 10 steps, cosine), batches
     and evaluation windows.
     """
-    from cbd.data import batches as data
     from cbd.train.config import DistillConfig
     from cbd.train.loop import distill
 
@@ -176,10 +200,8 @@ def recovery(ctx: Context, target: ModelSpec, state: State, *, tokens: int, eval
     cfg = DistillConfig(kl_weight=0.0, ce_weight=1.0, lr=lr, warmup_steps=min(10, steps), batch_size=batch_size,
                         seq_len=seq_len, total_steps=steps, eval_every=max(1, eval_every_tokens // tok),
                         ckpt_every=0, seed=seed)
-    train = data.token_file(ctx.corpus, ctx.tokenizer, "train")
     model = build_model(target, state).train()
-    fn = lambda step: next(data.train_batches(train, batch_size=batch_size, seq_len=seq_len, seed=seed + 99,  # noqa: E731
-                                              start_step=step))
+    fn = train_windows(ctx, batch_size=batch_size, seq_len=seq_len, seed=seed + 99)
     t0 = time.perf_counter()
     res = distill(model, None, fn, ctx.heldout(seed, batches=2), cfg, progress=False)
     print(f"recovery {label}: {steps} steps in {time.perf_counter() - t0:.0f} s, final {res.final_eval_loss:.3f}")

@@ -104,7 +104,7 @@ def test_bad_tokenizer_names_are_refused(tmp_assets, name):
 
 @pytest.mark.parametrize("name", ["../austen", "hamlet", "Austen"])
 def test_bad_corpus_names_are_refused(tmp_assets, name):
-    with pytest.raises(UnknownNameError, match="known: austen, fortunes, shakespeare"):
+    with pytest.raises(UnknownNameError, match="known: austen, fortunes, kernel, shakespeare"):
         corpus(name)
 
 

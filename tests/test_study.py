@@ -17,7 +17,7 @@ class RandomTextContext(study.Context):
 
 
 def test_operator_damage_expansions_keep_the_loss_and_removals_are_scored(random_chain: ChainManifest):
-    ctx = RandomTextContext(random_chain, "none", "none")
+    ctx = RandomTextContext(random_chain, ["none"], "none")
     out = study.operator_damage(ctx, "a1", seeds=(0, 1), random_draws=2, log=lambda *_: None)
     rows = out["rows"]
     assert rows[0]["operator"].startswith("none") and rows[0]["delta"] == 0.0
