@@ -34,7 +34,7 @@ class DistillConfig(Optimization):
     log_every: int = Field(10, ge=1)
     topk_cache: TopKCache = None
     device: str = "auto"  # "auto": cuda when available, else cpu
-    bf16: bool = True  # bf16 autocast: on CUDA, and on a CPU with bf16 instructions (cbd.train.loop.cpu_bf16)
+    bf16: bool = True  # bf16 autocast: on CUDA (on a CPU only with CBD_CPU_BF16=1: cbd.train.loop.cpu_bf16)
 
     @classmethod
     def of(cls, settings: Optimization, **fields: object) -> DistillConfig:
