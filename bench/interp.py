@@ -69,7 +69,7 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
     manifest = load_manifest(chain)
     windows = [heldout(manifest, s, batches=batches, seq_len=seq_len) for s in range(seeds)]
     val = validation_batches(manifest)
-    targets = {**{k: v for k, v in TARGETS[chain].items() if "below" not in k}, **EXTRA[chain]}
+    targets = {**TARGETS[chain], **EXTRA[chain]}
     rows = []
     for tname, arch in targets.items():
         if only and tname not in only:
@@ -77,12 +77,20 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
         for repair in (False, True):
             t0 = time.perf_counter()
             plan = make_plan(InitRequest(chain=chain, architecture=arch, repair=repair), manifest)
-            if plan.small is None or plan.big is None or plan.small == plan.big:
-                break
+            tag = "ridge" if repair else "none"
+            if plan.small is None or plan.big is None or plan.small == plan.big:  # one anchor: its subset
+                li, alpha, calib = prepare(plan, manifest, progress=lambda _: None, card=True)
+                r = score(plan.target, li.state(alpha), windows)
+                one = plan.small or plan.big
+                rows.append({"target": tname, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,
+                             "method": f"single anchor {one}, repair {tag}", "alpha": alpha,
+                             "validation_loss": calib["card"]["step0_loss"], **r,
+                             "anchor_own": manifest.anchor(one).metrics.get("heldout_loss_mean")})
+                print(f"{tname:22s} {rows[-1]['method']:40s} held-out {r['mean']:.3f} ± {r['std']:.3f}", flush=True)
+                continue
             li, alpha, calib = prepare(plan, manifest, progress=lambda _: None)
             prep_s = time.perf_counter() - t0
             grid = {float(a): v for a, v in calib["calibration_loss"].items()}
-            tag = "ridge" if repair else "none"
             inits = {f"single small (alpha 1), repair {tag}": (1.0, grid[1.0]),
                      f"single big (alpha 0), repair {tag}": (0.0, grid[0.0]),
                      f"global alpha, repair {tag}": (alpha, grid[alpha])}
@@ -121,14 +129,18 @@ def report(chain: str) -> str:
     targets = list(dict.fromkeys(r["target"] for r in d["rows"]))
     for t in targets:
         rows = [r for r in d["rows"] if r["target"] == t]
-        best_single = min((r for r in rows if r["method"].startswith("single")), key=lambda r: r["validation_loss"])
+        best_single = min((r for r in rows if r["method"].startswith("single") and "validation_loss" in r),
+                          key=lambda r: r["validation_loss"])
         for r in rows:
-            name = r["method"] + (" **(default)**" if r["method"] == "blocks alpha, repair ridge" else "")
+            name = r["method"] + (" **(default)**" if r["method"] in ("blocks alpha, repair ridge", )
+                                  or (r["method"].startswith("single anchor") and r["method"].endswith("ridge")) else "")
             pair = f"{r.get('small', '')} + {r.get('big', '')}" if r.get("small") else ""
             val = f"{r['validation_loss']:.3f}" if "validation_loss" in r else ""
             lines.append(f"| {t} | {pair} | {name} | {val} | {r['mean']:.3f} ± {r['std']:.3f} | "
                          + " | ".join(f"{r['by_domain'][x]:.3f}" for x in domains) + " |")
-        dflt = next(r for r in rows if r["method"] == "blocks alpha, repair ridge")
+        dflt = next((r for r in rows if r["method"] == "blocks alpha, repair ridge"), None)
+        if dflt is None:  # one anchor
+            continue
         old = next(r for r in rows if r["method"] == "global alpha, repair none")
         lines.append(f"| {t} | | *default minus best single anchor (by validation: {best_single['method']})* | | "
                      f"{dflt['mean'] - best_single['mean']:+.3f} | "
