@@ -26,7 +26,8 @@ COPY pyproject.toml ./
 RUN python - > /tmp/api-requirements.txt <<'PY'
 import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-torch_free = {"pydantic", "typer", "rich", "httpx"}  # cbd.core, the CLI entry point, `cbd fetch`
+# cbd.core, the CLI entry point, `cbd fetch`; obstore (an S3 store) and filelock (the store budget)
+torch_free = {"pydantic", "typer", "rich", "httpx", "obstore", "filelock"}
 core = [d for d in project["dependencies"] if re.split(r"[=<>!~\[ ]", d)[0] in torch_free]
 print("\n".join(core + project["optional-dependencies"]["service"]))
 PY
