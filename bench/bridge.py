@@ -63,7 +63,7 @@ VARIANTS = {  # name -> BridgeOptions overrides of the defaults (None: no traini
 }
 
 
-def heldout(corpus: str, tokenizer: str, seed: int) -> list[torch.Tensor]:
+def heldout(corpus: str | list[str], tokenizer: str, seed: int) -> list[torch.Tensor]:
     """A larger held-out set than the service's own check: 8 x 4 windows of 256 tokens."""
     opts = BridgeOptions(eval_batches=8, eval_batch_size=4, eval_seq_len=256, seed=seed)
     return heldout_batches(corpus, tokenizer, opts)
@@ -72,17 +72,22 @@ def heldout(corpus: str, tokenizer: str, seed: int) -> list[torch.Tensor]:
 SEED = [0]
 
 
-def batches_corpus(plan, manifest) -> str:
-    return (plan.bridge_options or BridgeOptions()).corpus or manifest.recipe.get("data", {}).get("corpus", "austen")
+def batches_corpus(plan, manifest) -> list[str]:
+    """The corpora the bridge evaluates on: the plan's one corpus, else every corpus of the chain's mix."""
+    from cbd.core.recipe import chain_corpora
+
+    one = (plan.bridge_options or BridgeOptions()).corpus
+    return [one] if one else list(chain_corpora(manifest.recipe))
 
 
-def tokens_per_char(corpus: str, tokenizer: str) -> float:
+def tokens_per_char(corpus: str | list[str], tokenizer: str) -> float:
     """Held-out tokens per character (bits per character = nats/token * this / ln 2)."""
     from cbd.data import batches as data
     from cbd.data.corpora import corpus as load_corpus
 
-    chars = sum(len(d) for d in load_corpus(corpus).heldout)
-    return len(data.token_file(corpus, tokenizer, "heldout")) / chars
+    names = [corpus] if isinstance(corpus, str) else corpus
+    chars = sum(len(d) for n in names for d in load_corpus(n).heldout)
+    return sum(len(data.token_file(n, tokenizer, "heldout")) for n in names) / chars
 
 
 def timed(fn):

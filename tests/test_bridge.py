@@ -302,7 +302,7 @@ def test_real_tiny_chain_bridge_to_gpt2_through_the_service(tiny_chain, redis_se
     plan0 = make_plan(InitRequest.model_validate(body), manifest, bridge_options=opts.model_copy(update={"steps": 0}))
     fvt_info = run_plan(plan0, chains_root=root, artifacts_root=tmp_path / "fvt")
     m = json.loads((folder / "recipe.json").read_text())["bridge"]  # what the job says it measured
-    heldout = heldout_batches(m["corpus"], "gpt2", opts)  # held-out text in GPT-2 tokens
+    heldout = heldout_batches(m["corpora"], "gpt2", opts)  # held-out text in GPT-2 tokens, every corpus of the mix
     loss = nll(model, heldout)
     loss_fvt = folder_nll(artifact_dir(fvt_info.id, tmp_path / "fvt"), heldout)
     random_loss = random_init_nll(folder, heldout)

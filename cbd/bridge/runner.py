@@ -68,7 +68,7 @@ def make_bridged(plan: Plan, manifest: ChainManifest, li, alpha, *, opts: Bridge
     heldout = heldout_batches(list(weights), plan.tokenizer, opts)
     student = build_model(spec, state)
     loss_fvt = eval_loss(student, heldout)
-    summary = {"method": method_name(opts), "corpus": corpus_name, "vocab": vmap.stats,
+    summary = {"method": method_name(opts), "corpus": corpus_name, "corpora": list(weights), "vocab": vmap.stats,
                "heldout_loss_fvt": round(loss_fvt, 4), "steps": opts.steps, "tokens": 0, "teacher_tokens": 0}
     if opts.steps:
         t1 = time.perf_counter()
