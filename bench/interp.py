@@ -122,25 +122,26 @@ def report(chain: str) -> str:
 
     d = json.loads((DATA / f"interp-{chain}.json").read_text())
     domains = d["domains"]
-    lines = [f"Command: `{d['command']}`; {d['seeds']} seeds ({d['windows']}); nats/token, mean over the "
+    lines = ([f"*{d['note']}*", ""] if d.get("note") else []) + [f"Command: `{d['command']}`; {d['seeds']} seeds ({d['windows']}); nats/token, mean over the "
              f"held-out works of {', '.join(domains)} (± std over seeds of that mean), then each domain.", "",
              "| target | anchors | init | validation (chooses) | held-out mean | " + " | ".join(domains) + " |",
              "|---|---|---|---|---|" + "---|" * len(domains)]
     targets = list(dict.fromkeys(r["target"] for r in d["rows"]))
     for t in targets:
         rows = [r for r in d["rows"] if r["target"] == t]
-        best_single = min((r for r in rows if r["method"].startswith("single") and "validation_loss" in r),
-                          key=lambda r: r["validation_loss"])
+
         for r in rows:
             name = r["method"] + (" **(default)**" if r["method"] in ("blocks alpha, repair ridge", )
                                   or (r["method"].startswith("single anchor") and r["method"].endswith("ridge")) else "")
-            pair = f"{r.get('small', '')} + {r.get('big', '')}" if r.get("small") else ""
+            pair = f"{r.get('small') or ''} + {r.get('big') or ''}" if (r.get("small") or r.get("big")) else ""
             val = f"{r['validation_loss']:.3f}" if "validation_loss" in r else ""
             lines.append(f"| {t} | {pair} | {name} | {val} | {r['mean']:.3f} ± {r['std']:.3f} | "
-                         + " | ".join(f"{r['by_domain'][x]:.3f}" for x in domains) + " |")
+                         + " | ".join(f"{r['by_domain'][x]:.3f}" if x in r["by_domain"] else "" for x in domains) + " |")
         dflt = next((r for r in rows if r["method"] == "blocks alpha, repair ridge"), None)
         if dflt is None:  # one anchor
             continue
+        best_single = min((r for r in rows if r["method"].startswith("single") and "validation_loss" in r),
+                          key=lambda r: r["validation_loss"])
         old = next(r for r in rows if r["method"] == "global alpha, repair none")
         lines.append(f"| {t} | | *default minus best single anchor (by validation: {best_single['method']})* | | "
                      f"{dflt['mean'] - best_single['mean']:+.3f} | "
