@@ -144,3 +144,8 @@ class FetchChecksumError(FetchError):
 
 class FetchUnavailableError(FetchError):
     """The service is unreachable, answered 5xx, broke off a download or did not finish in time."""
+
+
+class ForwardDone(Exception):  # noqa: N818 (control flow, not an error: never escapes cbd.repair)
+    """Raised by a forward hook to end a forward pass once what it collects is in hand
+    (``cbd.repair.refit``: the inputs of one reader; the layers after it are not needed)."""

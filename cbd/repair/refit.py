@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from cbd.core.spec import ModelSpec
+from cbd.errors import ForwardDone
 from cbd.shape import arch
 from cbd.shape.linit import LInit, prune_maps
 from cbd.shape.maps import Alignment, Maps
@@ -484,12 +485,12 @@ def _sequential(state, spec, tgt, maps, plain, todo, spans, batches, ys, readers
                                              torch.zeros(k, dtype=torch.float64), torch.zeros(d, dtype=torch.float64))
                     f.add(args[0], y)
                     if last:
-                        raise _Done  # nothing after layer j's last reader is needed
+                        raise ForwardDone  # nothing after this reader is needed
                 mod = model.get_submodule(prefix_t.format(i=j) + r.module)
                 hooks.append(mod.register_forward_pre_hook(fit_hook))
             try:
                 model(input_ids=b[:, :-1], use_cache=False)
-            except _Done:
+            except ForwardDone:
                 pass
             finally:
                 for h in hooks:
@@ -504,10 +505,6 @@ def _sequential(state, spec, tgt, maps, plain, todo, spans, batches, ys, readers
                 params[name].data.copy_(trans_tensor(name, read, spec, tgt, maps, width_expand=width_expand,
                                                      depth_expand=depth_expand))
     return per_layer, model
-
-
-class _Done(Exception):
-    """Raised by a hook to stop a forward pass once what it needed is collected."""
 
 
 def _loss(model, batches: list[Tensor]) -> float:
