@@ -41,7 +41,8 @@ def main() -> None:
     src = load_anchor(manifest, manifest.anchors[0].name)
     parent = {n: src.read(n) for n in arch.param_names(src.spec)}
     spec = target_spec(a, src.spec)
-    start, _ = repaired_prune(parent, src.spec, src.importance, spec, recipe.prune, data.calibration)
+    start, _, _ = repaired_prune(parent, src.spec, src.importance, spec, recipe.prune,
+                                 list(data.calibration.split(4)), check=data.validation)
     teacher = build_model(src.spec, parent)
     rows = {}
     import os

@@ -6,7 +6,9 @@ For a teacher-sized target and a ~30M one, each configuration runs ``cbd.run.run
 worker's job: load anchors, repair, calibrate, card, LInit, write, publish) in a fresh process,
 so peak RSS is that configuration's own and no anchor statistics are warm:
 
-- ``linit+write``: ``repair: false, calibrate: false`` (the floor: LInit and the streamed write);
+- ``linit+write``: ``repair: false, calibrate: false`` (the floor: LInit, the streamed write, and the
+  init card, which every init carries: forward passes of the init, each single anchor's Trans and a
+  random init over the validation batch);
 - ``+calibrate``: one alpha from the grid (what the service did before repair);
 - ``+repair+calibrate``: ridge repair of both terms and one alpha;
 - ``default``: ridge repair, per-block alpha and the init card (what ``POST /initialize`` does now).
@@ -67,9 +69,12 @@ print(json.dumps({"wall_s": round(wall, 3), "peak_rss_mb": round(resource.getrus
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chain", default="tiny")
+    ap.add_argument("--only", help="targets whose name contains this (e.g. 30M)")
     args = ap.parse_args()
     rows = []
     for tname, arch in TARGETS[args.chain].items():
+        if args.only and args.only not in tname:
+            continue
         base = None
         for cname, extra in CONFIGS.items():
             with tempfile.TemporaryDirectory() as tmp:
