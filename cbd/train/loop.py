@@ -55,8 +55,8 @@ def cpu_bf16() -> bool:
     """Whether to autocast to bf16 on this CPU: only when asked (``CBD_CPU_BF16=1``) and the CPU has
     native bf16 matrix instructions (AVX512-BF16 or AMX; elsewhere it is emulated and slower).
 
-    Off by default: on these CPUs it trains ~2.4x faster (bench/bf16.py: 40 steps of tiny's a1, 0.03
-    nats worse), but a 240-step run of default's a1 at lr 1e-3 diverged with it (training loss 4.3
+    Off by default: on these CPUs it trains ~2.2x faster (bench/bf16.py: 40 steps of tiny's a1, 344 vs
+    159 tokens/s, held-out 6.05 vs 6.12), but a 240-step run of default's a1 at lr 1e-3 diverged with it (training loss 4.3
     at step 40, 7.0 at step 120; held-out 6.45 at the start, 7.10 at the end), so until that is
     understood CPU chains train in float32."""
     if os.environ.get("CBD_CPU_BF16", "0") != "1":
