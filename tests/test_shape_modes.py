@@ -12,7 +12,6 @@ from cbd.shape import arch
 from cbd.shape.axis import AxisMap
 from cbd.shape.modes import MODES, RESID_FILL, mode
 
-
 # ``repair`` is not a Trans mode: it switches cbd.repair (above Trans), read by the chain build and
 # the LInit runner, so it has no entry in the shape registry
 TRANS_MODES = [f for f in TransOptions.model_fields if f != "repair"]
