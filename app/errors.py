@@ -37,28 +37,24 @@ class NotCancellableError(CBDError):
     """``DELETE /jobs/{id}`` of a job that has already ended."""
 
 
-class TooManyRequestsError(CBDError):
+class _RetryLater:
+    """What a refusal for now carries: the limit it hit and when to try again (mixed into a CBDError)."""
+
+    def __init__(self, message: str, *, retry_after_s: int, limit: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit = limit
+
+    def to_dict(self) -> dict:
+        return super().to_dict() | {"limit": self.limit, "retry_after_s": self.retry_after_s}
+
+
+class TooManyRequestsError(_RetryLater, CBDError):
     """A caller over its rate limit or its cap of queued plus running jobs (``app.quotas``)."""
 
-    def __init__(self, message: str, *, retry_after_s: int, limit: str) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-        self.limit = limit
 
-    def to_dict(self) -> dict:
-        return super().to_dict() | {"limit": self.limit, "retry_after_s": self.retry_after_s}
-
-
-class QueueFullError(CBDError):
+class QueueFullError(_RetryLater, CBDError):
     """A queue deeper than its bound (``CBD_QUEUE_BOUND_*``): new work for it is refused for now."""
-
-    def __init__(self, message: str, *, retry_after_s: int, limit: str) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-        self.limit = limit
-
-    def to_dict(self) -> dict:
-        return super().to_dict() | {"limit": self.limit, "retry_after_s": self.retry_after_s}
 
 
 class InvalidHeaderError(CBDError):

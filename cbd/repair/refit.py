@@ -43,7 +43,7 @@ from torch import Tensor
 from cbd.core.spec import ModelSpec
 from cbd.errors import ForwardDone
 from cbd.shape import arch
-from cbd.shape.linit import LInit, prune_maps
+from cbd.shape.linit import prune_maps
 from cbd.shape.maps import Alignment, Maps
 from cbd.shape.trans import trans_tensor
 from cbd.train.models import build_model
@@ -291,6 +291,13 @@ def repair(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, maps: M
     axis that drops units refit on the anchor's activations over ``batch`` (or precomputed
     ``stats`` from :func:`calibration_stats`). Returns the target state (``arch.param_names(tgt)``)."""
     per_layer = refits(spec, state, maps, batch, stats=stats, ridge=ridge, depth=depth)
+    return trans_with(spec, state, tgt, maps, per_layer, width_expand=width_expand, depth_expand=depth_expand)
+
+
+def trans_with(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, maps: Maps,
+               per_layer: Mapping[tuple[int, str], Tensor], **opts) -> dict[str, Tensor]:
+    """Trans of ``state`` onto ``tgt`` reading the refit tensors ``per_layer`` (``(target layer,
+    layer key) -> tensor`` in the anchor's coordinates) instead of the anchor's own."""
     prefix = arch.layer_prefix(spec)
     out = {}
     for name in arch.param_names(tgt):
@@ -298,7 +305,7 @@ def repair(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, maps: M
         read = state.__getitem__
         if layer is not None and (layer, key) in per_layer:
             read = _swapped(state, prefix.format(i=maps.layers.idx[layer]) + key, per_layer[(layer, key)])
-        out[name] = trans_tensor(name, read, spec, tgt, maps, width_expand=width_expand, depth_expand=depth_expand)
+        out[name] = trans_tensor(name, read, spec, tgt, maps, **opts)
     return out
 
 
@@ -319,24 +326,6 @@ def _swapped(state: Mapping[str, Tensor], want: str, t: Tensor):
     def read(n: str) -> Tensor:
         return t if n == want else state[n]
     return read
-
-
-def repaired_linit_state(li: LInit, batch: Tensor | Sequence[Tensor], alpha: float | None = None, *,
-                         ridge: float = 1e-3) -> dict[str, Tensor]:
-    """``alpha * repair(Trans(S)) + (1 - alpha) * repair(Trans(B))``: each anchor's term repaired on
-    its own activations, then blended as :meth:`LInit.state` blends the unrepaired terms."""
-    a = li.alpha if alpha is None else alpha
-    terms = []
-    for anchor, maps, w in ((li.small, li.maps_small, a), (li.big, li.maps_big, 1.0 - a)):
-        if anchor is None or w == 0.0:
-            continue
-        state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
-        terms.append((w, repair(anchor.spec, state, li.target, maps, batch, ridge=ridge,
-                                width_expand=li.opts.width_expand, depth_expand=li.opts.depth_expand)))
-    if len(terms) == 1:
-        return terms[0][1]
-    (wa, sa), (_, sb) = terms
-    return {n: torch.lerp(sb[n], sa[n], wa) for n in sb}
 
 
 # ---- in situ: the pruned model's own inputs, the anchor's outputs ------------------------------
@@ -549,13 +538,5 @@ def insitu_repair(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
                   batch: Tensor | Sequence[Tensor], **kw) -> tuple[dict[str, Tensor], dict]:
     """Trans of ``state`` onto ``tgt`` with the in-situ refits (:func:`insitu_refits`); and its report."""
     per_layer, report = insitu_refits(spec, state, tgt, maps, batch, **kw)
-    prefix = arch.layer_prefix(spec)
-    out = {}
     opts = {k: kw[k] for k in ("width_expand", "depth_expand") if k in kw}
-    for name in arch.param_names(tgt):
-        layer, key = arch.split_name(name)
-        read = state.__getitem__
-        if layer is not None and (layer, key) in per_layer:
-            read = _swapped(state, prefix.format(i=maps.layers.idx[layer]) + key, per_layer[(layer, key)])
-        out[name] = trans_tensor(name, read, spec, tgt, maps, **opts)
-    return out, report
+    return trans_with(spec, state, tgt, maps, per_layer, **opts), report
