@@ -45,7 +45,7 @@ tok = AutoTokenizer.from_pretrained(repo)
 model = AutoModelForCausalLM.from_pretrained(repo)
 ids = torch.tensor([tok("the man said that it was time to go").input_ids])
 with torch.no_grad():
-    out["logits"] = model(ids).logits.double().sum().item()
+    out["logits"] = model(ids).logits[0].tolist()
 out["layers"] = model.config.num_hidden_layers
 print(json.dumps(out))
 """
@@ -161,8 +161,9 @@ def test_transformers_and_hub_clients_get_the_bytes_checkpoints_serves(service, 
     import torch
     tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
-        ours = model(torch.tensor([tok("the man said that it was time to go").input_ids])).logits.double().sum().item()
-    assert out["logits"] == pytest.approx(ours, rel=1e-9)
+        ours = model(torch.tensor([tok("the man said that it was time to go").input_ids])).logits[0]
+    # the same weights give the same logits up to float32 summation order (thread pools differ between processes)
+    torch.testing.assert_close(torch.tensor(out["logits"]), ours, rtol=1e-5, atol=1e-5)
 
     # again with the same cache: HEADs only, no file is sent twice; bad names; a bridge not ready
     resolve = "/{chain}/{name}/resolve/{revision}/{filename:path}"
