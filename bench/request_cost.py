@@ -13,6 +13,12 @@ so peak RSS is that configuration's own and no anchor statistics are warm:
 - ``+repair+calibrate``: ridge repair of both terms and one alpha;
 - ``default``: ridge repair, per-block alpha and the init card (what ``POST /initialize`` does now).
 
+With ``--baseline DIR`` (a checkout of an earlier commit: ``git worktree add --detach DIR REV``)
+each configuration also runs on that code just before ours, on the same chain: ``x_baseline`` is
+ours over theirs.
+
+    OMP_NUM_THREADS=2 python bench/request_cost.py --chain tiny --only 30M --baseline /tmp/cbd-before
+
 Ratios are against ``linit+write`` measured in the same run. Wall seconds on a shared machine are
 upper bounds; the job's own stage times come from its progress reports.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -70,6 +77,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chain", default="tiny")
     ap.add_argument("--only", help="targets whose name contains this (e.g. 30M)")
+    ap.add_argument("--baseline", type=Path, metavar="DIR",
+                    help="a checkout of an earlier commit (git worktree add DIR REV): each configuration also "
+                         "runs on its code, just before ours, in the same run; rows get x_baseline")
     args = ap.parse_args()
     rows = []
     for tname, arch in TARGETS[args.chain].items():
@@ -77,21 +87,38 @@ def main() -> None:
             continue
         base = None
         for cname, extra in CONFIGS.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                body = {"architecture": arch, **extra}
-                r = subprocess.run([sys.executable, "-c", CHILD, args.chain, json.dumps(body), tmp],
-                                   capture_output=True, text=True, check=True)
-                got = json.loads(r.stdout.strip().splitlines()[-1])
+            body = {"architecture": arch, **extra}
+            before = _child(args.chain, body, args.baseline) if args.baseline else None
+            got = _child(args.chain, body, None)
             base = base or got
             row = {"target": tname, "config": cname, **got,
                    "x_linit_write": round(got["wall_s"] / base["wall_s"], 2)}
+            if before is not None:
+                row |= {"baseline": before, "x_baseline": round(got["wall_s"] / before["wall_s"], 3)}
             rows.append(row)
             print(f"{tname:36s} {cname:18s} {got['wall_s']:7.2f} s  ({row['x_linit_write']:.2f}x)  "
-                  f"peak RSS {got['peak_rss_mb']:7.1f} MB", flush=True)
+                  f"peak RSS {got['peak_rss_mb']:7.1f} MB"
+                  + (f"  baseline {before['wall_s']:7.2f} s ({row['x_baseline']:.2f}x)" if before else ""), flush=True)
     out = {"command": "python bench/request_cost.py " + " ".join(sys.argv[1:]), "chain": args.chain,
+           "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+           "baseline": _revision(args.baseline) if args.baseline else None,
            "date": time.strftime("%Y-%m-%d"), "rows": rows,
            "bench_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     (DATA / f"request-cost-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _child(chain: str, body: dict, code: Path | None) -> dict:
+    """One configuration in a fresh process (``code``: the checkout whose cbd it imports)."""
+    env = os.environ | ({"PYTHONPATH": str(code.resolve())} if code else {})
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, "-c", CHILD, chain, json.dumps(body), tmp], capture_output=True,
+                           text=True, check=True, env=env, cwd=code or Path(__file__).resolve().parent.parent)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _revision(code: Path) -> str:
+    return subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 if __name__ == "__main__":

@@ -94,3 +94,26 @@ def test_block_alphas_apply_per_group(random_chain, cbd_home):
     assert loss <= base
     assert state_loss(plan.target, li.state(found), batches) == pytest.approx(loss, abs=1e-5)
     assert layer_blocks(10, 4) == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+
+
+def test_blend_losses_are_those_of_linit_states(random_chain, cbd_home):
+    """Calibration scores every candidate on one model whose parameters are set to the blend of the
+    two terms (cbd.inits.calibration.Blend): each loss equals the loss of ``LInit.state`` at the
+    same alpha, for one alpha and per group, with both terms repaired; repeats are not re-measured."""
+    from cbd.inits.calibration import Blend, repair_terms
+
+    plan = make_plan(InitRequest(chain="test", architecture=ARCH), random_chain)
+    li = linit_for(plan, random_chain, cbd_home / "chains")
+    measured = {}
+    done = repair_terms(li, {"small": plan.small, "big": plan.big}, random_chain, cbd_home / "chains", measured)
+    batches = validation_batches(random_chain, cbd_home / "chains")
+    blend = Blend(li, batches)
+    per_group = {"outer": 0.3, "L0": 1.0, "L1": 0.0, "L2": 0.5}
+    for a in (0.0, 0.3, 1.0, per_group):
+        assert blend.loss(a) == pytest.approx(state_loss(plan.target, li.state(a), batches), abs=1e-6), a
+    passes = blend.passes
+    assert blend.loss(0.3) == blend.loss(0.3) and blend.passes == passes
+    # the repair's own measurement of a repaired term is the loss of that term alone
+    assert done and measured
+    for a, loss in measured.items():
+        assert loss == pytest.approx(state_loss(plan.target, li.state(a), batches), abs=1e-6)

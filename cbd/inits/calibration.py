@@ -3,6 +3,7 @@ request-time repair of both LInit terms (readers refit on each anchor's calibrat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from cbd.core.manifest import ChainManifest, chain_dir
 from cbd.errors import IntegrityError
 from cbd.shape import arch
-from cbd.shape.linit import LInit, alpha_grid
+from cbd.shape.linit import Alpha, LInit, alpha_grid, alpha_group
 from cbd.tensors.reader import LazyReader
 from cbd.train.models import state_loss
 
@@ -34,13 +35,16 @@ def calibration_tokens(manifest: ChainManifest, chains_root: Path | None = None)
 
 
 def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifest, chains_root: Path | None = None,
-                 ) -> dict:
+                 losses: dict[float, float] | None = None) -> dict:
     """Refit, for each anchor term of ``li`` (``names``: "small"/"big" -> anchor name), the readers of
     the units its map prunes, in situ (``cbd.repair.refit.insitu_refits``: on the inputs they get
     inside that anchor's Trans onto the target, toward the anchor's own outputs, over the chain's
     calibration batch; no teacher, no gradients), into ``li.replaced``; a refit that does not lower
     the term's loss on the chain's validation batch is dropped (the ridge is chosen there too:
-    ``cbd.repair.refit.INSITU_RIDGE``). Returns what was done, for the recipe and the card."""
+    ``cbd.repair.refit.INSITU_RIDGE``). Returns what was done, for the recipe and the card; into
+    ``losses`` (alpha -> validation loss) it puts each term's loss as repaired (alpha 1: the small
+    term alone, 0: the big), measured on the validation batch while choosing the ridge, so
+    :class:`Blend` need not measure them again."""
     from cbd.repair.refit import insitu_refits
 
     tokens, check, done = None, None, {}
@@ -52,27 +56,76 @@ def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifes
         state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
         per_layer, report = insitu_refits(anchor.spec, state, li.target, maps, list(tokens.split(4)), check=check,
                                           width_expand=li.opts.width_expand, depth_expand=li.opts.depth_expand)
+        check_loss = report.pop("check_loss", None)
         if report["refit"]:
             li.replaced[term] = per_layer
             done[term] = {"anchor": names[term], **report}
+            if losses is not None and check_loss is not None:
+                losses[1.0 if term == "small" else 0.0] = check_loss
     return {"repair": {"method": "ridge, in situ", "terms": done}} if done else {}
+
+
+class Blend:
+    """Step-0 losses of an LInit at any alpha, for the price of one forward pass each: both terms
+    (each anchor's Trans onto the target, its repairs included) are computed once, and one model's
+    parameters are set to their blend (``torch.lerp(big, small, alpha)``, what ``LInit.tensor``
+    computes, bit for bit) before each evaluation, instead of re-running Trans and building a
+    model per candidate. ``alpha``: one value, or one per tensor group (``alpha_group``).
+    Holds two target-sized states and a model."""
+
+    def __init__(self, li: LInit, batches: list[torch.Tensor]):
+        from cbd.train.models import build_model
+
+        self.li, self.batches, self.passes = li, batches, 0
+        self.small = li.state(1.0) if li.small is not None else None
+        self.big = li.state(0.0) if li.big is not None else None
+        first = self.big if self.big is not None else self.small
+        self.model = build_model(li.target, first)
+        params = dict(self.model.named_parameters())
+        self.params = {n: params[n] for n in first if n in params}  # a tied head is the embedding
+        self.cache: dict = {}
+
+    @torch.no_grad()
+    def set(self, alpha: Alpha, names=None) -> None:
+        for n in names if names is not None else self.params:
+            a = alpha[alpha_group(n)] if isinstance(alpha, Mapping) else alpha
+            if self.big is None or a == 1.0:
+                self.params[n].copy_(self.small[n])
+            elif self.small is None or a == 0.0:
+                self.params[n].copy_(self.big[n])
+            else:
+                torch.lerp(self.big[n], self.small[n], a, out=self.params[n].data)
+
+    def loss(self, alpha: Alpha) -> float:
+        key = tuple(sorted(alpha.items())) if isinstance(alpha, Mapping) else float(alpha)
+        if key not in self.cache:
+            from cbd.train.models import eval_loss
+
+            self.set(alpha)
+            self.cache[key] = eval_loss(self.model, self.batches)
+            self.passes += 1
+        return self.cache[key]
 
 
 def init_card(li: LInit, alpha, names: dict[str, str | None], batches: list[torch.Tensor],
               scores: dict[float, float] | None = None, *, repair: str = "none", scheme: str = "global",
-              alphas_loss: float | None = None) -> dict:
+              alphas_loss: float | None = None, blend: Blend | None = None) -> dict:
     """What a user gets before training: the init's step-0 loss on the chain's validation batch
     (training text of every corpus, never held out), beside each single anchor's Trans onto the
     same target (alpha 1: the smaller, alpha 0: the bigger) and a random init (transformers' own
-    initialisation, seed 0). ``scores`` (alpha -> loss) are the calibration's, reused."""
+    initialisation, seed 0). ``scores`` (alpha -> loss) are the calibration's, reused; ``blend``
+    the calibration's :class:`Blend` (one is made when none is given and a loss is missing)."""
     from cbd.train.models import random_state
 
     scores = dict(scores or {})
 
-    def loss(a: float) -> float:
-        if a not in scores:
-            scores[a] = state_loss(li.target, li.state(a), batches)
-        return scores[a]
+    def loss(a) -> float:
+        nonlocal blend
+        key = a if isinstance(a, Mapping) else float(a)
+        if isinstance(key, Mapping) or key not in scores:
+            blend = blend or Blend(li, batches)
+            return blend.loss(a)
+        return scores[key]
 
     single = {}
     for term, a in (("small", 1.0), ("big", 0.0)):
@@ -107,57 +160,44 @@ def layer_blocks(num_layers: int, blocks: int) -> list[list[int]]:
     return [list(range(num_layers * k // n, num_layers * (k + 1) // n)) for k in range(n)] if n else []
 
 
-@torch.no_grad()
 def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_loss: float, *,
                      blocks: int = 6, values: tuple[float, ...] = (0.0, 0.5, 1.0), sweeps: int = 1,
-                     ) -> tuple[dict[str, float], float, int]:
+                     blend: Blend | None = None) -> tuple[dict[str, float], float, int]:
     """An alpha per group of tensors, from ``alpha`` (the global grid's best, loss ``base_loss``):
     coordinate descent over the groups (the outer tensors, then ``blocks`` contiguous blocks of
     target layers), each tried at ``values``, a change kept only when it lowers the validation
     loss. It starts at the global best, so it is never worse on ``batches`` than any point of the
     grid, the single anchors included. Costs at most ``sweeps * (blocks + 1) * len(values)``
-    forward passes over ``batches``, and two target-sized states in memory (each anchor's Trans).
+    forward passes over ``batches`` (fewer where ``blend`` has measured a point already), and two
+    target-sized states in memory (each anchor's Trans, :class:`Blend`).
     Returns (group -> alpha, its loss, forward passes made)."""
-    from cbd.shape.linit import alpha_group
-    from cbd.train.models import build_model, eval_loss
+    blend = blend or Blend(li, batches)
+    cut = layer_blocks(li.target.num_hidden_layers, blocks)
+    groups = ["outer"] + [f"B{k}" for k in range(len(cut))]
 
-    small, big = li.state(1.0), li.state(0.0)
-    model = build_model(li.target, big)
-    params = dict(model.named_parameters())
-    names = [n for n in small if n in params]
-    groups = {"outer": [n for n in names if alpha_group(n) == "outer"]}
-    for k, layers in enumerate(layer_blocks(li.target.num_hidden_layers, blocks)):
-        want = {f"L{j}" for j in layers}
-        groups[f"B{k}"] = [n for n in names if alpha_group(n) in want]
+    def per_group(current: dict[str, float]) -> dict[str, float]:
+        out = {"outer": current["outer"]}
+        for k, layers in enumerate(cut):
+            out |= {f"L{j}": current[f"B{k}"] for j in layers}
+        return out
 
-    def set_group(g: str, a: float) -> None:
-        for n in groups[g]:
-            params[n].copy_(torch.lerp(big[n], small[n], a))
-
-    current = {g: alpha for g in groups}
-    for g in groups:
-        set_group(g, alpha)
-    best, passes = base_loss, 0
+    current = dict.fromkeys(groups, alpha)
+    best, before = base_loss, blend.passes
     for _ in range(sweeps):
         changed = False
         for g in groups:
             for a in values:
                 if a == current[g]:
                     continue
-                set_group(g, a)
-                loss = eval_loss(model, batches)
-                passes += 1
+                loss = blend.loss(per_group(current | {g: a}))
                 if loss < best - 1e-6:
                     best, current[g], changed = loss, a, True
-            set_group(g, current[g])
         if not changed:
             break
-    per_tensor_group = {"outer": current["outer"]}
-    for k, layers in enumerate(layer_blocks(li.target.num_hidden_layers, blocks)):
-        per_tensor_group |= {f"L{j}": current[f"B{k}"] for j in layers}
-    return per_tensor_group, best, passes
+    return per_group(current), best, blend.passes - before
 
 
-def grid_losses(li: LInit, batches: list[torch.Tensor]) -> dict[float, float]:
+def grid_losses(li: LInit, batches: list[torch.Tensor], blend: Blend | None = None) -> dict[float, float]:
     """alpha -> validation loss over :func:`cbd.shape.linit.alpha_grid` (both endpoints included)."""
-    return {a: state_loss(li.target, li.state(a), batches) for a in alpha_grid(li.alpha)}
+    blend = blend or Blend(li, batches)
+    return {a: blend.loss(a) for a in alpha_grid(li.alpha)}

@@ -7,7 +7,14 @@ from pathlib import Path
 from cbd.core.artifacts import ArtifactInfo
 from cbd.core.manifest import ChainManifest
 from cbd.core.plan import Plan
-from cbd.inits.calibration import calibrate_blocks, grid_losses, init_card, repair_terms, validation_batches
+from cbd.inits.calibration import (
+    Blend,
+    calibrate_blocks,
+    grid_losses,
+    init_card,
+    repair_terms,
+    validation_batches,
+)
 from cbd.inits.publish import Progress, publish_checkpoint, recipe_of
 from cbd.shape.linit import LInit, make_linit
 from cbd.store.anchors import load_alignment, load_anchor, tokenizer_dir
@@ -43,25 +50,29 @@ def prepare(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_r
     progress({"stage": "loading anchors", "fraction": 0.0})
     li = linit_for(plan, manifest, chains_root)
     names = {"small": plan.small, "big": plan.big}
-    alpha, calib, scores = plan.alpha, {}, {}
+    alpha, calib, scores, measured = plan.alpha, {}, {}, {}
     if plan.trans.repair == "ridge":
         progress({"stage": "repairing pruned units", "fraction": 0.02})
-        calib |= repair_terms(li, names, manifest, chains_root)
+        calib |= repair_terms(li, names, manifest, chains_root, measured)
     batches = validation_batches(manifest, chains_root) if plan.calibrate or card else []
+    blend = Blend(li, batches) if batches else None  # both terms once, one model, for every loss below
+    if blend is not None:
+        blend.cache |= measured  # the repaired terms' own losses, on the same batch
     if plan.calibrate:
         progress({"stage": "calibrating alpha", "fraction": 0.05})
-        scores = grid_losses(li, batches)
+        scores = grid_losses(li, batches, blend)
         alpha = min(scores, key=lambda a: (scores[a], abs(a - li.alpha)))
         calib |= {"alpha0": li.alpha, "calibration_loss": {str(a): round(v, 5) for a, v in scores.items()}}
     alphas = None
     if plan.calibrate and plan.alpha_scheme == "blocks":
         progress({"stage": "calibrating alpha per block", "fraction": 0.07})
-        alphas, loss, passes = calibrate_blocks(li, batches, alpha, scores[alpha])
+        alphas, loss, passes = calibrate_blocks(li, batches, alpha, scores[alpha], blend=blend)
         calib |= {"alphas": alphas, "alphas_loss": round(loss, 5), "alphas_passes": passes}
     if card:
         progress({"stage": "measuring the init card", "fraction": 0.09})
         calib["card"] = init_card(li, alphas or alpha, names, batches, scores, repair=plan.trans.repair,
-                                  scheme=plan.alpha_scheme, alphas_loss=calib.get("alphas_loss"))
+                                  scheme=plan.alpha_scheme, alphas_loss=calib.get("alphas_loss"), blend=blend)
+    del blend
     return li, alpha, calib
 
 

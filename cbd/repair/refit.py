@@ -34,6 +34,7 @@ as in an unrepaired Trans.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ from cbd.shape import arch
 from cbd.shape.linit import prune_maps
 from cbd.shape.maps import Alignment, Maps
 from cbd.shape.trans import trans_tensor
-from cbd.train.models import build_model
+from cbd.train.models import build_model, eval_loss
 
 READERS = ("ffn", "q")
 SPAN_RIDGE = 0.1
@@ -351,13 +352,6 @@ class Fit:
         self.count += x.shape[0]
 
 
-def _ce(logits: Tensor, tokens: Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy of ``logits`` for ``tokens`` (B, T+1), and the token count."""
-    lp = torch.log_softmax(logits.float(), -1)
-    nll = -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    return float(nll.sum()), nll.numel()
-
-
 @torch.no_grad()
 def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, maps: Maps,
                   batch: Tensor | Sequence[Tensor], *, ridge: float | Sequence[float] = INSITU_RIDGE,
@@ -425,83 +419,162 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
                              depth_expand=depth_expand) for n in arch.param_names(tgt)}
     check = list(check) if check is not None else batches
     ridges = [ridge] if isinstance(ridge, (int, float)) else list(ridge)
-    model = build_model(tgt, plain)
-    loss_plain = _loss(model, check)
-    del model
+    model = build_model(tgt, plain)  # one model: each ridge's pass resets what it refits
+    loss_plain = eval_loss(model, check)
+    starts = [_layer_calls(model, tgt, b[:, :-1]) for b in batches]  # the same for every ridge
     tried, best = {}, (loss_plain, None, {})
     for lam in ridges:
-        per_layer, model = _sequential(state, spec, tgt, maps, plain, todo, spans, batches, ys, readers, lam,
-                                       width_expand, depth_expand)
-        loss = _loss(model, check)
-        del model
+        per_layer = _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, readers, lam,
+                                width_expand, depth_expand)
+        loss = eval_loss(model, check)
         tried[str(lam)] = round(loss, 5)
         if loss < best[0] or (not guard and best[1] is None):
             best = (loss, lam, per_layer)
     report = {"refit": sorted({axis for _, axis in todo} | ({"depth"} if spans else set())),
               "check_loss_plain": round(loss_plain, 5), "check_loss_by_ridge": tried, "ridge": best[1],
-              "kept": best[1] is not None}
+              "kept": best[1] is not None, "check_loss": best[0]}
     return best[2], report
 
 
-def _sequential(state, spec, tgt, maps, plain, todo, spans, batches, ys, readers, ridge, width_expand,
-                depth_expand) -> tuple[dict[tuple[int, str], Tensor], torch.nn.Module]:
-    """One in-situ refit pass at ``ridge``: (the refits, the refit target model)."""
-    prefix_s, prefix_t = arch.layer_prefix(spec), arch.layer_prefix(tgt)
-    model = build_model(tgt, plain)
-    params = dict(model.named_parameters())
-    per_layer: dict[tuple[int, str], Tensor] = {}
-    # one pass per reader, in the order the model computes them (layer j's o_proj before its
-    # down_proj: the FFN's inputs depend on the refit attention output)
-    for j, axis_now in [(j, a) for j in sorted({j for j, _ in todo}) for a in ("q", "ffn") if (j, a) in todo]:
-        axes = [axis_now]
-        fits: dict[str, Fit] = {}
-        for b, held in zip(batches, ys, strict=True):
-            hooks = []
-            for axis in axes:
-                r, p = readers[axis], maps.layers.idx[j]
-                k = arch.axis_size(tgt, axis) * arch.unit(tgt, axis)
+class _Recorder(torch.nn.Module):
+    """Stands in for a decoder layer during :func:`_layer_calls`: records what the layer is called
+    with and passes its hidden states on unchanged (the last one stops the forward pass)."""
 
-                def fit_hook(m, args, axis=axis, p=p, k=k, held=held, j=j, fits=fits, last=axis == axes[-1]):
+    def __init__(self, calls: list, first: list, i: int, last: bool):
+        super().__init__()
+        self.calls, self.first, self.i, self.last = calls, first, i, last
+
+    def forward(self, *args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if self.i == 0:
+            self.first.append(h)
+        self.calls[self.i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        if self.last:
+            raise ForwardDone  # the final norm and head are not needed
+        return h
+
+
+def _layer_calls(model: torch.nn.Module, spec: ModelSpec, batch: Tensor) -> tuple[Tensor, list[tuple[tuple, dict]]]:
+    """What each decoder layer of ``model`` is called with on ``batch``: (the first layer's input
+    hidden states, per layer the other positional and keyword arguments: masks, position
+    embeddings; they depend on the tokens, not the weights). With them a layer can be run alone
+    on hidden states that the layers before it produced (the "catcher" of sequential
+    post-training quantisation), instead of re-running the model from its embeddings. The layers
+    are swapped for recorders while the embeddings run, so no layer computes anything here."""
+    layers = model.get_submodule(arch.layer_prefix(spec).split(".{i}")[0])
+    n = spec.num_hidden_layers
+    calls: list = [None] * n
+    first: list[Tensor] = []
+    own = list(layers)
+    try:
+        for i in range(n):
+            layers[i] = _Recorder(calls, first, i, i == n - 1)
+        with contextlib.suppress(ForwardDone):
+            model(input_ids=batch, use_cache=False)
+    finally:
+        for i, m in enumerate(own):
+            layers[i] = m
+    return first[0], calls
+
+
+def _run_layer(block: torch.nn.Module, h: Tensor, call: tuple[tuple, dict]) -> Tensor:
+    args, kwargs = call
+    return _out(block(h, *args, **kwargs))
+
+
+def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, readers, ridge, width_expand,
+                depth_expand) -> dict[tuple[int, str], Tensor]:
+    """One in-situ refit pass at ``ridge`` on ``model`` (the target, reset here to ``plain``;
+    refit in place, so it is the refit target afterwards); ``starts``: per batch, what
+    :func:`_layer_calls` recorded. Returns the refits.
+
+    Layer after layer, the hidden states entering target layer j are kept (every layer before j
+    already refit), and only layer j is run to collect its readers' inputs: one model pass to record
+    the layers' call arguments, then at most three layer passes per layer (o_proj's inputs, then
+    down_proj's with o_proj refit, then the layer's output), not a pass from the embeddings per
+    reader."""
+    prefix_s, prefix_t = arch.layer_prefix(spec), arch.layer_prefix(tgt)
+    params = dict(model.named_parameters())
+    for name in {prefix_t.format(i=j) + key for j, axis in todo for key in _keys(readers[axis])}:
+        params[name].data.copy_(plain[name])  # what an earlier pass refit
+    per_layer: dict[tuple[int, str], Tensor] = {}
+    hs = [h for h, _ in starts]
+    calls = [c for _, c in starts]
+    last = max(j for j, _ in todo)
+    shortcut = None  # whether a layer's output moves exactly by its refit FFN reader's change (checked once)
+    for j in range(last + 1):
+        block = model.get_submodule(prefix_t.format(i=j).rstrip("."))
+        # the readers in the order the layer computes them (o_proj before down_proj: the FFN's inputs
+        # depend on the refit attention output)
+        axes = [a for a in ("q", "ffn") if (j, a) in todo]
+        outs = None  # per batch (the reader's input, its output, the layer's output) before the refit
+        for axis in axes:
+            r, p = readers[axis], maps.layers.idx[j]
+            k = arch.axis_size(tgt, axis) * arch.unit(tgt, axis)
+            mod = model.get_submodule(prefix_t.format(i=j) + r.module)
+            # the FFN reader comes last in the layer: it runs on, and the layer's output is kept
+            through = axis == "ffn" and shortcut is not False
+            fit: list[Fit] = []
+            got_io: list = []
+            for h, call, held in zip(hs, calls, ys, strict=True):
+                def fit_hook(m, args, held=held, p=p, axis=axis, j=j, k=k, fit=fit, through=through):
                     y = held[(p, axis)]
                     if axis == "ffn" and j in spans:
                         s0, s1 = spans[j]
                         y = y + (held[("h", s1)] - held[("h", s0)])
-                    f = fits.get(axis)
-                    if f is None:
+                    if not fit:
                         d = y.shape[-1]
-                        f = fits[axis] = Fit(torch.zeros(k, k, dtype=torch.float64),
-                                             torch.zeros(k, d, dtype=torch.float64),
-                                             torch.zeros(k, dtype=torch.float64), torch.zeros(d, dtype=torch.float64))
-                    f.add(args[0], y)
-                    if last:
+                        fit.append(Fit(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64),
+                                       torch.zeros(k, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)))
+                    fit[0].add(args[0], y)
+                    if not through:
                         raise ForwardDone  # nothing after this reader is needed
-                mod = model.get_submodule(prefix_t.format(i=j) + r.module)
-                hooks.append(mod.register_forward_pre_hook(fit_hook))
-            try:
-                model(input_ids=b[:, :-1], use_cache=False)
-            except ForwardDone:
-                pass
-            finally:
-                for h in hooks:
-                    h.remove()
-        for axis, f in fits.items():
-            got = _solve(state, spec, maps, readers[axis], j, axis, f,
+
+                def out_hook(m, args, out, got_io=got_io):
+                    got_io.append((args[0], out))
+                hooks = [mod.register_forward_pre_hook(fit_hook)]
+                if through:
+                    hooks.append(mod.register_forward_hook(out_hook))
+                try:
+                    out = _run_layer(block, h, call[j])
+                    if through:
+                        got_io[-1] += (out,)
+                except ForwardDone:
+                    pass
+                finally:
+                    for hk in hooks:
+                        hk.remove()
+            if through:
+                outs = got_io
+            got = _solve(state, spec, maps, r, j, axis, fit[0],
                          max(ridge, SPAN_RIDGE) if (axis == "ffn" and j in spans) else ridge, prefix_s)
             per_layer |= {(j, key): t for key, t in got.items()}
-            for key, t in got.items():  # into the model, so the next layers see this layer refit
+            for key, t in got.items():  # into the model, so what follows sees this reader refit
                 name = prefix_t.format(i=j) + key
-                read = _swapped(state, prefix_s.format(i=maps.layers.idx[j]) + key, t)
+                read = _swapped(state, prefix_s.format(i=p) + key, t)
                 params[name].data.copy_(trans_tensor(name, read, spec, tgt, maps, width_expand=width_expand,
                                                      depth_expand=depth_expand))
-    return per_layer, model
+        if j == last:
+            break
+        if outs is None:
+            hs = [_run_layer(block, h, call[j]) for h, call in zip(hs, calls, strict=True)]
+            continue
+        # The FFN reader's output is added to the residual stream as it is (llama: down_proj,
+        # GPT-2: c_proj then dropout, the identity in eval mode), so the refit layer's output is
+        # the old one plus the reader's change: no second run of the layer. Checked against a
+        # rerun on the first batch the first time; a family where it does not hold reruns.
+        mod = model.get_submodule(prefix_t.format(i=j) + readers["ffn"].module)
+        new = [h_old + (mod(x) - y_old) for x, y_old, h_old in outs]
+        if shortcut is None:
+            shortcut = bool(torch.allclose(new[0], _run_layer(block, hs[0], calls[0][j]), rtol=1e-4, atol=1e-4))
+            if not shortcut:
+                new = [_run_layer(block, h, call[j]) for h, call in zip(hs, calls, strict=True)]
+        hs = new
+    return per_layer
 
 
-def _loss(model, batches: list[Tensor]) -> float:
-    total, count = 0.0, 0
-    for b in batches:
-        s, n = _ce(model(input_ids=b[:, :-1], use_cache=False).logits, b)
-        total, count = total + s, count + n
-    return total / count
+def _keys(r: Reader) -> list[str]:
+    return [r.key] + ([r.bias] if r.bias else [])
 
 
 def _solve(state, spec: ModelSpec, maps: Maps, r: Reader, j: int, axis: str, f: Fit, lam: float,
@@ -519,13 +592,20 @@ def _solve(state, spec: ModelSpec, maps: Maps, r: Reader, j: int, axis: str, f: 
     w_k = wd[:, cols]  # (d, k): the plain subset's columns, in target order
     scale = float(g.diagonal().mean())
     lam *= scale if scale > 0 else 1.0
-    sol = torch.linalg.solve(g + lam * torch.eye(len(cols), dtype=torch.float64), c + lam * w_k.T)  # (k, d)
+    sol = _spd_solve(g + lam * torch.eye(len(cols), dtype=torch.float64), c + lam * w_k.T)  # (k, d)
     new = torch.zeros_like(wd)
     new[:, cols] = sol.T
     out = {r.key: (new if r.dim == 1 else new.T).to(w.dtype).contiguous()}
     if bias is not None:
         out[r.bias] = (ymu - mu @ sol).to(bias.dtype)
     return out
+
+
+def _spd_solve(a: Tensor, b: Tensor) -> Tensor:
+    """``a^-1 b`` for a symmetric positive definite ``a`` (a Gram matrix plus a ridge): Cholesky,
+    about half the cost of LU; LU where rounding left ``a`` not numerically positive definite."""
+    low, info = torch.linalg.cholesky_ex(a)
+    return torch.cholesky_solve(b, low) if int(info) == 0 else torch.linalg.solve(a, b)
 
 
 def _ordered_cols(idx: Sequence[int], unit: int) -> Tensor:
