@@ -68,13 +68,14 @@ def post_all(client: httpx.Client, chain: str, alphas: list[float]) -> list[str]
 
 def run(chain: str, workers: int, jobs: int, chains_root: Path, offset: int) -> dict:
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="cbdw") as home:
+    # the service's log goes to a file, not a pipe nobody reads (a full pipe blocks the service)
+    with tempfile.TemporaryDirectory(prefix="cbdw") as home, open(f"{home}/serve.log", "wb") as log:
         env = os.environ | {"CBD_HOME": home, "CBD_CHAINS": str(chains_root), "CBD_ARTIFACTS": f"{home}/artifacts",
                             "CBD_SYNC_WAIT_S": "0", "CBD_LOG_LEVEL": "WARNING"}
         env.pop("REDIS_URL", None)
         env.pop("OMP_NUM_THREADS", None)  # cbd serve sizes the pools itself
         proc = subprocess.Popen([sys.executable, "-m", "cbd.cli", "serve", "--port", str(port), "--workers",
-                                 str(workers)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 str(workers)], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
                 deadline = time.monotonic() + 300
@@ -85,8 +86,7 @@ def run(chain: str, workers: int, jobs: int, chains_root: Path, offset: int) -> 
                     except httpx.TransportError:
                         pass
                     if time.monotonic() > deadline or proc.poll() is not None:
-                        raise RuntimeError("cbd serve did not start: " + (proc.stderr.read().decode()[-2000:]
-                                                                          if proc.poll() is not None else "timeout"))
+                        raise RuntimeError("cbd serve did not start: " + Path(f"{home}/serve.log").read_text()[-2000:])
                     time.sleep(0.5)
                 # distinct alphas per run so no job is a cache hit (each run has its own store anyway)
                 step = 0.9 / (workers + jobs)
