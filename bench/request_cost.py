@@ -11,7 +11,9 @@ so peak RSS is that configuration's own and no anchor statistics are warm:
   random init over the validation batch);
 - ``+calibrate``: one alpha from the grid (what the service did before repair);
 - ``+repair+calibrate``: ridge repair of both terms and one alpha;
-- ``default``: ridge repair, per-block alpha and the init card (what ``POST /initialize`` does now).
+- ``default``: ridge repair, per-block alpha and the init card (what ``POST /initialize`` does now);
+- ``default, anchor outputs cached``: the same, with the repair's anchor pass read from the cache
+  a first run of it filled (``cbd.inits.calibration.anchor_cache``; the rows above run with it off).
 
 With ``--baseline DIR`` (a checkout of an earlier commit: ``git worktree add --detach DIR REV``)
 each configuration also runs on that code just before ours, on the same chain: ``x_baseline`` is
@@ -51,6 +53,7 @@ CONFIGS = {
     "+repair+calibrate": {"alpha_scheme": "global"},
     "default": {},
 }
+WARM = "default, anchor outputs cached"  # the same request again, the repair's anchor pass read from its cache
 
 CHILD = r"""
 import json, resource, sys, time
@@ -86,10 +89,12 @@ def main() -> None:
         if args.only and args.only not in tname:
             continue
         base = None
-        for cname, extra in CONFIGS.items():
+        for cname, extra in [*CONFIGS.items(), (WARM, {})]:
             body = {"architecture": arch, **extra}
-            before = _child(args.chain, body, args.baseline) if args.baseline else None
-            got = _child(args.chain, body, None)
+            before = _child(args.chain, body, args.baseline) if args.baseline and cname != WARM else None
+            if cname == WARM:  # fill the cache (not timed), then the measured run reads it
+                _child(args.chain, body, None, cache=True)
+            got = _child(args.chain, body, None, cache=cname == WARM)
             base = base or got
             row = {"target": tname, "config": cname, **got,
                    "x_linit_write": round(got["wall_s"] / base["wall_s"], 2)}
@@ -107,9 +112,11 @@ def main() -> None:
     (DATA / f"request-cost-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
-def _child(chain: str, body: dict, code: Path | None) -> dict:
-    """One configuration in a fresh process (``code``: the checkout whose cbd it imports)."""
+def _child(chain: str, body: dict, code: Path | None, *, cache: bool = False) -> dict:
+    """One configuration in a fresh process (``code``: the checkout whose cbd it imports; ``cache``:
+    the anchor output cache of ``cbd.inits.calibration.anchor_cache`` on, else off: a cold miss)."""
     env = os.environ | ({"PYTHONPATH": str(code.resolve())} if code else {})
+    env |= {} if cache else {"CBD_ANCHOR_CACHE_MAX_BYTES": "0"}
     with tempfile.TemporaryDirectory() as tmp:
         r = subprocess.run([sys.executable, "-c", CHILD, chain, json.dumps(body), tmp], capture_output=True,
                            text=True, check=True, env=env, cwd=code or Path(__file__).resolve().parent.parent)

@@ -117,3 +117,41 @@ def test_blend_losses_are_those_of_linit_states(random_chain, cbd_home):
     assert done and measured
     for a, loss in measured.items():
         assert loss == pytest.approx(state_loss(plan.target, li.state(a), batches), abs=1e-6)
+
+
+def test_anchor_outputs_are_cached_beside_the_chain_and_give_the_same_repair(random_chain, cbd_home):
+    """The repair's anchor pass is cached per anchor and calibration batch (cbd.inits.calibration.
+    anchor_cache): a second request reads the file instead of running the anchor and repairs to
+    the same tensors bit for bit; a damaged file is never trusted, it is recomputed and replaced."""
+    import os
+
+    import torch
+
+    from cbd.inits.calibration import repair_terms
+
+    plan = make_plan(InitRequest(chain="test", architecture=ARCH), random_chain)
+    names = {"small": plan.small, "big": plan.big}
+    folder = cbd_home / "chains" / ".anchor-outputs"
+
+    def repaired() -> dict:
+        li = linit_for(plan, random_chain, cbd_home / "chains")
+        repair_terms(li, names, random_chain, cbd_home / "chains")
+        return li.replaced
+
+    for f in folder.glob("*") if folder.exists() else []:
+        f.unlink()
+    first = repaired()
+    assert first, "this target prunes the bigger anchor: something is refit"
+    files = sorted(folder.glob(f"test.{plan.big}.*.safetensors"))
+    assert len(files) == 1 and files[0].stat().st_size > 0
+    stamp = files[0].stat().st_mtime_ns
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(a[t].keys() == b[t].keys() and all(torch.equal(a[t][k], b[t][k])
+                                                                                for k in a[t]) for t in a)
+
+    assert same(repaired(), first) and files[0].stat().st_mtime_ns == stamp  # read, not rewritten
+    with open(files[0], "r+b") as f:  # damaged: a truncated copy
+        f.truncate(os.path.getsize(files[0]) // 2)
+    assert same(repaired(), first)
+    assert files[0].stat().st_size > 0 and files[0].stat().st_mtime_ns != stamp  # recomputed and replaced

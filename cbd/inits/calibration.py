@@ -34,6 +34,64 @@ def calibration_tokens(manifest: ChainManifest, chains_root: Path | None = None)
     return LazyReader(path, keep_dtype=True)("tokens").long()
 
 
+ANCHOR_CACHE_MAX_BYTES = 2 << 30  # CBD_ANCHOR_CACHE_MAX_BYTES: anchors whose outputs would take more are not cached
+
+
+def anchor_cache(manifest: ChainManifest, name: str, tokens: torch.Tensor, chains_root: Path | None = None):
+    """The anchor's own outputs over the calibration batch, cached beside the chain (they are the
+    same for every request that prunes this anchor): a drop-in for
+    :func:`cbd.repair.refit.anchor_outputs`. The first call computes every reader's and block's
+    output (one pass) and writes them to ``.anchor-outputs/`` in the chains folder (float32, so a cached
+    answer is the computed one bit for bit), named by the anchor's sha256 and the batch's; later
+    calls read only what they need. An anchor whose outputs would pass
+    ``CBD_ANCHOR_CACHE_MAX_BYTES`` (default 2 GiB; 0 turns the cache off), a cache that cannot be
+    written or a file that cannot be read fall back to computing what is needed."""
+    import hashlib
+    import logging
+    import os
+
+    from cbd.core import paths
+    from cbd.repair.refit import anchor_outputs
+    from cbd.tensors.writer import write_safetensors
+
+    entry = manifest.anchor(name)
+    digest = hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
+    folder = (chains_root or paths.chains_dir()) / ".anchor-outputs"  # no manifest: never listed as a chain
+    path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{digest}.safetensors"
+    limit = int(os.environ.get("CBD_ANCHOR_CACHE_MAX_BYTES", ANCHOR_CACHE_MAX_BYTES))
+    log = logging.getLogger("cbd.inits")
+
+    def key(k: int, what: tuple) -> str:
+        return f"b{k}." + (f"h.{what[1]}" if what[0] == "h" else f"y.{what[0]}.{what[1]}")
+
+    def provide(spec, state, batches, need_y, need_h) -> list[dict]:
+        wanted = [*need_y, *(("h", i) for i in need_h)]
+        if limit <= 0:  # the cache is off
+            return anchor_outputs(spec, state, batches, need_y, need_h)
+        if path.is_file():
+            try:
+                read = LazyReader(path, keep_dtype=True)
+                return [{w: read(key(k, w)) for w in wanted} for k in range(len(batches))]
+            except Exception as exc:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
+                log.warning("anchor output cache %s unreadable (%s): recomputing it", path.name, exc)
+                path.unlink(missing_ok=True)
+        tokens_n = sum(int(b[:, :-1].numel()) for b in batches)
+        size = 4 * tokens_n * spec.hidden_size * 3 * spec.num_hidden_layers  # o_proj, down_proj, block outputs
+        if size > limit:
+            return anchor_outputs(spec, state, batches, need_y, need_h)
+        full = anchor_outputs(spec, state, batches)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            write_safetensors(tmp, {key(k, w): t.contiguous() for k, held in enumerate(full) for w, t in held.items()})
+            os.replace(tmp, path)  # whole or absent: a reader never sees a partial file
+        except OSError as exc:
+            log.warning("anchor output cache not written (%s)", exc)
+        return [{w: held[w] for w in wanted} for held in full]
+
+    return provide
+
+
 def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifest, chains_root: Path | None = None,
                  losses: dict[float, float] | None = None) -> dict:
     """Refit, for each anchor term of ``li`` (``names``: "small"/"big" -> anchor name), the readers of
@@ -55,7 +113,9 @@ def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifes
             tokens, check = calibration_tokens(manifest, chains_root), validation_batches(manifest, chains_root)
         state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
         per_layer, report = insitu_refits(anchor.spec, state, li.target, maps, list(tokens.split(4)), check=check,
-                                          width_expand=li.opts.width_expand, depth_expand=li.opts.depth_expand)
+                                          width_expand=li.opts.width_expand, depth_expand=li.opts.depth_expand,
+                                          outputs=anchor_cache(manifest, names[term], tokens, chains_root)
+                                          if names.get(term) else None)
         check_loss = report.pop("check_loss", None)
         if report["refit"]:
             li.replaced[term] = per_layer

@@ -35,7 +35,7 @@ as in an unrepaired Trans.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -357,6 +357,7 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
                   batch: Tensor | Sequence[Tensor], *, ridge: float | Sequence[float] = INSITU_RIDGE,
                   check: Sequence[Tensor] | None = None, depth: bool = True,
                   width_expand: str = "clone", depth_expand: str = "identity", guard: bool = True,
+                  outputs: Callable[..., list[dict]] | None = None,
                   ) -> tuple[dict[tuple[int, str], Tensor], dict]:
     """The readers of an anchor's pruned units refit *in situ*: on the inputs they get inside the
     pruned target (plain Trans of the anchor), toward the outputs the anchor's own readers give on
@@ -378,10 +379,12 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
     says which). Costs: one forward pass of the anchor, and per ridge about half a forward pass
     per refit layer plus one over ``check``.
 
+    ``outputs``: where the anchor's outputs come from (default :func:`anchor_outputs`, computed
+    here; a caller may give a cached copy with the same signature and at least those entries).
+
     Returns (``(target layer, layer key) -> tensor`` in the anchor's coordinates for Trans to read,
     as :func:`refits` does; the report: losses before and after, what was refit, whether kept)."""
     readers = reader_keys(spec)
-    prefix_s = arch.layer_prefix(spec)
     todo = dropped(spec, maps)
     spans = dropped_spans(spec, maps) if depth else {}
     for j in spans:
@@ -392,25 +395,9 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
     if not todo:
         return {}, {"refit": []}
     # 1. the anchor: each needed reader's output, and the spans' contributions
-    anchor = build_model(spec, state)
     need_y = {(maps.layers.idx[j], axis) for j, axis in todo}
     need_h = {i for p, q in spans.values() for i in (p, q)}
-    ys: list[dict] = []
-    for b in batches:
-        held, hooks = {}, []
-        for (i, axis) in need_y:
-            mod = anchor.get_submodule(prefix_s.format(i=i) + readers[axis].module)
-            hooks.append(mod.register_forward_hook(lambda m, a, o, k=(i, axis), held=held: held.__setitem__(k, o)))
-        for i in need_h:
-            mod = anchor.get_submodule(prefix_s.format(i=i).rstrip("."))
-            hooks.append(mod.register_forward_hook(lambda m, a, o, k=("h", i), held=held: held.__setitem__(k, _out(o))))
-        try:
-            anchor(input_ids=b[:, :-1], use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        ys.append(held)
-    del anchor
+    ys = (outputs or anchor_outputs)(spec, state, batches, need_y, need_h)
     # 2. the pruned target (plain Trans), refit layer after layer: layer j's readers are fit on the
     # inputs they get with every layer before j already refit (fitting all layers at once on the
     # plain model's inputs makes each correct the drift the layers before it also correct: 30 layers
@@ -434,6 +421,45 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
               "check_loss_plain": round(loss_plain, 5), "check_loss_by_ridge": tried, "ridge": best[1],
               "kept": best[1] is not None, "check_loss": best[0]}
     return best[2], report
+
+
+@torch.no_grad()
+def anchor_outputs(spec: ModelSpec, state: Mapping[str, Tensor], batches: Sequence[Tensor],
+                   need_y: set[tuple[int, str]] | None = None, need_h: set[int] | None = None) -> list[dict]:
+    """Per batch, the anchor's own outputs the in-situ refit fits toward: ``(layer, axis) ->`` that
+    reader's output (``axis`` in :data:`READERS`) for ``need_y``, ``("h", layer) ->`` the block's
+    output for ``need_h`` (None: every reader, every block). One forward pass per batch, stopped
+    after the last layer needed."""
+    readers = reader_keys(spec)
+    prefix = arch.layer_prefix(spec)
+    layers = range(spec.num_hidden_layers)
+    need_y = {(i, a) for i in layers for a in readers} if need_y is None else need_y
+    need_h = set(layers) if need_h is None else need_h
+    if not need_y and not need_h:
+        return [{} for _ in batches]
+    last = max([i for i, _ in need_y] + list(need_h))
+    anchor = build_model(spec, state)
+    out: list[dict] = []
+    for b in batches:
+        held, hooks = {}, []
+        for (i, axis) in need_y:
+            mod = anchor.get_submodule(prefix.format(i=i) + readers[axis].module)
+            hooks.append(mod.register_forward_hook(lambda m, a, o, k=(i, axis), held=held: held.__setitem__(k, o)))
+        for i in need_h:
+            mod = anchor.get_submodule(prefix.format(i=i).rstrip("."))
+            hooks.append(mod.register_forward_hook(lambda m, a, o, k=("h", i), held=held: held.__setitem__(k, _out(o))))
+
+        def stop(m, a, o):
+            raise ForwardDone  # nothing after the last layer needed
+        hooks.append(anchor.get_submodule(prefix.format(i=last).rstrip(".")).register_forward_hook(stop))
+        try:
+            with contextlib.suppress(ForwardDone):
+                anchor(input_ids=b[:, :-1], use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        out.append(held)
+    return out
 
 
 class _Recorder(torch.nn.Module):
