@@ -148,10 +148,20 @@ def s(redis_server, random_chain, module_artifacts, children, tmp_path_factory):
                               children=children)
 
 
-def post(s, alpha: float) -> dict:
-    r = s.client.post("/initialize", json={"chain": s.chain.name, "architecture": SHAPE, "alpha": alpha})
-    assert r.status_code == 200, r.text
-    return r.json()
+def post(s, alpha: float, resubmits: list | None = None) -> dict:
+    """A made init's answer. Under a budget this tight, with other requests publishing at once, an
+    init can be evicted between its job's end and the answer: the service then says so (202, "was
+    evicted ... right after it was made; POST the same request again") and, as a client would,
+    the request is sent again (counted in ``resubmits``)."""
+    for _ in range(5):
+        r = s.client.post("/initialize", json={"chain": s.chain.name, "architecture": SHAPE, "alpha": alpha})
+        if r.status_code == 202 and "evicted" in r.json().get("message", ""):
+            if resubmits is not None:
+                resubmits.append(alpha)
+            continue
+        assert r.status_code == 200, r.text
+        return r.json()
+    raise AssertionError(f"alpha {alpha}: evicted right after it was made five times in a row")
 
 
 def download(client, url: str, *, chunk: int = 8192, pause=None) -> tuple[int, bytes]:
@@ -200,8 +210,10 @@ def test_eviction_under_a_tiny_budget(s):
             if status >= 500 or (status == 200 and hashlib.sha256(body).hexdigest() != f["sha256"]):
                 problems.append((answer["id"], name, status, len(body), f["size"]))
 
+    resubmits: list[float] = []
+
     def make_and_fetch(alpha: float) -> dict:
-        answer = post(s, alpha)
+        answer = post(s, alpha, resubmits)
         fetch_all(answer)
         fetch_all(pinned)
         return answer
@@ -221,6 +233,7 @@ def test_eviction_under_a_tiny_budget(s):
     left = {e.id for e in store_budget.scan(s.root)[0]}
     assert pinned["id"] in left and len(left) <= 2  # the pinned one and at most one more fit in 2.5
     assert sum(a["id"] not in left for a in answers) >= 7  # the LRU ones went
+    assert len(resubmits) <= len(answers), resubmits  # a race now and then, not the rule
 
     # The pinned init survived it all; the evicted one comes back with the same bytes.
     assert download(s.client, pinned["files"]["model.safetensors"]["url"])[0] == 200
