@@ -3,17 +3,24 @@ request-time repair of both LInit terms (readers refit on each anchor's calibrat
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from cbd.core import paths
 from cbd.core.manifest import ChainManifest, chain_dir
 from cbd.errors import IntegrityError
 from cbd.shape import arch
 from cbd.shape.linit import Alpha, LInit, alpha_grid, alpha_group
 from cbd.tensors.reader import LazyReader
-from cbd.train.models import state_loss
+from cbd.tensors.writer import write_safetensors
+from cbd.train.models import build_model, eval_loss, random_state, state_loss
+
+log = logging.getLogger("cbd.inits")
 
 
 def validation_batches(manifest: ChainManifest, chains_root: Path | None = None) -> list[torch.Tensor]:
@@ -46,20 +53,13 @@ def anchor_cache(manifest: ChainManifest, name: str, tokens: torch.Tensor, chain
     calls read only what they need. An anchor whose outputs would pass
     ``CBD_ANCHOR_CACHE_MAX_BYTES`` (default 2 GiB; 0 turns the cache off), a cache that cannot be
     written or a file that cannot be read fall back to computing what is needed."""
-    import hashlib
-    import logging
-    import os
-
-    from cbd.core import paths
     from cbd.repair.refit import anchor_outputs
-    from cbd.tensors.writer import write_safetensors
 
     entry = manifest.anchor(name)
     digest = hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
     folder = (chains_root or paths.chains_dir()) / ".anchor-outputs"  # no manifest: never listed as a chain
     path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{digest}.safetensors"
     limit = int(os.environ.get("CBD_ANCHOR_CACHE_MAX_BYTES", ANCHOR_CACHE_MAX_BYTES))
-    log = logging.getLogger("cbd.inits")
 
     def key(k: int, what: tuple) -> str:
         return f"b{k}." + (f"h.{what[1]}" if what[0] == "h" else f"y.{what[0]}.{what[1]}")
@@ -134,9 +134,7 @@ class Blend:
     Holds two target-sized states and a model."""
 
     def __init__(self, li: LInit, batches: list[torch.Tensor]):
-        from cbd.train.models import build_model
-
-        self.li, self.batches, self.passes = li, batches, 0
+        self.batches, self.passes = batches, 0
         self.small = li.state(1.0) if li.small is not None else None
         self.big = li.state(0.0) if li.big is not None else None
         first = self.big if self.big is not None else self.small
@@ -146,8 +144,8 @@ class Blend:
         self.cache: dict = {}
 
     @torch.no_grad()
-    def set(self, alpha: Alpha, names=None) -> None:
-        for n in names if names is not None else self.params:
+    def set(self, alpha: Alpha) -> None:
+        for n in self.params:
             a = alpha[alpha_group(n)] if isinstance(alpha, Mapping) else alpha
             if self.big is None or a == 1.0:
                 self.params[n].copy_(self.small[n])
@@ -159,8 +157,6 @@ class Blend:
     def loss(self, alpha: Alpha) -> float:
         key = tuple(sorted(alpha.items())) if isinstance(alpha, Mapping) else float(alpha)
         if key not in self.cache:
-            from cbd.train.models import eval_loss
-
             self.set(alpha)
             self.cache[key] = eval_loss(self.model, self.batches)
             self.passes += 1
@@ -174,18 +170,10 @@ def init_card(li: LInit, alpha, names: dict[str, str | None], batches: list[torc
     (training text of every corpus, never held out), beside each single anchor's Trans onto the
     same target (alpha 1: the smaller, alpha 0: the bigger) and a random init (transformers' own
     initialisation, seed 0). ``scores`` (alpha -> loss) are the calibration's, reused; ``blend``
-    the calibration's :class:`Blend` (one is made when none is given and a loss is missing)."""
-    from cbd.train.models import random_state
-
-    scores = dict(scores or {})
-
-    def loss(a) -> float:
-        nonlocal blend
-        key = a if isinstance(a, Mapping) else float(a)
-        if isinstance(key, Mapping) or key not in scores:
-            blend = blend or Blend(li, batches)
-            return blend.loss(a)
-        return scores[key]
+    the calibration's :class:`Blend` (one is made when none is given)."""
+    blend = blend or Blend(li, batches)
+    blend.cache |= {float(a): v for a, v in (scores or {}).items()}
+    loss = blend.loss
 
     single = {}
     for term, a in (("small", 1.0), ("big", 0.0)):

@@ -515,9 +515,9 @@ def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, r
     :func:`_layer_calls` recorded. Returns the refits.
 
     Layer after layer, the hidden states entering target layer j are kept (every layer before j
-    already refit), and only layer j is run to collect its readers' inputs: one model pass to record
-    the layers' call arguments, then at most three layer passes per layer (o_proj's inputs, then
-    down_proj's with o_proj refit, then the layer's output), not a pass from the embeddings per
+    already refit), and only layer j is run to collect its readers' inputs: at most two partial
+    or whole runs of the layer (o_proj's inputs, then down_proj's with o_proj refit), the layer's
+    new output being the old one plus the FFN reader's change; not a pass from the embeddings per
     reader."""
     prefix_s, prefix_t = arch.layer_prefix(spec), arch.layer_prefix(tgt)
     params = dict(model.named_parameters())
