@@ -123,6 +123,25 @@ def test_an_answered_download_survives_its_eviction(tmp_path):
         assert response._fd == -1 and ranged._fd == -1  # closed once sent
 
 
+def test_an_index_evicted_while_it_is_read_is_no_checkpoint(tmp_path, monkeypatch):
+    """Eviction renames the folder away between a reader's look and its read (seen in CI as a 500 on a
+    download): the reader sees no checkpoint (a 404 for the route), not a FileNotFoundError."""
+    aid = fake_checkpoint(tmp_path, 7, 10, time.time())
+    (tmp_path / aid / artifacts.INDEX).write_text(
+        artifacts.ArtifactInfo(id=aid, files={}, alpha=0.5, created="2026-01-01T00:00:00Z").model_dump_json())
+    assert artifacts.load_artifact(aid, tmp_path) is not None
+    read_bytes = Path.read_bytes
+
+    def evicted_first(self: Path) -> bytes:
+        if self.name == artifacts.INDEX:
+            store_budget.evict(aid, tmp_path)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", evicted_first)
+    assert artifacts.load_artifact(aid, tmp_path) is None
+    assert not (tmp_path / aid).exists()
+
+
 # ---- the service under a budget ------------------------------------------------------------------
 def checkpoint_size(chain, tmp_path_factory) -> int:
     """The bytes one init of SHAPE takes in the store (every alpha: the same size)."""

@@ -102,10 +102,12 @@ def load_artifact(aid: str, root: Path | None = None) -> ArtifactInfo | None:
         except ValueError as exc:
             raise IntegrityError(f"artifact index {key_of(aid)} in {store.url} is corrupt: {exc}") from None
     index = artifact_dir(aid, root) / INDEX
-    if not index.is_file():
-        return None
     try:
-        return ArtifactInfo.model_validate_json(index.read_bytes())
+        data = index.read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None  # not published yet, or evicted (renamed away) under our feet: both mean "none"
+    try:
+        return ArtifactInfo.model_validate_json(data)
     except ValueError as exc:
         raise IntegrityError(f"artifact index {index} is corrupt: {exc}") from None
 
