@@ -150,7 +150,8 @@ class ChainsResponse(BaseModel):
     chains: list[ChainInfo]
     builds: list[ChainBuild] = Field(default_factory=list, description="recipes being built (not yet in `chains`), "
                                      "with progress; e.g. the first chain after `cbd serve` on a fresh machine")
-    recipes: list[str] = Field(description="recipes that can be built (anchors/<name>.toml)")
+    recipes: list[str] = Field(description="recipes that can be built (<name>.toml in anchors/ or a CBD_RECIPES "
+                                           "folder)")
     tokenizers: list[str] = Field(description="target tokenizers accepted besides each chain's own")
 
 

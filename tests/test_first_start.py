@@ -17,6 +17,9 @@ import time
 
 import httpx
 from conftest_service import REPO, child_env, free_port, redis_db, redis_server
+from redis import Redis
+
+from worker import queue, serve
 
 DB = 9
 STUB_WORKER = """
@@ -90,3 +93,49 @@ def test_a_fresh_serve_answers_while_the_first_chain_builds(redis_server, tmp_pa
             proc.wait(timeout=40)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+class NoChildren:
+    """``serve.Supervisor`` stand-in: records what would be started, starts nothing."""
+
+    started: list[str] = []
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def start(self, name: str, cmd: list[str], *, restart: bool = False) -> None:
+        self.started.append(name)
+
+    def run(self, *, main: str) -> int:
+        return 0
+
+    def stop(self) -> None:
+        pass
+
+
+def test_serve_builds_a_default_chain_whose_recipe_is_in_a_recipes_folder(redis_server, tmp_path, monkeypatch,
+                                                                           capsys):
+    """`cbd serve` with ``CBD_DEFAULT_CHAIN`` naming a recipe of one's own (a ``CBD_RECIPES`` folder) finds it
+    as the service and `cbd chain build NAME` do, and queues one build job per anchor of that recipe."""
+    url = redis_db(redis_server, DB)
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "mine.toml").write_text('name = "mine"\nladder = [0.4, 0.2, 0.1]\n')
+    for k, v in {"CBD_HOME": tmp_path, "CBD_CHAINS": tmp_path / "chains", "CBD_DEFAULT_CHAIN": "mine"}.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.delenv("CBD_RECIPES", raising=False)
+    monkeypatch.setattr(serve, "Supervisor", NoChildren)
+    NoChildren.started = []
+    assert serve.serve(redis_url=url) == serve.EXIT_NOT_BUILT  # not packaged, and no CBD_RECIPES yet
+    assert "chain 'mine' has no recipe" in capsys.readouterr().err and NoChildren.started == []
+    assert queue.fetch_job(Redis.from_url(url), queue.chain_job_id("mine")) is None
+
+    monkeypatch.setenv("CBD_RECIPES", str(folder))
+    assert serve.first_recipe("mine") == folder / "mine.toml"
+    assert serve.serve(redis_url=url) == 0
+    assert NoChildren.started == ["worker-0", "api"]
+    build = queue.fetch_job(Redis.from_url(url), queue.chain_job_id("mine"))
+    assert build is not None and build.meta["chain"] == "mine"
+    assert build.meta["jobs"] == [*(queue.anchor_job_id("mine", a) for a in ("a0", "a1", "a2", "a3")),
+                                  queue.chain_job_id("mine")]
+    assert "chain 'mine' is being built by the workers" in capsys.readouterr().out

@@ -82,7 +82,9 @@ def initialize(plan: dict, push: dict | None = None, token_ref: str | None = Non
 
 
 def build_chain(name: str) -> dict:
-    """Build the chain of recipe ``anchors/<name>.toml`` and publish its manifest (the slow queue).
+    """Build the chain of recipe ``name`` and publish its manifest (the slow queue). The recipe is found
+    by name as ``cbd.core.recipe.load_recipe`` finds it: ``<name>.toml`` in the packaged ``anchors/``,
+    then in the ``CBD_RECIPES`` folders.
 
     Queued after one ``build_anchor`` job per anchor (``worker.queue.enqueue_build_chain``), it
     finds every anchor finished, verifies them and writes the manifest; alone, it builds them all.

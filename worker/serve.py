@@ -52,9 +52,10 @@ def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = Non
             first = None
             if not manifest.list_chains():
                 env["CBD_DEFAULT_CHAIN"] = first = env.get("CBD_DEFAULT_CHAIN") or QUICKSTART_CHAIN
-                if not (paths.RECIPES_DIR / f"{first}.toml").is_file():
-                    print(f"error: no chain is built and chain {first!r} has no recipe (anchors/{first}.toml); "
-                          "build one with `cbd chain build <recipe>`", file=sys.stderr, flush=True)
+                if first_recipe(first) is None:
+                    print(f"error: no chain is built and chain {first!r} has no recipe ({first}.toml in "
+                          "anchors/ or a CBD_RECIPES folder); build one with `cbd chain build <recipe>`",
+                          file=sys.stderr, flush=True)
                     return EXIT_NOT_BUILT  # nothing to serve: no worker or API was started
             # each worker's torch pool gets its share of this machine's CPUs (cbd.core.threads)
             sup = Supervisor(env | thread_env(max(1, workers), env))
@@ -93,14 +94,22 @@ def embedded_redis(home: Path) -> Iterator[str]:
             server._cleanup()
 
 
+def first_recipe(name: str) -> Path | None:
+    """The recipe file the first chain ``name`` is built from: the one lookup by name the service and
+    ``cbd chain build NAME`` use (``cbd.core.recipe.find_recipe``: the packaged ``anchors/``, then the
+    ``CBD_RECIPES`` folders); None when no folder has it."""
+    from cbd.core.recipe import find_recipe
+
+    return find_recipe(name)
+
+
 def queue_first_build(name: str, url: str) -> str:
-    """Queue the build of chain ``name`` for the workers (resumable: anchors already on disk are kept);
-    the id of the job to follow. The service answers meanwhile."""
+    """Queue the build of chain ``name`` (its recipe found as ``first_recipe`` finds it) for the workers
+    (resumable: anchors already on disk are kept); the id of the job to follow. The service answers meanwhile."""
     from cbd.core.recipe import load_recipe
     from worker import queue
 
-    build = queue.enqueue_build_chain(queue.connect(url), name,
-                                      anchors=load_recipe(paths.RECIPES_DIR / f"{name}.toml").anchor_names)
+    build = queue.enqueue_build_chain(queue.connect(url), name, anchors=load_recipe(name).anchor_names)
     print(f"No chain is built yet: chain {name!r} is being built by the workers (job {build.job.id}; once, "
           "later starts skip this). The service answers meanwhile: GET /chains shows the build's progress, "
           "POST /initialize answers 202 naming it until it is done.", flush=True)

@@ -1,10 +1,11 @@
 """``POST /initialize``: resolve the chain, plan (torch-free), then serve, wait briefly or enqueue.
 
 Chain resolution, documented in the OpenAPI description as well:
-1. a request naming a chain gets that chain; if it is not built but ``anchors/<name>.toml``
-   exists, its build is enqueued on the slow queue (one job per anchor, each depending on the one
-   before, then ``chain-<name>`` that publishes the manifest) and the answer is 202 pointing at
-   ``chain-<name>``; otherwise 422 listing the built chains and recipes;
+1. a request naming a chain gets that chain; if it is not built but its recipe ``<name>.toml``
+   exists (in the packaged ``anchors/`` or a ``CBD_RECIPES`` folder), its build is enqueued on the
+   slow queue (one job per anchor, each depending on the one before, then ``chain-<name>`` that
+   publishes the manifest) and the answer is 202 pointing at ``chain-<name>``; otherwise 422
+   listing the built chains and recipes;
 2. a request naming none gets ``CBD_DEFAULT_CHAIN`` when built, else the first built chain (by
    name, with a warning: its checkpoints differ from the default chain's), else a build of the
    default chain's recipe (202), else 422.
