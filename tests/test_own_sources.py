@@ -2,18 +2,26 @@
 
 Small real chains (two anchors, two distillation steps, tiny shapes) from a tiny random Qwen3 and a
 tiny random GPT-2 saved with ``save_pretrained`` in shards, and from the Qwen3 pushed to the
-Hub-compatible test server and fetched by ``hf:alice/...@<commit>``, on a corpus of local text files
-plus a JSONL file; each chain's LInit output loads in stock transformers with the source's model type.
+Hub-compatible test server and fetched by ``hf:alice/...@<commit>`` (or ``@main``, recorded as the commit
+it resolved to), on a corpus of local text files plus a JSONL file. Each chain is served as deployed: an API
+process and an RQ worker process (tests/conftest_service.py) with ``CBD_CHAINS`` at the chains the tests
+built answer ``POST /initialize`` (202, then ``GET /jobs/{id}``); the files downloaded from the answer's URLs
+load in stock transformers with the source's model type.
 """
+
+# ruff: noqa: F401, F811  (fixtures are imported from conftest_service and then requested by name)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
+from conftest_service import children, redis_db, redis_server, wait_job
 from hubserver import HubServer
 from huggingface_hub import constants
 from random_chain import WORDS, tiny_tokenizer
@@ -30,7 +38,6 @@ from cbd.core.request import InitRequest
 from cbd.core.spec import ModelSpec
 from cbd.data.external import HELDOUT_FRACTION, split_documents
 from cbd.errors import RecipeError
-from cbd.run import run_plan
 from cbd.tensors.sharded import CheckpointReader
 
 ALICE = "hf_alice_token_0123456789"
@@ -97,14 +104,43 @@ calibration_seq_len = 32
 '''
 
 
-def serve_and_load(name: str, model_type: str, tmp_path: Path, **arch) -> Path:
-    """One LInit of the built chain through run_plan; stock transformers loads it as ``model_type``."""
-    manifest = load_manifest(name)
-    plan = make_plan(InitRequest(chain=name, architecture=arch), manifest)
-    info = run_plan(plan, artifacts_root=tmp_path)
-    folder = tmp_path / info.id
+DB = 10
+
+
+@pytest.fixture(scope="module")
+def service(own, redis_server, children, tmp_path_factory):
+    """The API and one RQ worker as separate processes, serving the chains under ``own``'s ``CBD_CHAINS``
+    (read per request: chains built after the start are served). ``CBD_SYNC_WAIT_S=0``: every new init is
+    a 202 and a job to follow."""
+    url = redis_db(redis_server, DB)
+    env = {"CBD_ARTIFACTS": str(tmp_path_factory.mktemp("own-artifacts")), "CBD_SYNC_WAIT_S": "0",
+           "CBD_ACCESS_LOG": "off"}
+    worker = children.worker(url, **env)
+    base, api = children.api(url, **env)
+    with httpx.Client(base_url=base, timeout=60) as client:
+        yield client
+    if worker.poll() is not None or api.poll() is not None:
+        print(children.log())
+
+
+def serve_and_load(client: httpx.Client, name: str, model_type: str, tmp_path: Path, **arch) -> Path:
+    """One LInit of the built chain from the service (POST /initialize, 202, GET /jobs/{id}), downloaded
+    from the answer's URLs (size and sha256 checked); stock transformers loads it as ``model_type``."""
+    r = client.post("/initialize", json={"chain": name, "architecture": arch})
+    assert r.status_code == 202, r.text
+    body = wait_job(client, r.headers["location"])
+    assert body["status"] == "finished", body
+    assert body["chain"] == name, body
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for fname, f in body["files"].items():
+        data = client.get(f["url"]).content
+        assert len(data) == f["size"] and hashlib.sha256(data).hexdigest() == f["sha256"], fname
+        (folder / fname).write_bytes(data)
+    plan = make_plan(InitRequest(chain=name, architecture=arch), load_manifest(name))  # what was asked for
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.model_type == model_type
+    assert {k: getattr(model.config, k) for k in arch} == arch
     assert sum(p.numel() for p in model.parameters()) == plan.target.num_params()
     assert torch.isfinite(model(torch.tensor([[3, 4, 5, 6]])).logits).all()
     return folder
@@ -117,7 +153,7 @@ def test_sharded_reader_opens_one_shard_per_tensor_read(own):
     assert len(reader._open) == 1  # only the shard holding that tensor was opened
 
 
-def test_qwen3_folder_chain_from_a_recipe_file_anywhere(own, tmp_path):
+def test_qwen3_folder_chain_from_a_recipe_file_anywhere(own, service, tmp_path):
     path = own / "qwen.toml"  # not in anchors/: `cbd chain build PATH.toml`, relative paths from its folder
     path.write_text(recipe_text("own-qwen3", "path:qwen3"))
     r = CliRunner().invoke(cli, ["chain", "build", str(path)])
@@ -135,14 +171,14 @@ def test_qwen3_folder_chain_from_a_recipe_file_anywhere(own, tmp_path):
     assert set(m.anchors[1].metrics["heldout_loss_by_domain"]) == {"files:" + str(own / "text/*.txt"),
                                                                    "jsonl:" + str(own / "notes.jsonl") + ":body"}
     a2 = m.anchors[2].spec
-    folder = serve_and_load("own-qwen3", "qwen3", tmp_path, num_hidden_layers=a2.num_hidden_layers + 1,
+    folder = serve_and_load(service, "own-qwen3", "qwen3", tmp_path, num_hidden_layers=a2.num_hidden_layers + 1,
                             hidden_size=a2.hidden_size, num_attention_heads=a2.num_attention_heads,
                             head_dim=16)
     assert "license: apache-2.0" in (folder / "README.md").read_text()
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
 
 
-def test_gpt2_folder_chain_needs_a_stated_licence(own, tmp_path):
+def test_gpt2_folder_chain_needs_a_stated_licence(own, service, tmp_path):
     unlicensed = Recipe.model_validate(tomlish(recipe_text("own-gpt2", f"path:{own / 'gpt2'}"), own))
     with pytest.raises(RecipeError, match="states no licence"):
         build_chain(unlicensed)
@@ -151,7 +187,7 @@ def test_gpt2_folder_chain_needs_a_stated_licence(own, tmp_path):
     m = build_chain(recipe)
     assert m.anchors[0].spec.model_type == "gpt2" and m.anchors[0].metrics["source"]["license_from"] == "recipe"
     a1 = m.anchors[1].spec
-    folder = serve_and_load("own-gpt2", "gpt2", tmp_path, num_hidden_layers=a1.num_hidden_layers,
+    folder = serve_and_load(service, "own-gpt2", "gpt2", tmp_path, num_hidden_layers=a1.num_hidden_layers,
                             hidden_size=a1.hidden_size - a1.head_dim, num_attention_heads=a1.num_attention_heads - 1)
     assert "license: mit" in (folder / "README.md").read_text()
 
@@ -179,7 +215,7 @@ def hub(own):
         yield server, pushed.commit_sha
 
 
-def test_hub_source_at_a_pinned_commit(own, hub, tmp_path):
+def test_hub_source_at_a_pinned_commit(own, hub, service, tmp_path):
     server, commit = hub
     recipe = Recipe.model_validate(tomlish(recipe_text("own-hub", f"hf:alice/tiny-qwen3@{commit}"), own))
     assert recipe.source_repo == "alice/tiny-qwen3" and recipe.tokenizer == "source"
@@ -193,7 +229,7 @@ def test_hub_source_at_a_pinned_commit(own, hub, tmp_path):
     path_a0 = LazyReader(chain_dir("own-qwen3") / "a0/model.safetensors").load_all()
     assert hub_a0.keys() == path_a0.keys() and all(torch.equal(hub_a0[k], path_a0[k]) for k in hub_a0)
     a1 = m.anchors[1].spec
-    serve_and_load("own-hub", "qwen3", tmp_path, num_hidden_layers=a1.num_hidden_layers,
+    serve_and_load(service, "own-hub", "qwen3", tmp_path, num_hidden_layers=a1.num_hidden_layers,
                    hidden_size=a1.hidden_size, num_attention_heads=a1.num_attention_heads, head_dim=16)
 
 
