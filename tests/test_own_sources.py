@@ -233,6 +233,24 @@ def test_hub_source_at_a_pinned_commit(own, hub, service, tmp_path):
                    hidden_size=a1.hidden_size, num_attention_heads=a1.num_attention_heads, head_dim=16)
 
 
+def test_hub_source_at_a_branch_records_the_commit_it_resolved_to(own, hub, tmp_path):
+    """``hf:...@main`` is a moving pin: the manifest records the commit main pointed at when the chain was built
+    (main is moved past the fixture's commit first, so the pinned sha of the test above would not do)."""
+    server, pinned = hub
+    from cbd.store.hub import push_folder
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "NOTES.md").write_text("a later commit on main\n")
+    moved = push_folder(notes, "alice/tiny-qwen3", token=ALICE, endpoint=server.url).commit_sha
+    head = server.history("alice/tiny-qwen3")[-1].oid  # what the server has for main
+    assert head == moved != pinned and len(head) == 40
+    recipe = Recipe.model_validate(tomlish(recipe_text("own-hub-main", "hf:alice/tiny-qwen3@main"), own))
+    m = build_chain(recipe)
+    assert m.anchors[0].metrics["source"]["commit"] == head
+    assert m.anchors[0].metrics["source"]["source"] == "hf:alice/tiny-qwen3@main"
+
+
 def test_hub_wrong_revision_refused_before_any_work(own, hub):
     recipe = Recipe.model_validate(tomlish(recipe_text("own-badrev", "hf:alice/tiny-qwen3@no-such-rev"), own))
     with pytest.raises(RecipeError, match="no revision 'no-such-rev'"):
