@@ -177,6 +177,7 @@ def test_transformers_and_hub_clients_get_the_bytes_checkpoints_serves(service, 
     assert "is not an init's repo id" in again["bad"][bad[1]] and repo_ids.FORMAT in again["bad"][bad[1]]
     assert "chain 'nochain' is not built and has no recipe" in again["bad"][bad[2]]
     assert "unknown tokenizer 'xx16'" in again["bad"][bad[3]]
+    assert all(repo_ids.FORMAT in again["bad"][name] for name in bad)  # every bad name's message: the format too
     assert "is not ready yet" in again["bridge"] and "bridge to another tokenizer" in again["bridge"]
     assert "Retry in a while" in again["bridge"]
     kind, cause, _ = again["bridge_head"]

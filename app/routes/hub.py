@@ -99,7 +99,8 @@ def hub_errors(settings: Settings) -> Iterator[None]:
     except CBDError as e:
         status = http_status(e)
         if status == 422:  # a shape, chain or tokenizer POST /initialize refuses: this repo does not exist
-            raise HubAnswer(404, e.message, "RepoNotFound", allowed=e.allowed) from None
+            message = e.message if repo_ids.FORMAT in e.message else repo_ids.invalid(e.message.rstrip(".")).message
+            raise HubAnswer(404, message, "RepoNotFound", allowed=e.allowed) from None
         raise HubAnswer(status, e.message, headers=retry if status == 503 else None) from None
     except RedisError:
         raise HubAnswer(503, "the job queue (Redis) is unreachable; retry later", headers=retry) from None
