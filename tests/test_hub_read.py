@@ -29,9 +29,10 @@ DB = 15
 KEY = "hub-test-key-1"
 NAME = "test/L3-d64-h4-kv2-f72"  # between the random chain's anchors: an interpolation on the fast queue
 BRIDGE = "test/L2-d48-h3-kv1-f40-gpt2"  # another tokenizer: a bridge job on the slow queue
+RETRY_AFTER_S = 1  # the service's Retry-After, so that clients give up on a bridge in seconds
 
 CLIENT = """
-import hashlib, json, sys, torch
+import hashlib, json, sys, torch, huggingface_hub, transformers
 from pathlib import Path
 from huggingface_hub import hf_hub_download, snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,6 +48,33 @@ ids = torch.tensor([tok("the man said that it was time to go").input_ids])
 with torch.no_grad():
     out["logits"] = model(ids).logits[0].tolist()
 out["layers"] = model.config.num_hidden_layers
+out["versions"] = [transformers.__version__, huggingface_hub.__version__]
+print(json.dumps(out))
+"""
+
+# What a user of from_pretrained sees when the name names no init, or the init is not ready: the exception,
+# its whole __cause__ / __context__ chain, the traceback Python prints, and how long the call took.
+FROM_PRETRAINED = """
+import json, sys, time, traceback
+from transformers import AutoModelForCausalLM
+out = {}
+for repo in sys.argv[1:]:
+    t0 = time.monotonic()
+    try:
+        AutoModelForCausalLM.from_pretrained(repo)
+        out[repo] = "no error"
+        continue
+    except Exception as e:
+        chain, todo, seen = [], [e], set()
+        while todo:
+            x = todo.pop(0)
+            if x is None or id(x) in seen:
+                continue
+            seen.add(id(x))
+            chain.append(type(x).__name__ + ": " + str(x))
+            todo += [x.__cause__, x.__context__]
+        out[repo] = {"top": chain[0], "chain": chain, "printed": "".join(traceback.format_exception(e)),
+                     "seconds": time.monotonic() - t0}
 print(json.dumps(out))
 """
 
@@ -114,7 +142,7 @@ def service(redis_server, module_artifacts, children):
     url = redis_db(redis_server, DB)
     children.start("worker-fast", [sys.executable, "-m", "worker.main", "--queues", "fast", "--redis-url", url],
                    child_env())
-    base, _ = children.api(url, CBD_SYNC_WAIT_S="60", CBD_RETRY_AFTER_S="1")
+    base, _ = children.api(url, CBD_SYNC_WAIT_S="60", CBD_RETRY_AFTER_S=str(RETRY_AFTER_S))
     keyed, _ = children.api(url, CBD_SYNC_WAIT_S="60", CBD_API_KEYS=f"other,{KEY}")
     return base, keyed
 
@@ -143,6 +171,23 @@ def metric(base: str, method: str, handler: str) -> float:
                if line.startswith("http_requests_total{") and all(w in line for w in want))
 
 
+def assert_same_logits(theirs: list, body: dict, tmp_path: Path) -> None:
+    """``theirs`` (a client's logits) equal the logits this process's transformers 5 computes from the files
+    ``POST /initialize`` (``body``) links to, up to float32 summation order (thread pools differ between
+    processes)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "direct"
+    folder.mkdir(exist_ok=True)
+    for n, f in body["files"].items():
+        (folder / n).write_bytes(httpx.get(f["url"]).content)
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        ours = model(torch.tensor([tok("the man said that it was time to go").input_ids])).logits[0]
+    torch.testing.assert_close(torch.tensor(theirs), ours, rtol=1e-5, atol=1e-5)
+
+
 def test_transformers_and_hub_clients_get_the_bytes_checkpoints_serves(service, module_artifacts, tmp_path):
     base, _ = service
     assert not list(module_artifacts.iterdir())  # nothing made yet: the first HEAD produces the init
@@ -152,18 +197,9 @@ def test_transformers_and_hub_clients_get_the_bytes_checkpoints_serves(service, 
     assert out["one"] == digests["config.json"]  # hf_hub_download of one file
     assert out["commit"] == body["repo_revision"]  # the cache's snapshot folder is the init's commit
     assert out["layers"] == 3
+    assert out["versions"][0].startswith("5.") and not out["versions"][1].startswith("0.")
     # the same weights as the folder /checkpoints serves, loaded here
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = tmp_path / "direct"
-    folder.mkdir()
-    for n, f in body["files"].items():
-        (folder / n).write_bytes(httpx.get(f["url"]).content)
-    import torch
-    tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
-    with torch.no_grad():
-        ours = model(torch.tensor([tok("the man said that it was time to go").input_ids])).logits[0]
-    # the same weights give the same logits up to float32 summation order (thread pools differ between processes)
-    torch.testing.assert_close(torch.tensor(out["logits"]), ours, rtol=1e-5, atol=1e-5)
+    assert_same_logits(out["logits"], body, tmp_path)
 
     # again with the same cache: HEADs only, no file is sent twice; bad names; a bridge not ready
     resolve = "/{chain}/{name}/resolve/{revision}/{filename:path}"
@@ -177,10 +213,35 @@ def test_transformers_and_hub_clients_get_the_bytes_checkpoints_serves(service, 
     assert "is not an init's repo id" in again["bad"][bad[1]] and repo_ids.FORMAT in again["bad"][bad[1]]
     assert "chain 'nochain' is not built and has no recipe" in again["bad"][bad[2]]
     assert "unknown tokenizer 'xx16'" in again["bad"][bad[3]]
+    assert all(repo_ids.FORMAT in again["bad"][name] for name in bad)  # every bad name's message: the format too
     assert "is not ready yet" in again["bridge"] and "bridge to another tokenizer" in again["bridge"]
     assert "Retry in a while" in again["bridge"]
     kind, cause, _ = again["bridge_head"]
     assert kind == "LocalEntryNotFoundError" and "503" in cause and "is not ready yet" in cause
+
+
+def test_from_pretrained_shows_why_a_name_gives_no_model(service, tmp_path):
+    """transformers 5 ``from_pretrained`` as a user calls it. A bad name: transformers' own "is not a valid model
+    identifier" on top, raised from huggingface_hub's RepositoryNotFoundError that carries the service's reason
+    (and Python prints both). A bridge not ready: after huggingface_hub's retries, transformers' "couldn't connect"
+    on top and the service's 503 message down the chain (huggingface_hub turns any HEAD error but 401 and
+    not-found into LocalEntryNotFoundError, docs/hub.md), in seconds, not a hang."""
+    base, _ = service
+    bad = {"test/banana": "is not an init's repo id", "test/L3-d64-h4-kv2-f72-xx16": "unknown tokenizer 'xx16'"}
+    out = run_client(FROM_PRETRAINED, hub_env(base, tmp_path / "hf"), *bad, BRIDGE)
+    for name, reason in bad.items():
+        seen = out[name]
+        assert seen["top"].startswith("OSError: ") and "is not a valid model identifier" in seen["top"]
+        assert any(c.startswith("RepositoryNotFoundError: ") and reason in c and repo_ids.FORMAT in c
+                   for c in seen["chain"])
+        assert reason in seen["printed"] and repo_ids.FORMAT in seen["printed"]
+    seen = out[BRIDGE]
+    assert seen["top"].startswith("OSError: ")
+    assert any("503" in c and "is not ready yet" in c and "bridge to another tokenizer" in c for c in seen["chain"])
+    assert "is not ready yet" in seen["printed"] and "Retry in a while" in seen["printed"]
+    # huggingface_hub retries the 503 five times, each after Retry-After (+1 s): about 10 s (10.1 s measured);
+    # six times that leaves room for busy cores and is still no hang
+    assert seen["seconds"] < 6 * 5 * (RETRY_AFTER_S + 1), seen["seconds"]
 
 
 def test_post_answer_names_the_repo(service, served):
@@ -257,14 +318,16 @@ def test_api_keys_as_hub_tokens(service, served, tmp_path):
 
 @pytest.mark.slow
 def test_transformers_457_from_pretrained(service, served, tmp_path):
-    from test_compat_457 import _venv
+    from test_compat_457 import VERSION, _venv
 
     base, _ = service
     body, digests = served
     env = {k: v for k, v in hub_env(base, tmp_path / "hf").items() if k != "PYTHONPATH"}
     out = run_client(CLIENT, env, NAME, python=str(_venv()))
+    assert out["versions"][0] == VERSION and out["versions"][1].startswith("0.")  # the older protocol client
     assert out["snapshot"] == digests and out["one"] == digests["config.json"]
     assert out["commit"] == body["repo_revision"] and out["layers"] == 3
+    assert_same_logits(out["logits"], body, tmp_path)  # 4.57 computes what transformers 5 computes here
 
 
 # The repo id parser alone (torch-free, no service).

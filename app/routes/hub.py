@@ -52,7 +52,8 @@ from cbd.errors import CBDError, StorageFullError
 from worker import queue
 
 router = APIRouter(tags=["hub"], include_in_schema=False)
-HUB_WAIT_S = 8.0  # under huggingface_hub's HF_HUB_ETAG_TIMEOUT (10 s) for the HEAD of a file
+HUB_WAIT_S = 8.0  # under the clients' 10 s metadata timeout (HF_HUB_ETAG_TIMEOUT); their retries of the 503
+# wait again, so the HEAD path is not given up sooner than POST's CBD_SYNC_WAIT_S (docs/hub.md, On demand)
 LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub stores files from this size (and weights of any size) in LFS
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
@@ -99,7 +100,8 @@ def hub_errors(settings: Settings) -> Iterator[None]:
     except CBDError as e:
         status = http_status(e)
         if status == 422:  # a shape, chain or tokenizer POST /initialize refuses: this repo does not exist
-            raise HubAnswer(404, e.message, "RepoNotFound", allowed=e.allowed) from None
+            message = e.message if repo_ids.FORMAT in e.message else repo_ids.invalid(e.message.rstrip(".")).message
+            raise HubAnswer(404, message, "RepoNotFound", allowed=e.allowed) from None
         raise HubAnswer(status, e.message, headers=retry if status == 503 else None) from None
     except RedisError:
         raise HubAnswer(503, "the job queue (Redis) is unreachable; retry later", headers=retry) from None
