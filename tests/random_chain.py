@@ -61,14 +61,16 @@ def tiny_gpt2_spec(**kw) -> ModelSpec:
     return ModelSpec(**(base | kw))
 
 
-def build_random_chain(root: Path, name: str = "test", *, seed: int = 0) -> ChainManifest:
-    """Three anchors, each a subset of the one before: 4x96 (6/2 heads), 3x64 (4/2), 2x32 (2/1)."""
+def build_random_chain(root: Path, name: str = "test", *, seed: int = 0,
+                       specs: list[ModelSpec] | None = None) -> ChainManifest:
+    """Three anchors, each a subset of the one before: 4x96 (6/2 heads), 3x64 (4/2), 2x32 (2/1);
+    or ``specs`` (largest first, each a subset of the one before; vocabulary at least 96)."""
     g = torch.Generator().manual_seed(seed)
-    specs = [tiny_spec(),
-             tiny_spec(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=64),
-             tiny_spec(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-                       intermediate_size=40)]
+    specs = specs or [tiny_spec(),
+                      tiny_spec(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=64),
+                      tiny_spec(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                intermediate_size=40)]
     cdir = chain_dir(name, root)
     cdir.mkdir(parents=True, exist_ok=True)
     tiny_tokenizer(cdir / "tokenizer")

@@ -2,15 +2,19 @@
 
 One binary runs master, volume, filer and the S3 gateway; ``stop()`` / ``start()`` bring it down and
 back on the same ports and data folder (nothing lost). Credentials are the test's own values.
+``SlowProxy`` throttles what clients send, so that an upload can be killed at a known point.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +70,17 @@ class WeedS3:
                 raise RuntimeError(f"weed mini did not start; see {self.workdir / 'weed.log'}")
             time.sleep(0.2)
 
+    def incomplete_uploads(self) -> list[str]:
+        """The bucket's unfinished multipart uploads, as the server keeps them (SeaweedFS: one folder
+        per upload under ``/buckets/<bucket>/.uploads/`` of its filer, read over the filer's HTTP API;
+        S3's ListMultipartUploads would need a signing client, which obstore does not expose)."""
+        r = httpx.get(f"http://127.0.0.1:{self.ports['filer']}/buckets/{BUCKET}/.uploads/",
+                      headers={"Accept": "application/json"}, params={"limit": 1000}, timeout=10)
+        if r.status_code == 404:
+            return []
+        r.raise_for_status()
+        return [e["FullPath"] for e in r.json().get("Entries") or []]
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -76,3 +91,48 @@ class WeedS3:
                 self.proc.wait()
         if getattr(self, "log", None):
             self.log.close()
+
+
+class SlowProxy:
+    """A TCP relay in front of the S3 endpoint that forwards what clients send at ``rate`` bytes/s
+    and counts it (``sent``), so that a test can SIGKILL an uploader at a known point of a large
+    upload. Answers come back unthrottled. Threads only; ``close()`` ends it."""
+
+    def __init__(self, target_port: int, rate: int) -> None:
+        self.target_port, self.rate, self.sent = target_port, rate, 0
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src, dst, throttled: bool) -> None:
+        piece = max(1, self.rate // 20)  # 20 pieces a second
+        try:
+            while data := src.recv(piece if throttled else 1 << 16):
+                dst.sendall(data)
+                if throttled:
+                    with self._lock:
+                        self.sent += len(data)
+                    time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._server.close()

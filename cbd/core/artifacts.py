@@ -36,6 +36,7 @@ from cbd.errors import IntegrityError, UnknownNameError
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 INDEX = "artifact.json"
+UPLOAD_THREADS = 4  # an artifact's files go up side by side (its index after all of them)
 # .tmp-<id>-<pid>-<host tag>; folders from before the host tag (.tmp-<id>-<pid>) count as this host's
 STAGING_RE = re.compile(r"^\.tmp-(?P<id>[0-9a-f]{32})-(?P<pid>\d+)(?:-(?P<host>[0-9a-f]{8}))?$")
 
@@ -122,7 +123,8 @@ def staging_dir(aid: str, root: Path | None = None) -> Path:
 
 
 def publish(tmp: Path, aid: str, fields: dict[str, Any], root: Path | None = None) -> ArtifactInfo:
-    """Hash every file, write the index, fsync, and rename the folder into place.
+    """Hash every file, write the index, fsync, and rename the folder into place (with a bucket:
+    upload the files side by side, then the index). Returns the index (read from no store).
 
     If another worker published the same id first, ours is discarded: ids are content
     addresses, so both folders hold the same bytes.
@@ -133,11 +135,28 @@ def publish(tmp: Path, aid: str, fields: dict[str, Any], root: Path | None = Non
                         **fields)
     atomic_write_bytes(tmp / INDEX, info.model_dump_json(indent=2).encode())
     if (store := _remote(root)) is not None:
-        for name in sorted(files):  # the files, then the index: the index makes the artifact visible
-            store.put_file(key_of(aid, name), tmp / name)
-        store.put_file(key_of(aid), tmp / INDEX)
-    publish_dir(tmp, artifact_dir(aid, root))  # with a bucket: this host's cache of it
-    return load_artifact(aid, root) or info
+        upload_files(store, aid, tmp, sorted(files))
+        store.put_file(key_of(aid), tmp / INDEX)  # last: the index makes the artifact visible
+    final = artifact_dir(aid, root)
+    if publish_dir(tmp, final):  # with a bucket: this host's cache of it
+        return info
+    return load_artifact(aid, final.parent) or info  # published here first by another process: its index
+
+
+def upload_files(store: objstore.S3Store, aid: str, folder: Path, names: list[str]) -> None:
+    """Upload an artifact's files (not its index) side by side, a few at a time; returns once every
+    one is in the bucket, or raises the first failure after the others have ended (none is left
+    running while the caller goes on, so the index can never overtake a file)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(names) <= 1:
+        for name in names:
+            store.put_file(key_of(aid, name), folder / name)
+        return
+    with ThreadPoolExecutor(max_workers=min(UPLOAD_THREADS, len(names)), thread_name_prefix="cbd-upload") as pool:
+        futures = [pool.submit(store.put_file, key_of(aid, name), folder / name) for name in names]
+    for f in futures:
+        f.result()
 
 
 def list_artifacts(root: Path | None = None) -> list[str]:

@@ -7,7 +7,7 @@ Two backends behind one small interface (``list``, ``get_bytes``, ``stream``, ``
   (``artifacts/<id>/``, ``chains/<name>/``); ``local_path`` gives the file itself, so the API serves
   it with sendfile and publishing stays one folder rename (``cbd.core.artifacts``);
 - ``s3://bucket/prefix``: any S3-compatible server, through obstore (Rust ``object_store``: no
-  Python dependencies, streamed ranged reads, multipart uploads aborted on error, presigned URLs),
+  Python dependencies, streamed ranged reads, single PUTs of memory-mapped files, presigned URLs),
   configured by the standard variables ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
   ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` (and ``AWS_SESSION_TOKEN``). An ``http://`` endpoint is
   allowed (a store on the local network).
@@ -31,7 +31,8 @@ from cbd.errors import StoreUnavailableError, UnknownNameError
 
 SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 CHUNK = 1 << 20  # streamed reads: 1 MiB pieces
-PART = 16 << 20  # multipart uploads: 16 MiB parts (files above it are uploaded in parts)
+PART = 16 << 20  # multipart uploads (files above SINGLE_PUT_MAX only): 16 MiB parts
+SINGLE_PUT_MAX = 5 << 30  # S3's limit for one PUT: files up to it go up whole (a kill leaves no upload)
 
 
 @dataclass(frozen=True)
@@ -252,13 +253,28 @@ class S3Store:
             raise self._fail(f"read {key}", exc) from None
 
     def put_file(self, key: str, path: Path) -> None:
-        """One object, all of it or none: a multipart upload above ``PART`` bytes (aborted by the
-        client on any error in this process; a process killed mid-upload leaves an incomplete upload
-        that no listing or read shows, for the bucket's lifecycle rule to remove)."""
+        """One object, all of it or none. Up to ``SINGLE_PUT_MAX`` (S3's 5 GiB limit for one PUT) a
+        single PUT of the memory-mapped file (page cache, no copy on the heap): a process killed
+        mid-upload leaves nothing in the bucket, not even an incomplete upload. Above it a multipart
+        upload (``PART``-sized parts), which the client aborts on any error in this process; one
+        killed mid-upload leaves an incomplete upload that no listing or read shows and that obstore
+        can neither list nor abort: only the bucket's ``AbortIncompleteMultipartUpload`` lifecycle
+        rule removes it."""
+        import mmap
+
         import obstore
 
+        path = Path(path)
         try:
-            obstore.put(self._store, key, Path(path), chunk_size=PART, max_concurrency=4)
+            size = path.stat().st_size
+            if size == 0:
+                obstore.put(self._store, key, b"", use_multipart=False)
+            elif size <= SINGLE_PUT_MAX:
+                with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped, \
+                        memoryview(mapped) as view:
+                    obstore.put(self._store, key, view, use_multipart=False)
+            else:
+                obstore.put(self._store, key, path, chunk_size=PART, max_concurrency=4)
         except Exception as exc:
             raise self._fail(f"write {key}", exc) from None
 
