@@ -351,13 +351,13 @@
     if (typeof alpha === "number") return String(+alpha.toPrecision(6));
     if (!alpha || typeof alpha !== "object") return String(alpha);
     const parts = [];
-    if (alpha.outer !== undefined) parts.push(`embeddings and head ${alpha.outer}`);
+    if (alpha.outer !== undefined) parts.push(`embeddings and head: ${alpha.outer}`);
     const layers = Object.keys(alpha).filter((k) => /^L\d+$/.test(k)).map((k) => +k.slice(1)).sort((a, b) => a - b);
     for (let i = 0; i < layers.length;) {
       let j = i;
       while (j + 1 < layers.length && layers[j + 1] === layers[j] + 1 && alpha[`L${layers[j + 1]}`] === alpha[`L${layers[i]}`]) j++;
       const range = i === j ? `layer ${layers[i]}` : `layers ${layers[i]}–${layers[j]}`;
-      parts.push(`${range} ${alpha[`L${layers[i]}`]}`);
+      parts.push(`${range}: ${alpha[`L${layers[i]}`]}`);
       i = j + 1;
     }
     return parts.join("; ");
