@@ -407,7 +407,9 @@
     following = null;
     submit.disabled = false;
     showProgress({ ...j, status: "finished" });
-    jobStatus.textContent = `Job ${j.id}: finished${j.alpha !== undefined ? `, alpha ${j.alpha} (${j.alpha_source})` : ""}`;
+    const perBlock = j.card && j.card.alpha && typeof j.card.alpha === "object" ? "; then one per block of layers, in the init card" : "";
+    jobStatus.textContent = `Job ${j.id}: finished${j.alpha !== undefined && j.alpha !== null
+      ? `, alpha ${j.alpha} (${j.alpha_source}${perBlock})` : ""}`;
     const table = el("table", { class: "files" }, el("caption", { text: "Files" }),
       el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "file" }), el("th", { scope: "col", text: "size" }),
         el("th", { scope: "col", text: "sha256" }))));
