@@ -109,9 +109,10 @@ def operations(base: str) -> list[str]:
     return [o["operationId"] for item in spec["paths"].values() for o in item.values()]
 
 
-def test_page_docs_and_redoc_load_offline_without_errors(watched, services):
-    base = services["open"]
-    w = watched()
+@pytest.mark.parametrize("keys", ["open", "keys"])
+def test_page_docs_and_redoc_load_offline_without_errors(watched, services, keys):
+    base = services[keys]  # with CBD_API_KEYS too: nothing the page, /docs or /redoc load needs a key
+    w = watched(base)
     page = w.page
     page.goto(base + "/")
     page.wait_for_selector("#plan-body dl")  # the script ran and POST /plan answered
@@ -216,6 +217,30 @@ def test_a_good_shape_runs_to_a_finished_job_whose_link_serves_the_file(watched,
     data = page.request.get(href).body()  # as the browser downloads it (with its cookies, none needed)
     assert hashlib.sha256(data).hexdigest() == shown_sha
     assert f"{len(data):,} B" in row.inner_text()
+    # the init card shows the numbers of the API's own answer
+    job_id = href.split("/checkpoints/")[1].split("/")[0]
+    answer = httpx.get(f"{base}/jobs/{job_id}", headers={"X-API-Key": KEY} if keys == "keys" else {})
+    assert answer.status_code == 200 and answer.json()["status"] == "finished", answer.text
+    card = answer.json()["card"]
+    assert card and {"step0_loss", "random_init_loss", "best_single_anchor", "single_anchors"} <= card.keys()
+    shown = page.locator("#init-card")
+    assert "step-0 loss (nats/token)" in shown.locator("caption").inner_text()
+    assert shown.locator("tr.this td.loss").inner_text() == f"{card['step0_loss']:.4f}"
+    assert shown.locator("tr.random td.loss").inner_text() == f"{card['random_init_loss']:.4f}"
+    best = card["best_single_anchor"]
+    assert best["anchor"] in shown.locator("tr.best th").inner_text()
+    assert shown.locator("tr.best td.loss").inner_text() == f"{best['loss']:.4f}"
+    singles = shown.locator("tr.single")
+    assert singles.count() == len(card["single_anchors"])
+    rows = zip(singles.locator("th").all_inner_texts(), singles.locator("td.loss").all_inner_texts(), strict=True)
+    role = {"small": "smaller", "big": "bigger"}
+    assert sorted(rows) == sorted((f"{a['anchor']} alone ({role[t]} anchor, alpha {a['alpha']:g})", f"{a['loss']:.4f}")
+                                  for t, a in card["single_anchors"].items())
+    facts = page.locator(".init-card dl").inner_text()
+    gain = card["gain_over_best_single_anchor"]
+    assert (f"{abs(gain):.4f} nats/token" if gain else "the same loss as") in facts
+    assert card["alpha_scheme"] + ":" in facts and card["repair"] + ":" in facts
+    assert page.locator(".init-card").evaluate("e => getComputedStyle(e).display") != "none"
     header = len(data) - plan["weights_bytes"]  # the plan's size is the weights' bytes; the header adds a little
     assert 0 < header < 64 * 1024, (len(data), plan["weights_bytes"])
     # the snippets name this request
@@ -224,7 +249,6 @@ def test_a_good_shape_runs_to_a_finished_job_whose_link_serves_the_file(watched,
     assert any("from_pretrained" in s for s in snippets)
     assert any('"intermediate_size":' + str(ffn) in s and "curl" in s for s in snippets)
     # and the recent jobs table lists it as finished
-    job_id = href.split("/checkpoints/")[1].split("/")[0]
     page.wait_for_function("id => [...document.querySelectorAll('#jobs tbody tr')].some(r => "
                            "r.querySelector('a') && r.querySelector('a').href.endsWith(id) && "
                            "r.textContent.includes('finished'))", arg=job_id)

@@ -335,24 +335,81 @@
       snippet("cbd fetch (resumable, verified, cached)", fetchCmd), snippet("transformers", py)];
   }
 
-  function cardNodes(card) {
-    if (card === null || card === undefined) return [];
-    const table = el("table", { class: "card" }, el("caption", { text: "Init card" }));
-    const rows = typeof card === "object" && !Array.isArray(card) ? Object.entries(card) : [["card", card]];
-    const tbody = el("tbody");
-    for (const [k, v] of rows) {
-      tbody.append(el("tr", {}, el("th", { scope: "row", text: k }),
-        el("td", { text: typeof v === "object" ? JSON.stringify(v) : String(v) })));
+  // The init card (cbd.inits.calibration.init_card): step-0 losses on the chain's validation batch.
+  const loss4 = (x) => (typeof x === "number" ? x.toFixed(4) : "not measured");
+  const SCHEME = {
+    global: "global: one alpha for every tensor",
+    blocks: "blocks: an alpha per block of layers, from the global grid's best",
+  };
+  const REPAIR = {
+    ridge: "ridge: the readers of pruned FFN neurons and query heads refit on the anchor's calibration activations",
+    none: "none: plain Trans (nothing refit)",
+  };
+
+  // An alpha per tensor group ({outer, L0, L1, ...}) in words: runs of layers with the same alpha together.
+  function alphaText(alpha) {
+    if (typeof alpha === "number") return String(+alpha.toPrecision(6));
+    if (!alpha || typeof alpha !== "object") return String(alpha);
+    const parts = [];
+    if (alpha.outer !== undefined) parts.push(`embeddings and head: ${alpha.outer}`);
+    const layers = Object.keys(alpha).filter((k) => /^L\d+$/.test(k)).map((k) => +k.slice(1)).sort((a, b) => a - b);
+    for (let i = 0; i < layers.length;) {
+      let j = i;
+      while (j + 1 < layers.length && layers[j + 1] === layers[j] + 1 && alpha[`L${layers[j + 1]}`] === alpha[`L${layers[i]}`]) j++;
+      const range = i === j ? `layer ${layers[i]}` : `layers ${layers[i]}–${layers[j]}`;
+      parts.push(`${range}: ${alpha[`L${layers[i]}`]}`);
+      i = j + 1;
     }
+    return parts.join("; ");
+  }
+
+  function cardNodes(card) {
+    if (!card || typeof card !== "object" || typeof card.step0_loss !== "number") return [];
+    const singles = Object.entries(card.single_anchors || {});
+    const best = card.best_single_anchor || null;
+    const role = { small: "smaller", big: "bigger" };
+    const row = (cls, name, loss, note) => el("tr", { class: cls }, el("th", { scope: "row", text: name }),
+      el("td", { class: "loss", text: loss4(loss) }), el("td", { class: "note", text: note || "" }));
+    const vs = (loss) => (typeof loss === "number" ? `${loss - card.step0_loss >= 0 ? "+" : ""}${(loss - card.step0_loss).toFixed(4)}` : "");
+    const tokens = card.validation && card.validation.tokens;
+    const table = el("table", { class: "card", id: "init-card" },
+      el("caption", { text: "step-0 loss (nats/token)" + (tokens ? ` on the chain's validation batch, ${tokens.toLocaleString()} tokens` : "") }),
+      el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "start" }), el("th", { scope: "col", text: "loss" }),
+        el("th", { scope: "col", text: "vs this init" }))));
+    const tbody = el("tbody");
+    tbody.append(row("this", "this init", card.step0_loss, "—"));
+    if (best) tbody.append(row("best", `best single anchor: ${best.anchor}`, best.loss, vs(best.loss)));
+    for (const [term, a] of singles) {
+      tbody.append(row("single", `${a.anchor} alone (${role[term] || term} anchor, alpha ${a.alpha})`, a.loss, vs(a.loss)));
+    }
+    tbody.append(row("random", "random init (transformers' own, seed 0)", card.random_init_loss, vs(card.random_init_loss)));
     table.append(tbody);
-    return [table];
+
+    const facts = el("dl", { class: "card-facts" });
+    const fact = (k, v) => facts.append(el("dt", { text: k }), el("dd", { text: v }));
+    if (best && typeof card.gain_over_best_single_anchor === "number") {
+      const g = card.gain_over_best_single_anchor;
+      fact("gain over the best single anchor", g > 0 ? `${g.toFixed(4)} nats/token lower than ${best.anchor} alone`
+        : g < 0 ? `none: ${(-g).toFixed(4)} nats/token higher than ${best.anchor} alone`
+          : `none: the same loss as ${best.anchor} alone`);
+    }
+    if (card.alpha !== undefined) fact("alpha", alphaText(card.alpha));
+    if (card.alpha_scheme) fact("alpha scheme", SCHEME[card.alpha_scheme] || card.alpha_scheme);
+    if (card.repair) fact("repair", REPAIR[card.repair] || card.repair);
+    const help = el("p", { class: "help", text: "Mean next-token loss before any training, on training text of every "
+      + "corpus of the chain's recipe (never held out); lower is better. The single anchors are each one mapped "
+      + "onto the same target shape alone." });
+    return [el("section", { class: "init-card", "aria-labelledby": "init-card-h" },
+      el("h4", { id: "init-card-h", text: "Init card" }), el("div", { class: "scroll" }, table), facts, help)];
   }
 
   function done(j, body) {
     following = null;
     submit.disabled = false;
     showProgress({ ...j, status: "finished" });
-    jobStatus.textContent = `Job ${j.id}: finished${j.alpha !== undefined ? `, alpha ${j.alpha} (${j.alpha_source})` : ""}`;
+    const perBlock = j.card && j.card.alpha && typeof j.card.alpha === "object" ? "; then one per block of layers, in the init card" : "";
+    jobStatus.textContent = `Job ${j.id}: finished${j.alpha !== undefined && j.alpha !== null
+      ? `, alpha ${j.alpha} (${j.alpha_source}${perBlock})` : ""}`;
     const table = el("table", { class: "files" }, el("caption", { text: "Files" }),
       el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "file" }), el("th", { scope: "col", text: "size" }),
         el("th", { scope: "col", text: "sha256" }))));
