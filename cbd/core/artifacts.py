@@ -23,7 +23,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +122,20 @@ def staging_dir(aid: str, root: Path | None = None) -> Path:
     return tmp
 
 
-def publish(tmp: Path, aid: str, fields: dict[str, Any], root: Path | None = None) -> ArtifactInfo:
+def publish(tmp: Path, aid: str, fields: dict[str, Any], root: Path | None = None, *,
+            hashes: Mapping[str, str] | None = None) -> ArtifactInfo:
     """Hash every file, write the index, fsync, and rename the folder into place (with a bucket:
     upload the files side by side, then the index). Returns the index (read from no store).
+
+    ``hashes`` (file name -> sha256 hex) are files whose hash the caller already knows, computed
+    while it wrote them (``StreamingWriter.sha256``): those are not read back; the others (config,
+    tokenizer, card: small) are hashed by reading them.
 
     If another worker published the same id first, ours is discarded: ids are content
     addresses, so both folders hold the same bytes.
     """
-    files = {p.name: FileInfo(size=p.stat().st_size, sha256=sha256_file(p))
+    known = dict(hashes or {})
+    files = {p.name: FileInfo(size=p.stat().st_size, sha256=known.get(p.name) or sha256_file(p))
              for p in sorted(tmp.iterdir()) if p.is_file()}
     info = ArtifactInfo(id=aid, files=files, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         **fields)

@@ -29,21 +29,31 @@ def publish_checkpoint(plan: Plan, manifest: ChainManifest, spec: ModelSpec,
                        tokenizer_src: Path, extra_card: str = "",
                        finish: Callable[[Path], None] | None = None,
                        artifacts_root: Path | None = None) -> ArtifactInfo:
-    """Write ``tensors`` and the config files into a staging folder, then publish it under ``plan.id``."""
+    """Write ``tensors`` and the config files into a staging folder, then publish it under ``plan.id``.
+    The weights' sha256 is the writer's, computed as the bytes went out: the big file is never read back."""
     tmp = staging_dir(plan.id, artifacts_root)
     try:
-        write_weights(tmp, spec, tensors, dtype=plan.dtype, recipe=recipe)
+        weights = tmp / "model.safetensors"
+        sha = write_weights(tmp, spec, tensors, dtype=plan.dtype, recipe=recipe)  # hashed as it was written
+        written = _identity(weights)
         card = model_card(repo_name=f"cbd-{plan.id[:12]}", recipe=recipe, base_model=manifest.source,
                           license=chain_license(manifest))
         write_config_files(tmp, spec, dtype=plan.dtype, recipe=recipe, tokenizer_src=tokenizer_src,
                            card=card + extra_card)
         if finish is not None:
             finish(tmp)
+        known = {weights.name: sha} if _identity(weights) == written else {}  # a finish() that rewrote it: hashed anew
         return publish(tmp, plan.id, {"alpha": alpha, "alpha_source": recipe["alpha_source"], "anchors": recipe["anchors"], "warnings": plan.warnings,
-                                      "plan": plan.model_dump(mode="json"), "metrics": metrics}, artifacts_root)
+                                      "plan": plan.model_dump(mode="json"), "metrics": metrics}, artifacts_root,
+                       hashes=known)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def recipe_of(plan: Plan, manifest: ChainManifest, alpha: float, calib: dict) -> dict:

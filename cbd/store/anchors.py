@@ -40,12 +40,12 @@ def write_anchor(root: Path | None, chain: str, name: str, spec: ModelSpec, stat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     ordered = {n: state[n].detach().float().contiguous() for n in arch.param_names(spec)}
-    write_safetensors(tmp / "model.safetensors", ordered, {"format": "pt", "anchor": name, "chain": chain})
+    sha = write_safetensors(tmp / "model.safetensors", ordered, {"format": "pt", "anchor": name, "chain": chain})
     write_safetensors(tmp / "importance.safetensors", {k: v.float().contiguous() for k, v in importance.items()})
     (tmp / "config.json").write_text(json.dumps(spec.to_hf_config(), indent=2))
     if alignment is not None:
         (tmp / "alignment.json").write_text(alignment.model_dump_json())
-    entry = AnchorEntry(name=name, spec=spec, sha256=sha256_file(tmp / "model.safetensors"), parent=parent,
+    entry = AnchorEntry(name=name, spec=spec, sha256=sha, parent=parent,
                         metrics=metrics or {})
     (tmp / "anchor.json").write_text(entry.model_dump_json(indent=2))
     publish_dir(tmp, final, replace=True)

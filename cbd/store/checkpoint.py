@@ -25,14 +25,15 @@ from cbd.tensors.writer import StreamingWriter
 
 
 def write_weights(folder: Path, spec: ModelSpec, tensors: Iterable[tuple[str, torch.Tensor]], *,
-                  dtype: str, recipe: dict, durable: bool = True) -> None:
+                  dtype: str, recipe: dict, durable: bool = True) -> str:
     """Stream ``tensors`` (in ``arch.param_names`` order) into ``model.safetensors``.
 
     A tensor may come whole or as consecutive blocks of its rows (``LInit.chunks``).
     ``tensors`` is consumed with a :class:`~cbd.tensors.pool.BufferPool` active, so a lazy producer
     computes into recycled memory and each tensor's memory is reused once the writer has
     written it. The file is fsynced before this returns (``durable=False``: only for benchmarks
-    that compare with writers that don't sync).
+    that compare with writers that don't sync). Returns the file's sha256 (hex), computed from the
+    bytes as they were written (the file is never read back to hash it).
     """
     tdtype = DTYPES[dtype]
     layout = [(n, tdtype, arch.tensor_shape(spec, n)) for n in arch.param_names(spec)]
@@ -48,6 +49,7 @@ def write_weights(folder: Path, spec: ModelSpec, tensors: Iterable[tuple[str, to
 
     with StreamingWriter(folder / "model.safetensors", layout, meta, durable=durable) as w, pooled(pool):
         w.write_all(((name, cast(t)) for name, t in tensors), written=pool.give)
+    return w.sha256
 
 
 def write_config_files(folder: Path, spec: ModelSpec, *, dtype: str, recipe: dict, tokenizer_src: Path | None,

@@ -1,9 +1,11 @@
-"""Streaming safetensors writes: a fixed layout, tensors whole or in row blocks, early writeback."""
+"""Streaming safetensors writes: a fixed layout, tensors whole or in row blocks, early writeback,
+and the file's sha256 computed from the bytes as they are written (never by reading the file back)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import json
 import os
 import queue
@@ -34,14 +36,21 @@ def _libc_sync_file_range():
 _sync_file_range = _libc_sync_file_range()
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` (fsynced); returns the file's sha256 (hex), computed while writing."""
     with StreamingWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], metadata) as w:
         for k, v in tensors.items():
             w.write(k, v)
+    return w.sha256
 
 
 class StreamingWriter:
-    """Write a safetensors file tensor by tensor, in the order declared up front."""
+    """Write a safetensors file tensor by tensor, in the order declared up front.
+
+    Every byte that goes into the file (the header with its padding, then each tensor or block of
+    rows, in order) also goes through a sha256, so once the file is closed ``sha256`` (hex) and
+    ``size`` are those of the file on disk, without reading it back (``cbd.core.artifacts.publish``
+    takes them as known hashes)."""
 
     def __init__(self, path: Path, layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None, *, durable: bool = True) -> None:
@@ -61,8 +70,17 @@ class StreamingWriter:
         self._next = 0
         self._rows = 0  # rows of the current tensor written so far (it may come in blocks)
         self._flushed = 0
+        self._hash = hashlib.sha256()
+        self.size = 0  # bytes written so far
+        self.sha256: str | None = None  # the file's sha256 (hex), set by a successful close()
         self._f = open(path, "wb")  # noqa: SIM115 (closed in close())
-        self._io(lambda: self._f.write(struct.pack("<Q", len(raw)) + raw))
+        self._io(lambda: self._put(struct.pack("<Q", len(raw)) + raw))
+
+    def _put(self, buf) -> None:
+        """Write ``buf`` (bytes or a contiguous byte memoryview) to the file and into the hash."""
+        self._f.write(buf)
+        self._hash.update(buf)  # releases the GIL for large buffers, as the write does
+        self.size += len(buf)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next tensor, whole or as its next block of rows (blocks in order)."""
@@ -76,7 +94,7 @@ class StreamingWriter:
             done = f" (rows {self._rows}.. of it)" if self._rows else ""
             raise ValueError(f"expected {exp_name}{done} {dtype} {shape}, got {name} {tensor.dtype} {got}")
         data = tensor.detach().contiguous().cpu()
-        self._io(lambda: self._f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""))
+        self._io(lambda: self._put(memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""))
         self._rows += got[0] if shape else 0
         if not shape or self._rows == shape[0]:
             self._next += 1
@@ -138,6 +156,7 @@ class StreamingWriter:
         if self.durable:
             self._io(lambda: os.fsync(self._f.fileno()))
         self._f.close()
+        self.sha256 = self._hash.hexdigest()
 
     def _io(self, fn):
         try:
