@@ -4,14 +4,21 @@ back), anchors verified once per file identity and again on a schedule, token ba
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 
+import pytest
 import torch
 
 from cbd.core import artifacts
 from cbd.core.files import sha256_file
+from cbd.core.manifest import anchor_dir, load_manifest
 from cbd.core.plan import make_plan
 from cbd.core.request import InitRequest
+from cbd.errors import IntegrityError
 from cbd.run import run_plan
+from cbd.store import anchors
+from cbd.tensors import header
 from cbd.tensors.writer import StreamingWriter, write_safetensors
 
 # --- 1. the writer's hash, and publish not reading the weights back -------------------------------
@@ -66,3 +73,70 @@ def test_a_miss_never_reads_the_weights_back_to_hash_them(random_chain, cbd_home
     weights = artifacts.artifact_dir(plan.id, tmp_path) / "model.safetensors"
     assert info.files["model.safetensors"].sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert info.files["model.safetensors"].size == weights.stat().st_size
+
+
+# --- 2. anchors verified once per file identity, and again on a schedule --------------------------
+
+
+@pytest.fixture
+def chain_copy(random_chain, cbd_home, tmp_path):
+    root = tmp_path / "chains"
+    shutil.copytree(cbd_home / "chains" / random_chain.name, root / random_chain.name)
+    anchors._load_anchor.cache_clear()
+    yield root, load_manifest(random_chain.name, root)
+    anchors._load_anchor.cache_clear()
+
+
+def _change_in_place(path):
+    """Flip the last bytes of ``path`` keeping its size, inode and mtime (what a bad disk does)."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        last = f.read(4)
+        f.seek(-4, os.SEEK_END)
+        f.write(bytes(b ^ 0xFF for b in last))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def test_an_anchor_is_verified_again_after_the_interval_and_not_before(chain_copy, monkeypatch):
+    root, manifest = chain_copy
+    now = [1000.0]
+    hashed: list[str] = []
+    monkeypatch.setattr(header, "_clock", lambda: now[0])
+    monkeypatch.setattr(header, "sha256_file", lambda p: hashed.append(str(p)) or sha256_file(p))
+    monkeypatch.setenv("CBD_ANCHOR_REVERIFY_S", "100")
+    name = manifest.anchors[0].name
+    weights = anchor_dir(manifest.name, name, root) / "model.safetensors"
+    assert weights.is_file()
+
+    first = anchors.load_anchor(manifest, name, root)
+    assert hashed == [str(weights)]  # verified on its first load
+    now[0] += 99
+    assert anchors.load_anchor(manifest, name, root) is first  # warm, and not hashed again
+    assert len(hashed) == 1
+
+    _change_in_place(weights)
+    assert anchors.load_anchor(manifest, name, root) is first  # not due yet: not seen
+    assert len(hashed) == 1
+    now[0] += 2  # 101 s after the verification
+    with pytest.raises(IntegrityError, match="does not match"):
+        anchors.load_anchor(manifest, name, root)
+    assert len(hashed) == 2
+    with pytest.raises(IntegrityError):  # and at every load after that, whatever the clock
+        anchors.load_anchor(manifest, name, root)
+
+
+def test_reverify_zero_hashes_at_every_load(chain_copy, monkeypatch):
+    root, manifest = chain_copy
+    hashed: list[str] = []
+    monkeypatch.setattr(header, "sha256_file", lambda p: hashed.append(str(p)) or sha256_file(p))
+    monkeypatch.setenv("CBD_ANCHOR_REVERIFY_S", "0")
+    name = manifest.anchors[-1].name
+    for k in range(3):
+        anchors.load_anchor(manifest, name, root)
+        assert len(hashed) == k + 1
+    _change_in_place(anchor_dir(manifest.name, name, root) / "model.safetensors")
+    with pytest.raises(IntegrityError):
+        anchors.load_anchor(manifest, name, root)

@@ -23,6 +23,7 @@ from cbd.errors import IntegrityError
 from cbd.shape import arch
 from cbd.shape.linit import Anchor, compose_alignments
 from cbd.shape.maps import Alignment
+from cbd.tensors.header import verify
 from cbd.tensors.reader import LazyReader
 from cbd.tensors.writer import write_safetensors
 
@@ -66,7 +67,7 @@ def read_entry(root: Path | None, chain: str, name: str) -> AnchorEntry | None:
 def _load_anchor(folder: str, sha256: str, spec_json: str, version: tuple[int, int, int]) -> Anchor:
     folder_p = Path(folder)
     spec = ModelSpec.model_validate_json(spec_json)
-    reader = LazyReader(folder_p / "model.safetensors", sha256=sha256)
+    reader = LazyReader(folder_p / "model.safetensors")  # verified by load_anchor, at every load (cbd.tensors.header.verify)
     missing = set(arch.param_names(spec)) - set(reader.keys())
     if missing:
         raise IntegrityError(f"{folder}: anchor lacks tensors {sorted(missing)[:3]}")
@@ -76,7 +77,10 @@ def _load_anchor(folder: str, sha256: str, spec_json: str, version: tuple[int, i
 
 
 def load_anchor(manifest: ChainManifest, name: str, root: Path | None = None) -> Anchor:
-    """A verified, lazily read anchor; kept open per process (workers keep anchors warm)."""
+    """A verified, lazily read anchor; kept open per process (workers keep anchors and their
+    importance warm). Its weights are hashed once per process and file identity, and again when
+    that verification is older than ``CBD_ANCHOR_REVERIFY_S`` (3600 s; 0: every load); a file that
+    fails is an IntegrityError at every load until the chain is rebuilt."""
     entry = manifest.anchor(name)
     folder = anchor_dir(manifest.name, name, root)
     try:  # a file replaced or rewritten since it was cached is verified again
@@ -85,6 +89,11 @@ def load_anchor(manifest: ChainManifest, name: str, root: Path | None = None) ->
         raise IntegrityError(f"anchor {name} of chain {manifest.name} has no model.safetensors: "
                              "rebuild the chain") from None
     version = (st.st_ino, st.st_size, st.st_mtime_ns)
+    try:
+        verify(folder / "model.safetensors", entry.sha256)  # a dict look-up unless new or due again
+    except IntegrityError:
+        _load_anchor.cache_clear()  # drop the open reader of the bad file
+        raise
     return _load_anchor(str(folder), entry.sha256, entry.spec.model_dump_json(), version)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import time
 from pathlib import Path
 
 import torch
@@ -26,7 +28,17 @@ DTYPE_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "F64"
                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-_verified: dict[tuple[str, int, int], str] = {}
+REVERIFY_S = 3600.0  # CBD_ANCHOR_REVERIFY_S: a verification older than this is redone (0: at every load)
+_verified: dict[tuple[str, int, int, int], tuple[str, float]] = {}  # (path, inode, size, mtime) -> (sha256, when)
+
+
+def _clock() -> float:
+    return time.monotonic()
+
+
+def reverify_s() -> float:
+    """Seconds a file's verification stays valid (``CBD_ANCHOR_REVERIFY_S``, default 3600; 0: none)."""
+    return max(0.0, float(os.environ.get("CBD_ANCHOR_REVERIFY_S", REVERIFY_S)))
 
 
 def read_header(path: Path) -> tuple[dict, dict[str, str]]:
@@ -93,16 +105,23 @@ def _is_uint(x: object) -> bool:
 
 
 def verify(path: Path, sha256: str | None) -> None:
-    """Check a file against its recorded sha256 (once per process per file version)."""
+    """Check a file against its recorded sha256: once per process and file identity (path, inode,
+    size, mtime), and again once that verification is older than :func:`reverify_s` (so bytes
+    changed in place without a new size or mtime, a disk going bad, are caught on the next load
+    after the interval)."""
     if not path.is_file():
         raise IntegrityError(f"{path} is missing")
     if sha256 is None:
         return
     st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if _verified.get(key) != sha256:
-        actual = sha256_file(path)
-        if actual != sha256:
-            raise IntegrityError(f"{path}: sha256 {actual[:12]}... does not match the manifest's {sha256[:12]}...; "
-                                 "the file was modified or corrupted: rebuild the chain")
-        _verified[key] = sha256
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    now = _clock()
+    done = _verified.get(key)
+    if done is not None and done[0] == sha256 and now - done[1] < reverify_s():
+        return
+    actual = sha256_file(path)
+    if actual != sha256:
+        _verified.pop(key, None)
+        raise IntegrityError(f"{path}: sha256 {actual[:12]}... does not match the manifest's {sha256[:12]}...; "
+                             "the file was modified or corrupted: rebuild the chain")
+    _verified[key] = (sha256, now)
