@@ -16,6 +16,7 @@ from cbd.core.manifest import anchor_dir, load_manifest
 from cbd.core.plan import make_plan
 from cbd.core.request import InitRequest
 from cbd.errors import IntegrityError
+from cbd.inits import calibration
 from cbd.run import run_plan
 from cbd.store import anchors
 from cbd.tensors import header
@@ -140,3 +141,40 @@ def test_reverify_zero_hashes_at_every_load(chain_copy, monkeypatch):
     _change_in_place(anchor_dir(manifest.name, name, root) / "model.safetensors")
     with pytest.raises(IntegrityError):
         anchors.load_anchor(manifest, name, root)
+
+
+# --- 3. validation and calibration batches kept warm ----------------------------------------------
+
+
+def test_token_batches_are_read_once_per_file_version_and_cannot_be_corrupted(random_chain, tmp_path, monkeypatch):
+    folder = tmp_path / random_chain.name
+    folder.mkdir()
+    val = torch.arange(8 * 17, dtype=torch.int64).reshape(8, 17)
+    cal = torch.arange(6 * 17, dtype=torch.int64).reshape(6, 17) * 3
+    write_safetensors(folder / "validation.safetensors", {"tokens": val})
+    write_safetensors(folder / "calibration.safetensors", {"tokens": cal})
+    opened: list[str] = []
+    real = calibration.LazyReader
+    monkeypatch.setattr(calibration, "LazyReader", lambda p, **kw: opened.append(p.name) or real(p, **kw))
+
+    first = calibration.validation_batches(random_chain, tmp_path)
+    assert torch.equal(torch.cat(first), val) and [b.shape[0] for b in first] == [4, 4]
+    tokens = calibration.calibration_tokens(random_chain, tmp_path)
+    assert torch.equal(tokens, cal)
+    assert sorted(opened) == ["calibration.safetensors", "validation.safetensors"]
+
+    first[0].fill_(-1)  # a caller that writes into what it got
+    tokens.zero_()
+    again = calibration.validation_batches(random_chain, tmp_path)
+    assert torch.equal(torch.cat(again), val)
+    assert torch.equal(calibration.calibration_tokens(random_chain, tmp_path), cal)
+    assert len(opened) == 2  # no file read again
+
+    new = val.flip(0).contiguous()  # the chain rebuilt: a new file in its place
+    tmp = folder / "v.tmp"
+    write_safetensors(tmp, {"tokens": new})
+    os.replace(tmp, folder / "validation.safetensors")
+    assert torch.equal(torch.cat(calibration.validation_batches(random_chain, tmp_path)), new)
+    assert opened.count("validation.safetensors") == 2
+    assert torch.equal(calibration.calibration_tokens(random_chain, tmp_path), cal)
+    assert opened.count("calibration.safetensors") == 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,22 +25,50 @@ from cbd.train.models import build_model, eval_loss, random_state, state_loss
 log = logging.getLogger("cbd.inits")
 
 
+TOKEN_CACHE_FILES = 8  # token files kept in memory per process (a chain has two, each tens of KB)
+_tokens_cache: OrderedDict[tuple[str, int, int, int], torch.Tensor] = OrderedDict()
+_tokens_lock = threading.Lock()
+
+
+def _tokens(path: Path) -> torch.Tensor:
+    """The ``tokens`` tensor of ``path`` (int64), kept warm per process: read once per file identity
+    (path, inode, size, mtime; a chain rebuilt or the file rewritten is read anew), in a small LRU.
+    Every call returns a fresh copy, so a caller that modifies what it got cannot change what the
+    next job sees (the copy costs microseconds; the files hold a few thousand tokens)."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _tokens_lock:
+        held = _tokens_cache.get(key)
+        if held is not None:
+            _tokens_cache.move_to_end(key)
+            return held.clone()
+    held = LazyReader(path, keep_dtype=True)("tokens").long().clone()  # its own memory, never a pool's
+    with _tokens_lock:
+        for old in [k for k in _tokens_cache if k[0] == key[0]]:  # an older version of the same file
+            del _tokens_cache[old]
+        _tokens_cache[key] = held
+        while len(_tokens_cache) > TOKEN_CACHE_FILES:
+            _tokens_cache.popitem(last=False)
+    return held.clone()
+
+
 def validation_batches(manifest: ChainManifest, chains_root: Path | None = None) -> list[torch.Tensor]:
-    """The chain's validation tokens (from its training split, never the held-out text)."""
+    """The chain's validation tokens (from its training split, never the held-out text); read from
+    disk once per process and file version, a fresh copy per call."""
     path = chain_dir(manifest.name, chains_root) / "validation.safetensors"
     if not path.is_file():
         raise IntegrityError(f"chain {manifest.name} has no validation.safetensors: rebuild it to calibrate")
-    tokens = LazyReader(path, keep_dtype=True)("tokens").long()
-    return list(tokens.split(4))
+    return list(_tokens(path).split(4))
 
 
 def calibration_tokens(manifest: ChainManifest, chains_root: Path | None = None) -> torch.Tensor:
-    """The chain's calibration batch (importance and repair; training text, every corpus of the mix).
+    """The chain's calibration batch (importance and repair; training text, every corpus of the mix);
+    read from disk once per process and file version, a fresh copy per call.
     A chain built before it was stored falls back to its validation batch."""
     path = chain_dir(manifest.name, chains_root) / "calibration.safetensors"
     if not path.is_file():
         return torch.cat(validation_batches(manifest, chains_root))
-    return LazyReader(path, keep_dtype=True)("tokens").long()
+    return _tokens(path)
 
 
 ANCHOR_CACHE_MAX_BYTES = 2 << 30  # CBD_ANCHOR_CACHE_MAX_BYTES: anchors whose outputs would take more are not cached
