@@ -44,7 +44,9 @@ from bench.quality import DATA, TARGETS  # noqa: E402
 
 EXTRA = {  # between the first anchor and the source
     "tiny": {"upper (18x448)": dict(num_hidden_layers=18, hidden_size=448, num_attention_heads=7,
-                                    num_key_value_heads=1, intermediate_size=1280)},
+                                    num_key_value_heads=1, intermediate_size=1280),
+             # default's upper pair target, here between tiny's a1 and the source (--only, --name upper)
+             "upper pair (24x512)": TARGETS["default"]["upper pair (24x512)"]},
     "default": {},
 }
 
@@ -113,14 +115,18 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
             "domains": list(chain_corpora(manifest.recipe)), "rows": rows}
 
 
-def report(chain: str) -> str:
-    """Markdown tables and a plot (docs/interp-<chain>.png) from docs/data/interp-<chain>.json."""
+def stem(chain: str, tag: str | None) -> str:
+    return f"interp-{chain}" + (f"-{tag}" if tag else "")
+
+
+def report(chain: str, tag: str | None = None) -> str:
+    """Markdown tables and a plot (docs/<stem>.png) from docs/data/<stem>.json (``stem``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    d = json.loads((DATA / f"interp-{chain}.json").read_text())
+    d = json.loads((DATA / f"{stem(chain, tag)}.json").read_text())
     domains = d["domains"]
     lines = ([f"*{d['note']}*", ""] if d.get("note") else []) + [f"Command: `{d['command']}`; {d['seeds']} seeds ({d['windows']}); nats/token, mean over the "
              f"held-out works of {', '.join(domains)} (± std over seeds of that mean), then each domain.", "",
@@ -168,7 +174,7 @@ def report(chain: str) -> str:
     ax.set_title(f"chain {chain}: init schemes, {d['seeds']} seeds (error bars: std over seeds)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(DATA.parent / f"interp-{chain}.png", dpi=110)
+    fig.savefig(DATA.parent / f"{stem(chain, tag)}.png", dpi=110)
     return "\n".join(lines)
 
 
@@ -180,13 +186,15 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=2, help="held-out batches per domain per seed")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--only", help="comma-separated target names")
+    ap.add_argument("--name", help="a suffix of the data file and plot (docs/data/interp-<chain>-<name>.json), "
+                                   "so a run of some targets keeps the full run's file")
     args = ap.parse_args()
     if args.report:
-        print(report(args.chain))
+        print(report(args.chain, args.name))
         return
     out = run(args.chain, args.seeds, args.batches, args.seq_len, args.only.split(",") if args.only else None)
     out["command"] = "python bench/interp.py " + " ".join(sys.argv[1:])
-    path = DATA / f"interp-{args.chain}.json"
+    path = DATA / f"{stem(args.chain, args.name)}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print("wrote", path)
 
