@@ -278,6 +278,31 @@ def settle(base: str, jobs: list[str], root: Path, timeout: float = 300) -> dict
     return dict(ends)
 
 
+def rss_slope(rss: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of (requests so far, RSS MiB) samples, in MiB per 1000 requests."""
+    if len(rss) < 3:
+        return None
+    xs, ys = [float(n) for n, _ in rss], [m for _, m in rss]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return round(1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var, 3) if var else 0.0
+
+
+def compare_downloads(svc: Service, ck: dict, seconds: float, clients: int, rounds: int = 4) -> dict:
+    """Whole-file downloads of ``ck``'s model.safetensors through the API and from a plain Starlette
+    ``FileResponse`` app of the same folder, in ``rounds`` alternated rounds (so that other load on the
+    machine hits both alike): the median of each number over the rounds."""
+    weights = ck["files"]["model.safetensors"]
+    plain, plain_pid = svc.start_plain(Path(svc.env["CBD_ARTIFACTS"]) / ck["id"])
+    got: dict[str, list[dict]] = {"cbd_api": [], "plain_starlette_FileResponse": []}
+    for _ in range(rounds):
+        got["cbd_api"].append(throughput(weights["url"], seconds / rounds, clients, svc.api.pid))
+        got["plain_starlette_FileResponse"].append(
+            throughput(f"{plain}/files/model.safetensors", seconds / rounds, clients, plain_pid))
+    return {"file_bytes": weights["size"], "clients": clients, "rounds": rounds} | {
+        name: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]} for name, rs in got.items()}
+
+
 def summarize(tally: Tally, rss: list[tuple[int, float]], seconds: float) -> dict:
     by_kind: dict[str, list[float]] = defaultdict(list)
     statuses: dict[str, Counter] = defaultdict(Counter)
@@ -287,12 +312,7 @@ def summarize(tally: Tally, rss: list[tuple[int, float]], seconds: float) -> dic
             by_kind[kind].append(sec)
     all_ok = [sec for _, status, sec, _ in tally.rows if status < 500]
     unexpected = sum(1 for _, s, _, _ in tally.rows if s >= 500) - tally.limit_503
-    slope = None
-    if len(rss) >= 3:
-        xs, ys = [float(n) for n, _ in rss], [m for _, m in rss]
-        mx, my = statistics.fmean(xs), statistics.fmean(ys)
-        var = sum((x - mx) ** 2 for x in xs)
-        slope = round(1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var, 3) if var else 0.0
+    slope = rss_slope(rss)
     return {
         "requests": len(tally.rows), "seconds": seconds, "requests_per_s": round(len(tally.rows) / seconds, 1),
         "errors": list(tally.errors), "clients_done": tally.clients_done,
@@ -326,18 +346,8 @@ def run(seconds: float = 120, clients: int = 24, limit_concurrency: int = 16, sy
                                 "sync_wait_s": sync_wait_s, "workers": 1, "mix": dict(MIX)}
             result["new_jobs"] = settle(svc.base, jobs, Path(svc.env["CBD_ARTIFACTS"]))
             result["post_existing_quiet"] = quiet_post_existing(svc.base, existing, quiet_posts)
-            weights = existing[1]["files"]["model.safetensors"]
-            folder = Path(svc.env["CBD_ARTIFACTS"]) / existing[1]["id"]
-            plain, plain_pid = svc.start_plain(folder)
-            n = max(1, min(4, limit_concurrency // 2))
-            rounds: dict[str, list[dict]] = {"cbd_api": [], "plain_starlette_FileResponse": []}
-            for _ in range(4):  # alternated, so that other load on the machine hits both alike
-                rounds["cbd_api"].append(throughput(weights["url"], throughput_s / 4, n, svc.api.pid))
-                rounds["plain_starlette_FileResponse"].append(
-                    throughput(f"{plain}/files/model.safetensors", throughput_s / 4, n, plain_pid))
-            result["download_throughput"] = {"file_bytes": weights["size"], "clients": n, "rounds": 4} | {
-                name: {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]}
-                for name, rs in rounds.items()}
+            result["download_throughput"] = compare_downloads(svc, existing[1], throughput_s,
+                                                              max(1, min(4, limit_concurrency // 2)))
             result["ok"] = (result["unexpected_5xx"] == 0 and not result["errors"] and result["clients_done"] == clients
                             and set(result["new_jobs"]) <= {"finished_verified"})
             return result
