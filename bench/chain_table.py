@@ -16,6 +16,12 @@ from pathlib import Path
 from cbd.core.manifest import load_manifest
 
 DATA = Path(__file__).resolve().parent.parent / "docs" / "data"
+RECIPES = Path(__file__).resolve().parent / "recipes"  # experiments' recipes (bench/recipes/<name>.toml)
+
+
+def build_command(name: str) -> str:
+    own = RECIPES / f"{name}.toml"
+    return f"OMP_NUM_THREADS=1 cbd chain build {f'bench/recipes/{own.name}' if own.is_file() else name}"
 
 
 def table(name: str) -> str:
@@ -26,10 +32,10 @@ def table(name: str) -> str:
         rows.append({"name": a.name, "shape": list(s.shape), "non_embedding_params": a.non_embedding_params,
                      "metrics": mt})
     (DATA / f"chain-{name}.json").write_text(json.dumps(
-        {"command": f"OMP_NUM_THREADS=1 cbd chain build {name}", "created": m.created, "code_version": m.code_version,
+        {"command": build_command(name), "created": m.created, "code_version": m.code_version,
          "data": m.recipe.get("data"), "prune": m.recipe.get("prune"), "anchors": rows}, indent=1) + "\n")
     domains = list((m.anchors[0].metrics or {}).get("heldout_loss_by_domain", {}))
-    out = [f"`cbd chain build {name}` (built {m.created}, cbd {m.code_version}):", "",
+    out = [f"`{build_command(name).split('=1 ', 1)[1]}` (built {m.created}, cbd {m.code_version}):", "",
            "| anchor | L x d | heads / kv | FFN | non-embedding params | start (pruned) | held-out mean | "
            + " | ".join(domains) + " | repair of the start (validation: plain -> repaired) | wall time |",
            "|---|---|---|---|---|---|---|" + "---|" * len(domains) + "---|---|"]
