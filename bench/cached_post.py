@@ -132,16 +132,22 @@ def sequential(base: str, request: dict, expected: bytes, n: int) -> dict:
     times, bad = [], []
     with httpx.Client(base_url=base, timeout=30) as c:
         for _ in range(n):
-            t0 = time.perf_counter()
-            try:
-                r = c.post("/initialize", json=request)
-            except httpx.HTTPError as exc:
-                bad.append(f"{type(exc).__name__}: {exc}"[:200])
-                continue
-            times.append(time.perf_counter() - t0)
-            if r.status_code != 200 or r.content != expected:
-                bad.append(f"{r.status_code} {r.text[:200]}")
+            timed_post(c, request, expected, times, bad)
     return {"times": times, "bad": bad}
+
+
+def timed_post(c: httpx.Client, request: dict, expected: bytes, times: list[float], bad: list[str]) -> None:
+    """One POST: its seconds into ``times`` (when it got an answer), anything but a 200 with
+    ``expected`` into ``bad``."""
+    t0 = time.perf_counter()
+    try:
+        r = c.post("/initialize", json=request)
+    except httpx.HTTPError as exc:
+        bad.append(f"{type(exc).__name__}: {exc}"[:200])
+        return
+    times.append(time.perf_counter() - t0)
+    if r.status_code != 200 or r.content != expected:
+        bad.append(f"{r.status_code} {r.text[:200]}")
 
 
 def burst(base: str, request: dict, expected: bytes, threads: int, start_at: float, seconds: float) -> dict:
@@ -157,15 +163,7 @@ def burst(base: str, request: dict, expected: bytes, threads: int, start_at: flo
         with httpx.Client(base_url=base, timeout=30) as c:
             time.sleep(max(0.0, start_at - time.time()))
             while time.time() < start_at + seconds:
-                t0 = time.perf_counter()
-                try:
-                    r = c.post("/initialize", json=request)
-                except httpx.HTTPError as exc:
-                    wrong.append(f"{type(exc).__name__}: {exc}"[:200])
-                    continue
-                mine.append(time.perf_counter() - t0)
-                if r.status_code != 200 or r.content != expected:
-                    wrong.append(f"{r.status_code} {r.text[:200]}")
+                timed_post(c, request, expected, mine, wrong)
         with lock:
             times.extend(mine)
             bad.extend(wrong)
