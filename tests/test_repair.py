@@ -392,3 +392,26 @@ def test_repaired_checkpoint_loads_in_transformers_457(llama, tmp_path):
     with torch.no_grad():
         ours = build_model(tgt, fixed)(held).logits.numpy()
     assert np.abs(np.load(tmp_path / "out.npy") - ours).max() <= 1e-4
+
+
+def test_repaired_prune_is_the_plain_prune_refit_never_worse(llama):
+    """A chain whose recipe says ``[prune] repair = "ridge"`` starts each anchor from ``repaired_prune``
+    (the packaged recipes use plain prunes: docs/results.md, "Repaired or plain anchor starts"). Its
+    alignment is the plain prune's, and its state is never worse on the check batch."""
+    from cbd.core.plan import TransOptions
+    from cbd.repair.refit import repaired_prune
+    from cbd.shape.linit import prune
+
+    spec, state, imp, calib = llama
+    child = spec.with_shape(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=24, head_dim=spec.head_dim)
+    opts = TransOptions(repair="ridge")
+    check = [_batch(spec, 9, t=33)]
+    fixed, alignment, report = repaired_prune(state, spec, imp, child, opts, [calib], check=check)
+    plain, plain_alignment = prune(state, spec, imp, child, opts)
+    assert alignment == plain_alignment
+    assert list(fixed) == list(plain) == arch.param_names(child)
+    lp, lf = _check_loss(child, plain, check), _check_loss(child, fixed, check)
+    assert lf <= lp + 1e-6, report
+    if report["kept"]:
+        assert lf < lp and report["check_loss_by_ridge"][str(report["ridge"])] == pytest.approx(lf, abs=1e-4)

@@ -269,7 +269,10 @@ class Recipe(BaseModel):
                                 "uses); required when the source's card and config state none")
     seed: int = 0
     device: str = "auto"
-    prune: TransOptions = TransOptions()
+    # Anchor starts are plain prunes by default: a repaired start (``repair = "ridge"``) begins lower but ends
+    # higher after the same distillation steps (docs/results.md, "Repaired or plain anchor starts").
+    prune: TransOptions = Field(default=TransOptions(repair="none"),
+                                description="how each anchor's start is cut from the one before")
     train: TrainRecipe = TrainRecipe()
     data: DataRecipe = DataRecipe()
     anchors: list[AnchorRecipe] = Field(min_length=1)
