@@ -18,11 +18,13 @@ from app.errors import ForbiddenError, InvalidHeaderError, UnauthorizedError
 TOKEN_RE = re.compile(r"^[\x21-\x7e]{1,4096}$")  # printable ASCII, no spaces
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies are ``async def``: they only read memory and hash a key, and FastAPI runs a plain ``def``
+# dependency in its threadpool (two thread switches each, on every request).
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_redis(request: Request) -> Redis:
+async def get_redis(request: Request) -> Redis:
     return request.app.state.redis
 
 
@@ -69,8 +71,8 @@ def require_api_key(settings: SettingsDep,
         raise UnauthorizedError("a valid X-API-Key header is required")
 
 
-def caller(request: Request, settings: SettingsDep,
-           key: Annotated[str | None, Security(api_key_header)] = None) -> Caller:
+async def caller(request: Request, settings: SettingsDep,
+                 key: Annotated[str | None, Security(api_key_header)] = None) -> Caller:
     """The checked caller of a request that needs a key when keys are configured (401 otherwise)."""
     require_api_key(settings, key)
     return _identify(request, settings, key)
@@ -87,10 +89,10 @@ def _identify(request: Request, settings: Settings, key: str | None) -> Caller:
                   chains=settings.chains_of(name, operator=operator) if keyed else None)
 
 
-def reader(request: Request, settings: SettingsDep,
-           key: Annotated[str | None, Header(alias="X-API-Key", description=(
-               "needed when the service sets CBD_READ_KEYS_REQUIRED (except for public chains); a key scoped to "
-               "chains (CBD_API_KEYS key:chain1|chain2) reads only those"))] = None) -> Caller:
+async def reader(request: Request, settings: SettingsDep,
+                 key: Annotated[str | None, Header(alias="X-API-Key", description=(
+                     "needed when the service sets CBD_READ_KEYS_REQUIRED (except for public chains); a key scoped "
+                     "to chains (CBD_API_KEYS key:chain1|chain2) reads only those"))] = None) -> Caller:
     """The caller of a read: a wrong key is 401; no key is anonymous, which sees only the public chains
     when ``CBD_READ_KEYS_REQUIRED`` is set (``check_chain`` then answers 401 for the rest)."""
     return read_caller(request, settings, key)
@@ -119,7 +121,7 @@ def check_chain(caller: Caller, chain: str | None, what: str) -> None:
                          f"{', '.join(allowed) or 'none'}", allowed={"chains": allowed})
 
 
-def hub_token(x_hf_token: Annotated[str | None, Header(
+async def hub_token(x_hf_token: Annotated[str | None, Header(
         alias="X-HF-Token", description="Hugging Face token for push_to_hub; never stored in plaintext",
 )] = None) -> str | None:
     """The Hub token, checked without ever echoing it (422 bodies repeat invalid input)."""
@@ -130,7 +132,12 @@ def hub_token(x_hf_token: Annotated[str | None, Header(
     return x_hf_token
 
 
-ApiKeyDep = Depends(require_api_key)
+async def api_key(settings: SettingsDep, key: Annotated[str | None, Security(api_key_header)] = None) -> None:
+    """``require_api_key`` as a dependency."""
+    require_api_key(settings, key)
+
+
+ApiKeyDep = Depends(api_key)
 CallerDep = Annotated[Caller, Depends(caller)]
 ReaderDep = Annotated[Caller, Depends(reader)]
 HubTokenDep = Annotated[str | None, Depends(hub_token)]

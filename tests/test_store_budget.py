@@ -12,6 +12,7 @@ same size) and one API, and drives POSTs and downloads from threads while a samp
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import json
 import os
@@ -130,15 +131,13 @@ def test_an_index_evicted_while_it_is_read_is_no_checkpoint(tmp_path, monkeypatc
     (tmp_path / aid / artifacts.INDEX).write_text(
         artifacts.ArtifactInfo(id=aid, files={}, alpha=0.5, created="2026-01-01T00:00:00Z").model_dump_json())
     assert artifacts.load_artifact(aid, tmp_path) is not None
-    read_bytes = Path.read_bytes
-
-    def evicted_first(self: Path) -> bytes:
-        if self.name == artifacts.INDEX:
+    def evicted_first(path, *args, **kwargs):  # the index is opened once: the eviction comes just before
+        if Path(path).name == artifacts.INDEX:
             store_budget.evict(aid, tmp_path)
-        return read_bytes(self)
+        return builtins.open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", evicted_first)
-    assert artifacts.load_artifact(aid, tmp_path) is None
+    monkeypatch.setattr(artifacts, "open", evicted_first, raising=False)
+    assert artifacts.load_artifact(aid, tmp_path) is None  # parsed before, but its file is gone: none
     assert not (tmp_path / aid).exists()
 
 

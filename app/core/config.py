@@ -14,6 +14,7 @@ pydantic model still validates every value (a bad ``CBD_SYNC_WAIT_S`` fails at s
 | CBD_PUBLIC_CHAINS     | (none)                     | chains every key, and anonymous readers, may use     |
 | CBD_READ_KEYS_REQUIRED| 0                          | 1: GETs of inits, jobs, chains need a key too        |
 | CBD_ACCESS_LOG        | - (stderr)                 | JSON lines access log: a file, ``-``, or ``off``     |
+| CBD_ANSWER_CACHE      | 4096                       | repeated cached POSTs answered from memory (0: off)  |
 | CBD_SECRET_KEY        | (unset: no push_to_hub)    | seals Hub tokens; the workers need the same value    |
 | CBD_TOKEN_TTL_S       | 1800                       | how long a sealed Hub token waits in Redis           |
 | CBD_FAST_TIMEOUT_S    | 900                        | job timeout on the fast queue                        |
@@ -60,7 +61,7 @@ ENV = {
     "token_ttl_s": "CBD_TOKEN_TTL_S", "store_redirect": "CBD_STORE_REDIRECT",
     "presign_expires_s": "CBD_PRESIGN_EXPIRES_S", **queue.LIMITS_ENV, "public_url": "CBD_PUBLIC_URL",
     "public_chains": "CBD_PUBLIC_CHAINS", "read_keys_required": "CBD_READ_KEYS_REQUIRED",
-    "access_log": "CBD_ACCESS_LOG",
+    "access_log": "CBD_ACCESS_LOG", "answer_cache": "CBD_ANSWER_CACHE",
 }
 CHAIN_LIST_RE = re.compile(r"^(\*|[a-z0-9][a-z0-9._-]{0,63}(\|[a-z0-9][a-z0-9._-]{0,63})*)$")
 
@@ -119,6 +120,7 @@ class Settings(BaseModel):
     public_chains: tuple[str, ...] = ()
     read_keys_required: bool = False
     access_log: str = "-"
+    answer_cache: int = Field(default=4096, ge=0)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -21,7 +21,7 @@ from app import schemas
 from app.deps import ReaderDep, check_chain
 from app.errors import NotFoundError
 from app.files import OpenedFileResponse
-from cbd.core import artifacts
+from cbd.core import artifacts, objstore
 from worker import store_budget
 
 router = APIRouter(tags=["checkpoints"])
@@ -54,7 +54,11 @@ RESPONSES: dict = {
              operation_id="head_checkpoint_file")
 async def get_file(artifact_id: ArtifactId, name: FileName, request: Request, caller: ReaderDep) -> Response:
     artifacts.check_file_name(name)  # rejects '..' inside names the pattern lets through
-    info = await run_in_threadpool(artifacts.load_artifact, artifact_id)
+    # From a folder store the index is parsed once and then only its identity is read (a stat), and the file
+    # is opened here: microseconds, cheaper on the event loop than two trips through the threadpool.
+    local = not objstore.is_remote()
+    info = artifacts.load_artifact(artifact_id) if local else await run_in_threadpool(artifacts.load_artifact,
+                                                                                      artifact_id)
     if info is not None or caller.key_id is None:  # anonymous where reads need a key: 401, existing or not
         check_chain(caller, info.plan.get("chain") if info else None, f"checkpoint {artifact_id}")
     if info is None or name not in info.files:
@@ -77,8 +81,8 @@ async def serve_file(request: Request, aid: str, name: str, size: int, etag: str
     FileNotFoundError when it is gone already."""
     path = artifacts.file_path(aid, name)
     if path is not None:
-        response = await run_in_threadpool(OpenedFileResponse.open, path, media_type=media, headers=headers,
-                                           filename=filename, content_disposition_type="inline")
+        response = OpenedFileResponse.open(path, media_type=media, headers=headers, filename=filename,
+                                           content_disposition_type="inline")
         store_budget.record_access(aid)
         return response
     if filename is not None:

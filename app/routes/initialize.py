@@ -101,6 +101,7 @@ class Submitted:
     job: RQJob | None = None
     wait: bool = False
     warnings: list[str] = field(default_factory=list)
+    cached: str | None = None  # the artifact id of an answer read from the store (app.answer_cache may keep it)
 
 
 @router.post("/initialize", response_model=schemas.Job, response_model_exclude_none=True, responses=RESPONSES,
@@ -121,6 +122,8 @@ async def initialize(body: InitRequest, request: Request, response: Response, se
                 view = view.model_copy(update={"repo_id": sub.view.repo_id, "repo_revision": sub.view.repo_revision})
         if not evicted(view, body):
             break
+    if sub.cached is not None:
+        request.state.cbd_answer = sub.cached  # app.answer_cache.STATE_KEY
     return answer(view, request, response, settings)
 
 
@@ -172,7 +175,7 @@ def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redi
     metrics.cache(hit=info is not None)
     if info is not None and body.push_to_hub is None:
         store_budget.record_access(info.id)  # the budget evicts the least recently used
-        return Submitted(views.artifact_view(info, base, chain=chain.name, warnings=warnings))
+        return Submitted(views.artifact_view(info, base, chain=chain.name, warnings=warnings), cached=info.id)
     def stale(job: RQJob) -> bool:  # finished, yet its artifact is gone (deleted by an operator)
         return job.get_status(refresh=False) == JobStatus.FINISHED and artifacts.load_artifact(plan.id) is None
 

@@ -22,7 +22,9 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -104,13 +106,34 @@ def load_artifact(aid: str, root: Path | None = None) -> ArtifactInfo | None:
             raise IntegrityError(f"artifact index {key_of(aid)} in {store.url} is corrupt: {exc}") from None
     index = artifact_dir(aid, root) / INDEX
     try:
-        data = index.read_bytes()
+        with open(index, "rb") as f:
+            st = os.fstat(f.fileno())
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            with _PARSED_LOCK:
+                known = _PARSED.get(str(index))
+                if known is not None and known[0] == identity:
+                    _PARSED.move_to_end(str(index))
+                    return known[1]
+            data = f.read()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None  # not published yet, or evicted (renamed away) under our feet: both mean "none"
     try:
-        return ArtifactInfo.model_validate_json(data)
+        info = ArtifactInfo.model_validate_json(data)
     except ValueError as exc:
         raise IntegrityError(f"artifact index {index} is corrupt: {exc}") from None
+    with _PARSED_LOCK:
+        _PARSED[str(index)] = (identity, info)
+        while len(_PARSED) > PARSED_MAX:
+            _PARSED.popitem(last=False)
+    return info
+
+
+# Indexes parsed before, by path, with the identity of the file they were parsed from (device, inode,
+# size, mtime): a download or a cached POST re-reads only the identity. A re-made checkpoint is a new
+# folder (a new inode); the store budget's access hint (a new mtime) costs one parse per second at most.
+PARSED_MAX = 4096
+_PARSED: OrderedDict[str, tuple[tuple[int, int, int, int], ArtifactInfo]] = OrderedDict()
+_PARSED_LOCK = threading.Lock()
 
 
 def staging_dir(aid: str, root: Path | None = None) -> Path:

@@ -8,6 +8,7 @@ on disk but no manifest).
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,25 @@ def pick_default_chain(default: str, built: list[str]) -> tuple[str, str | None]
     if default in built or not built:
         return default, None
     return built[0], f"the default chain {default!r} is not built; used chain {built[0]!r} instead"
+
+
+def chains_fingerprint(root: Path | None = None) -> tuple:
+    """What a cached answer depends on among the built chains: each manifest's name and file identity
+    (inode, size, mtime in ns). Any build, rebuild or removal of a chain changes it; one scandir and a
+    stat per chain folder."""
+    root = root or paths.chains_dir()
+    out = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return ()
+    for entry in entries:
+        try:
+            st = os.stat(os.path.join(entry.path, "manifest.json"))
+        except OSError:
+            continue
+        out.append((entry.name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def list_chains(root: Path | None = None) -> list[str]:
