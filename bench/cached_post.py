@@ -31,8 +31,9 @@ and answers the captured bytes with the same content type. Then, after a warm-up
    1000 requests, this script's reading of the issue).
 4. whole-file downloads of the init's model.safetensors through the API and from a plain Starlette
    ``FileResponse`` app of the same folder (bench/load.py's ``compare_downloads``: alternated rounds,
-   the median of each number). The random chain's files are small (tens of KB), so this measures
-   per-request cost more than streaming.
+   the median of each number). The random chain's files are small (hundreds of KB), so this measures
+   per-request cost more than streaming; then the same for a ``--download-mib`` (64) MiB checkpoint
+   published into the store as a worker publishes one (random bytes), where streaming sets the pace.
 
 Every answer must be 200 with the captured bytes; any other answer, or none, is counted and makes
 the exit status 1 (with ``--strict`` also a missed target). Full run (on a quiet machine; a few
@@ -236,9 +237,27 @@ def memory_phase(base: str, pid: int, request: dict, expected: bytes, requests: 
             "flat": slope is not None and slope < SLOPE_FLAT}
 
 
+def big_checkpoint(svc: load.Service, mib: int) -> dict:
+    """A ``mib``-MiB checkpoint published into the service's store as a worker publishes one (random bytes:
+    the download route never reads what a file holds), for downloads where streaming, not the
+    per-request work, sets the pace; returned in the shape of a POST answer."""
+    from cbd.core import artifacts
+
+    root = Path(svc.env["CBD_ARTIFACTS"])
+    aid = "b" * 32
+    tmp = artifacts.staging_dir(aid, root)
+    with open(tmp / "model.safetensors", "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+    artifacts.publish(tmp, aid, {"alpha": 0.5, "plan": {"chain": "load"}}, root)
+    size = (root / aid / "model.safetensors").stat().st_size
+    return {"id": aid, "files": {"model.safetensors": {
+        "url": f"{svc.base}/checkpoints/{aid}/model.safetensors", "size": size}}}
+
+
 def run(*, requests: int = 10_000, seconds: float = 20, latency_requests: int = 2000, clients: int = 32,
-        client_procs: int = 0, rounds: int = 4, limit_concurrency: int = 64, download_seconds: float = 8,
-        download_clients: int = 4, warmup: int = 300) -> dict:
+        client_procs: int = 0, rounds: int = 4, limit_concurrency: int = 64, download_seconds: float = 40,
+        download_clients: int = 4, warmup: int = 300, download_mib: int = 64) -> dict:
     client_procs = client_procs or max(1, min(4, (os.cpu_count() or 2) // 2))
     with tempfile.TemporaryDirectory(prefix="cbd-cached-post-") as tmp_, \
             concurrent.futures.ProcessPoolExecutor(client_procs, mp_context=multiprocessing.get_context("spawn")) as procs:
@@ -285,6 +304,8 @@ def run(*, requests: int = 10_000, seconds: float = 20, latency_requests: int = 
                                   timeout=max(120.0, requests / 20))
             rss["end"] = mib(svc.api.pid)
             downloads = load.compare_downloads(svc, made, download_seconds, download_clients)
+            big = (load.compare_downloads(svc, big_checkpoint(svc, download_mib), download_seconds, download_clients)
+                   if download_mib else None)
         finally:
             svc.stop()
 
@@ -306,6 +327,10 @@ def run(*, requests: int = 10_000, seconds: float = 20, latency_requests: int = 
             "target": 0.9, "met": conc["cbd_api"]["requests_per_s"] >= 0.9 * conc["bare_fastapi"]["requests_per_s"]},
         "download_throughput": {"ratio": round(api_dl["MB_per_s"] / plain_dl["MB_per_s"], 3), "target": 0.9,
                                 "met": api_dl["MB_per_s"] >= 0.9 * plain_dl["MB_per_s"]},
+        **({"download_throughput_large": {
+            "ratio": round(big["cbd_api"]["MB_per_s"] / big["plain_starlette_FileResponse"]["MB_per_s"], 3),
+            "target": 0.9, "met": big["cbd_api"]["MB_per_s"] >= 0.9 * big["plain_starlette_FileResponse"]["MB_per_s"]}}
+           if big else {}),
         "memory_flat": {"slope_mib_per_1000_requests": memory["slope_mib_per_1000_requests"],
                         "requests": memory["requests"], "target_requests": 10_000,
                         "met": memory["flat"] and memory["requests"] >= 10_000},
@@ -318,7 +343,7 @@ def run(*, requests: int = 10_000, seconds: float = 20, latency_requests: int = 
                    "limit_concurrency": limit_concurrency, "api_workers": 1, "cpus": os.cpu_count(),
                    "load_average": os.getloadavg(), "response_bytes": len(body), "request": request},
         "one_client": lat, "concurrent": conc, "memory": memory, "api_rss_mib": rss, "download_throughput": downloads,
-        "targets": targets, "errors": errors,
+        "download_throughput_large": big, "targets": targets, "errors": errors,
         "error_examples": [b for v in (*one.values(), *many.values()) for b in v["bad"]][:5] + memory["bad_examples"],
         "ok": errors == 0,
     }
@@ -353,6 +378,13 @@ def report(r: dict) -> str:
                  f"alternated rounds: cbd {dl['cbd_api']} vs plain Starlette FileResponse "
                  f"{dl['plain_starlette_FileResponse']}")
     lines.append(f"  -> {t['download_throughput']['ratio']}x (target >= 0.9): {tick(t['download_throughput']['met'])}")
+    if r.get("download_throughput_large"):
+        big = r["download_throughput_large"]
+        lines.append(f"download a {big['file_bytes']} B file x {big['clients']} clients, median of {big['rounds']} "
+                     f"alternated rounds: cbd {big['cbd_api']} vs plain Starlette FileResponse "
+                     f"{big['plain_starlette_FileResponse']}")
+        lines.append(f"  -> {t['download_throughput_large']['ratio']}x (target >= 0.9): "
+                     f"{tick(t['download_throughput_large']['met'])}")
     lines.append(f"errors (non-200, wrong bytes, no answer, memory phase incomplete): {r['errors']}")
     lines += [f"  ! {e}" for e in r["error_examples"]]
     return "\n".join(lines)
@@ -368,15 +400,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="processes the concurrent clients are spread over (0: min(4, CPUs/2))")
     ap.add_argument("--rounds", type=int, default=4, help="alternated rounds per measurement")
     ap.add_argument("--limit-concurrency", type=int, default=64, help="uvicorn's, for both (cbd serve's default)")
-    ap.add_argument("--download-seconds", type=float, default=8)
+    ap.add_argument("--download-seconds", type=float, default=40, help="per file, all rounds together")
     ap.add_argument("--download-clients", type=int, default=4)
+    ap.add_argument("--download-mib", type=int, default=64,
+                    help="also download a checkpoint of this many MiB (0: only the init's small weights)")
     ap.add_argument("--warmup", type=int, default=300, help="sequential POSTs per server before measuring")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     ap.add_argument("--strict", action="store_true", help="exit status 1 also when a target is missed")
     args = ap.parse_args(argv)
     r = run(requests=args.requests, seconds=args.seconds, latency_requests=args.latency_requests,
             clients=args.clients, client_procs=args.client_procs, rounds=args.rounds,
-            limit_concurrency=args.limit_concurrency, download_seconds=args.download_seconds,
+            limit_concurrency=args.limit_concurrency, download_seconds=args.download_seconds, download_mib=args.download_mib,
             download_clients=args.download_clients, warmup=args.warmup)
     r["command"] = "bench/cached_post.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(report(r))
