@@ -23,6 +23,7 @@ from cbd.chain.anchor_zero import SeqKDOptions, corpus_prompts, foreign_anchor_z
 from cbd.core.artifacts import artifact_dir
 from cbd.core.plan import BridgeOptions, make_plan
 from cbd.core.request import InitRequest
+from cbd.core.threads import usable_cpus
 from cbd.data.corpora import corpus_text
 from cbd.data.tokenizers import load_tokenizer
 from cbd.inits.run import linit_for
@@ -259,7 +260,10 @@ def test_real_tiny_chain_bridge_to_gpt2_through_the_service(tiny_chain, redis_se
     manifest, root = tiny_chain
     env = {"CBD_CHAINS": str(root), "CBD_ARTIFACTS": str(tmp_path / "artifacts")}  # the real chain, our store
     url = redis_db(redis_server, SERVICE_DB)
-    worker = children.worker(url, **env)
+    # the worker is the only busy process while the job runs (this one polls): it gets every core, as
+    # `cbd serve` gives its one worker (cbd.core.threads), not the one thread of side-by-side test children
+    threads = str(usable_cpus())
+    worker = children.worker(url, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **env)
     base, _ = children.api(url, CBD_SYNC_WAIT_S="0", **env)
     with httpx.Client(base_url=base, timeout=60) as client:
         deadline = time.monotonic() + 300
