@@ -117,6 +117,22 @@ class ChainData:
         return lambda step: next(data.train_batches(self.train, batch_size=self._bs, seq_len=self._seq,
                                                     seed=seed, start_step=step))
 
+    @torch.no_grad()
+    def evaluate_heldout(self, model) -> tuple[float, dict]:
+        """The held-out loss over every domain's windows together and ``domain_losses``' fields, from one
+        pass over each domain: the pooled loss is the domains' summed NLL over their summed tokens (what
+        ``evaluate(model, self.heldout)`` computes, without a second pass over the same windows)."""
+        from cbd.train.models import nll_sum
+
+        if len(self.domains) == 1:
+            loss = evaluate(model, self.heldout)
+            return loss, self.domain_losses(model, loss)
+        device = next(model.parameters()).device
+        sums = {name: nll_sum(model, batches, device) for name, batches in self.heldout_by_domain.items()}
+        loss = sum(t for t, _ in sums.values()) / sum(c for _, c in sums.values())
+        by = {name: round(t / c, 4) for name, (t, c) in sums.items()}
+        return loss, {"heldout_loss_by_domain": by, "heldout_loss_mean": round(sum(by.values()) / len(by), 4)}
+
     def domain_losses(self, model, heldout_loss: float) -> dict:
         """``heldout_loss_by_domain`` and ``heldout_loss_mean`` (one corpus: ``heldout_loss`` itself)."""
         if len(self.domains) == 1:
@@ -363,8 +379,8 @@ def _source_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path 
     state = read_source_state(source_dir(recipe), spec, recipe.source)
     model = build_model(spec, state)
     imp = importance(model, spec, data.calibration)
-    loss = evaluate(model, data.heldout)
-    metrics = {"heldout_loss": round(loss, 4), **data.domain_losses(model, loss), "tokens": 0, "teacher_tokens": 0,
+    loss, by_domain = data.evaluate_heldout(model)
+    metrics = {"heldout_loss": round(loss, 4), **by_domain, "tokens": 0, "teacher_tokens": 0,
                "wall_s": round(time.perf_counter() - t0, 1), **provenance,
                "note": "the source model (Q4_1 de-quantised)" if recipe.source in TEACHERS
                else f"the source model ({recipe.source})"}
@@ -395,8 +411,8 @@ def _foreign_anchor(recipe: Recipe, spec: ModelSpec, data: ChainData, root: Path
     model = build_model(spec, state)
     imp = importance(model, spec, data.calibration)
     provenance = json.loads((teacher_dir(z.foreign) / "source.json").read_text())
-    loss = evaluate(model, data.heldout)
-    metrics = {"heldout_loss": round(loss, 4), **data.domain_losses(model, loss), **_provenance(recipe),
+    loss, by_domain = data.evaluate_heldout(model)
+    metrics = {"heldout_loss": round(loss, 4), **by_domain, **_provenance(recipe),
                "tokens": kd["tokens"],
                "teacher_tokens": kd["teacher_tokens"], "wall_s": round(time.perf_counter() - t0, 1),
                "note": f"taught by {z.foreign} (another family) by sequence-level KD on its continuations of "
