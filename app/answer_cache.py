@@ -38,7 +38,6 @@ from cbd.core import artifacts, manifest, objstore
 from worker import store_budget
 
 PATH = "/initialize"
-MAX_BODY = 64 * 1024  # app.main.MAX_BODY: larger bodies are refused before they reach here
 STATE_KEY = "cbd_answer"  # scope["state"] entry the route sets on a cacheable answer: the artifact id
 
 
@@ -54,11 +53,11 @@ class Entry:
 
 
 class AnswerCache:
-    def __init__(self, app: ASGIApp, size: int = 4096) -> None:
+    def __init__(self, app: ASGIApp, size: int, max_body: int) -> None:
         self.app = app
         self.size = size
+        self.max_body = max_body  # larger bodies are the app's to refuse (413)
         self.entries: OrderedDict[tuple, Entry] = OrderedDict()
-        self.hits = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (self.size <= 0 or scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PATH
@@ -67,7 +66,7 @@ class AnswerCache:
             return
         headers = dict(scope["headers"])  # a repeated header keeps its last value: it is in the key anyway
         length = headers.get(b"content-length")
-        if b"x-hf-token" in headers or length is None or not length.isdigit() or int(length) > MAX_BODY:
+        if b"x-hf-token" in headers or length is None or not length.isdigit() or int(length) > self.max_body:
             await self.app(scope, receive, send)
             return
         messages, body = [], b""
@@ -86,7 +85,6 @@ class AnswerCache:
         if entry is not None and messages[-1]["type"] == "http.request":
             if entry.chains == chains and self._live(entry):
                 self.entries.move_to_end(key)
-                self.hits += 1
                 scope.setdefault("state", {})["cbd_key"] = entry.key
                 scope["app"].state.metrics.cache(hit=True)
                 await send(entry.start)

@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (initialize, plan, jobs, checkpoints, chains, health, hub):  # hub last: its paths are the widest
         app.include_router(module.router)
     ui.install(app)
-    app.add_middleware(AnswerCache, size=settings.answer_cache)  # innermost: the log and metrics see its hits
+    app.add_middleware(AnswerCache, size=settings.answer_cache, max_body=MAX_BODY)  # innermost: the log and metrics see its hits
     if access_log.configure(settings.access_log):
         app.add_middleware(access_log.AccessLog)
     app.state.metrics = Metrics(app)

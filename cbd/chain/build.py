@@ -130,16 +130,17 @@ class ChainData:
         device = next(model.parameters()).device
         sums = {name: nll_sum(model, batches, device) for name, batches in self.heldout_by_domain.items()}
         loss = sum(t for t, _ in sums.values()) / sum(c for _, c in sums.values())
-        by = {name: round(t / c, 4) for name, (t, c) in sums.items()}
-        return loss, {"heldout_loss_by_domain": by, "heldout_loss_mean": round(sum(by.values()) / len(by), 4)}
+        return loss, _domain_fields({name: round(t / c, 4) for name, (t, c) in sums.items()})
 
     def domain_losses(self, model, heldout_loss: float) -> dict:
         """``heldout_loss_by_domain`` and ``heldout_loss_mean`` (one corpus: ``heldout_loss`` itself)."""
         if len(self.domains) == 1:
-            by = {self.domains[0]: round(heldout_loss, 4)}
-        else:
-            by = {name: round(evaluate(model, batches), 4) for name, batches in self.heldout_by_domain.items()}
-        return {"heldout_loss_by_domain": by, "heldout_loss_mean": round(sum(by.values()) / len(by), 4)}
+            return _domain_fields({self.domains[0]: round(heldout_loss, 4)})
+        return self.evaluate_heldout(model)[1]
+
+
+def _domain_fields(by: dict[str, float]) -> dict:
+    return {"heldout_loss_by_domain": by, "heldout_loss_mean": round(sum(by.values()) / len(by), 4)}
 
 
 def build_chain(recipe_or_name: Recipe | str, *, root: Path | None = None, progress: Progress | None = None,

@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cbd.core import objstore, paths
-from cbd.core.files import atomic_write_bytes, publish_dir, sha256_file
+from cbd.core.files import atomic_write_bytes, file_version, publish_dir, sha256_file
 from cbd.errors import IntegrityError, UnknownNameError
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -108,7 +108,7 @@ def load_artifact(aid: str, root: Path | None = None) -> ArtifactInfo | None:
     try:
         with open(index, "rb") as f:
             st = os.fstat(f.fileno())
-            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            identity = (st.st_dev, *file_version(st))
             with _PARSED_LOCK:
                 known = _PARSED.get(str(index))
                 if known is not None and known[0] == identity:

@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 
+def file_version(st: os.stat_result) -> tuple[int, int, int]:
+    """A file's identity for caches keyed by it: (inode, size, mtime in ns). A file replaced (a new inode),
+    rewritten or touched reads as another version."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def canonical_json(obj: Any) -> str:
     """The one serialisation hashes are taken of: sorted keys, no spaces, UTF-8."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cbd.core import paths
-from cbd.core.files import atomic_write_bytes, canonical_json
+from cbd.core.files import atomic_write_bytes, canonical_json, file_version
 from cbd.core.names import check_name
 from cbd.core.spec import ModelSpec
 from cbd.errors import ChainNotBuiltError, IntegrityError, UnknownNameError
@@ -123,7 +123,7 @@ def chains_fingerprint(root: Path | None = None) -> tuple:
             st = os.stat(os.path.join(entry.path, "manifest.json"))
         except OSError:
             continue
-        out.append((entry.name, st.st_ino, st.st_size, st.st_mtime_ns))
+        out.append((entry.name, *file_version(st)))
     return tuple(out)
 
 

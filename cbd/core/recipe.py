@@ -269,8 +269,9 @@ class Recipe(BaseModel):
                                 "uses); required when the source's card and config state none")
     seed: int = 0
     device: str = "auto"
-    # Anchor starts are plain prunes by default: a repaired start (``repair = "ridge"``) begins lower but ends
-    # higher after the same distillation steps (docs/results.md, "Repaired or plain anchor starts").
+    # Anchor starts are plain prunes by default: a repaired start (``repair = "ridge"``) begins lower, but the
+    # first anchor ends higher after the same distillation steps and the chain level or higher on average
+    # (docs/results.md, "Repaired or plain anchor starts").
     prune: TransOptions = Field(default=TransOptions(repair="none"),
                                 description="how each anchor's start is cut from the one before")
     train: TrainRecipe = TrainRecipe()

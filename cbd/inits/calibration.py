@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from cbd.core import paths
+from cbd.core.files import file_version
 from cbd.core.manifest import ChainManifest, chain_dir
 from cbd.errors import IntegrityError
 from cbd.shape import arch
@@ -36,7 +37,7 @@ def _tokens(path: Path) -> torch.Tensor:
     Every call returns a fresh copy, so a caller that modifies what it got cannot change what the
     next job sees (the copy costs microseconds; the files hold a few thousand tokens)."""
     st = path.stat()
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (str(path), *file_version(st))
     with _tokens_lock:
         held = _tokens_cache.get(key)
         if held is not None:

@@ -15,6 +15,7 @@ import torch
 
 from cbd import __version__
 from cbd.core.artifacts import ArtifactInfo, publish, staging_dir
+from cbd.core.files import file_version
 from cbd.core.manifest import ChainManifest
 from cbd.core.plan import Plan
 from cbd.core.sources import chain_license
@@ -52,8 +53,7 @@ def publish_checkpoint(plan: Plan, manifest: ChainManifest, spec: ModelSpec,
 
 
 def _identity(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return file_version(path.stat())
 
 
 def recipe_of(plan: Plan, manifest: ChainManifest, alpha: float, calib: dict) -> dict:

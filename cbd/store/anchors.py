@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cbd.core.artifacts import pid_alive
-from cbd.core.files import publish_dir, sha256_file
+from cbd.core.files import file_version, publish_dir, sha256_file
 from cbd.core.manifest import AnchorEntry, ChainManifest, anchor_dir, chain_dir
 from cbd.core.spec import ModelSpec
 from cbd.errors import IntegrityError
@@ -88,7 +88,7 @@ def load_anchor(manifest: ChainManifest, name: str, root: Path | None = None) ->
     except FileNotFoundError:
         raise IntegrityError(f"anchor {name} of chain {manifest.name} has no model.safetensors: "
                              "rebuild the chain") from None
-    version = (st.st_ino, st.st_size, st.st_mtime_ns)
+    version = file_version(st)
     try:
         verify(folder / "model.safetensors", entry.sha256)  # a dict look-up unless new or due again
     except IntegrityError:

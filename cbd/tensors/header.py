@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cbd.core.files import sha256_file
+from cbd.core.files import file_version, sha256_file
 from cbd.errors import IntegrityError
 
 MAX_HEADER = 25_000_000  # huggingface_hub refuses larger headers; so do we
@@ -114,7 +114,7 @@ def verify(path: Path, sha256: str | None) -> None:
     if sha256 is None:
         return
     st = path.stat()
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (str(path), *file_version(st))
     now = _clock()
     done = _verified.get(key)
     if done is not None and done[0] == sha256 and now - done[1] < reverify_s():
