@@ -135,14 +135,23 @@ def test_push_with_a_bad_token_or_key_fails_without_leaking(client, redis_url, h
 
 
 def test_run_worker_cleans_orphans_and_drains(redis_url, module_artifacts):
-    orphan = module_artifacts / ".tmp-0123456789abcdef0123456789abcdef-999"
-    orphan.mkdir()
-    old = time.time() - 2 * 3600
-    os.utime(orphan, (old, old))
-    fresh = module_artifacts / f".tmp-fedcba9876543210fedcba9876543210-1-{artifacts.host_tag()}"  # pid 1 lives
-    fresh.mkdir()
+    # A pid above the kernel's pid_max can never be alive (a fixed small pid such as 999 may be).
+    dead = int(open("/proc/sys/kernel/pid_max").read()) + 1
+    here, there = artifacts.host_tag(), "0badc0de" if artifacts.host_tag() != "0badc0de" else "0badcafe"
+    age = queue.Limits.from_env().orphan_age_s
+    old = time.time() - age - 60
+    orphan = module_artifacts / f".tmp-0123456789abcdef0123456789abcdef-{dead}"  # no host: this one
+    orphan_here = module_artifacts / f".tmp-1123456789abcdef0123456789abcdef-{dead}-{here}"
+    stale_there = module_artifacts / f".tmp-2123456789abcdef0123456789abcdef-{dead}-{there}"
+    busy_there = module_artifacts / f".tmp-3123456789abcdef0123456789abcdef-{dead}-{there}"  # young: may be writing
+    fresh = module_artifacts / f".tmp-fedcba9876543210fedcba9876543210-1-{here}"  # pid 1 lives
+    for p in (orphan, orphan_here, stale_there, busy_there, fresh):
+        p.mkdir()
+    os.utime(stale_there, (old, old))
     assert run_worker(["fast"], redis_url, burst=True) is False  # nothing queued
-    assert not orphan.exists() and fresh.exists()
+    assert not orphan.exists() and not orphan_here.exists() and not stale_there.exists()
+    assert busy_there.exists() and fresh.exists()
+    busy_there.rmdir()
     fresh.rmdir()
 
 
