@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 from conftest_service import arch, module_artifacts, redis_db, redis_server
@@ -136,7 +137,7 @@ def test_push_with_a_bad_token_or_key_fails_without_leaking(client, redis_url, h
 
 def test_run_worker_cleans_orphans_and_drains(redis_url, module_artifacts):
     # A pid above the kernel's pid_max can never be alive (a fixed small pid such as 999 may be).
-    dead = int(open("/proc/sys/kernel/pid_max").read()) + 1
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
     here, there = artifacts.host_tag(), "0badc0de" if artifacts.host_tag() != "0badc0de" else "0badcafe"
     age = queue.Limits.from_env().orphan_age_s
     old = time.time() - age - 60
