@@ -9,8 +9,10 @@ the POST itself waits for the job). The chain is read from ``--chains`` (a built
 of ``POST /initialize`` for an init the store does not hold, from the request until its answer says
 ``finished`` (request, plan, queue, the worker's job: anchors, repair, calibration, card, LInit,
 streamed write, hash and publish, the answer), ``--rounds`` times: the first round is cold (the
-worker loads the anchors), the others warm (the checkpoint folder is removed between rounds, so the
-same request is a miss again, as after an eviction). The floor, per round: ``safetensors``
+worker loads the anchors), the others warm. Each round asks for a shape no round before it asked for
+(the FFN 64 wider per round: still the same size class), so nothing a worker keeps per shape helps
+(what it keeps per anchor does: the loaded anchors, their cached outputs); with ``--same-shape``
+every round asks for the same init again, its folder removed in between, as after an eviction. The floor, per round: ``safetensors``
 ``save_file`` of the same tensors (read back from the published checkpoint) plus ``fsync``, into the
 same folder's file system, timed in this process.
 
@@ -75,7 +77,7 @@ def job_seconds(client: httpx.Client, job_id: str) -> float | None:
     return (datetime.fromisoformat(job["ended_at"]) - datetime.fromisoformat(job["started_at"])).total_seconds()
 
 
-def run(chain: str, chains: Path, rounds: int, threads: int, only: str | None) -> dict:
+def run(chain: str, chains: Path, rounds: int, threads: int, only: str | None, same_shape: bool = False) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="cbd-miss-") as tmp:
         tmp = Path(tmp)
@@ -95,10 +97,13 @@ def run(chain: str, chains: Path, rounds: int, threads: int, only: str | None) -
                     if only and only not in target:
                         continue
                     for body_name, extra in BODIES.items():
-                        body = {"chain": chain, "architecture": shape, **extra}
-                        times, floors, jobs, aid = [], [], [], None
-                        for _ in range(rounds):
-                            if aid is not None:
+                        times, floors, jobs, aid, shapes = [], [], [], None, []
+                        for k in range(rounds):
+                            grow = 0 if same_shape else 64 * k
+                            body = {"chain": chain, "architecture": shape | {
+                                "intermediate_size": shape["intermediate_size"] + grow}, **extra}
+                            shapes.append(body["architecture"]["intermediate_size"])
+                            if aid is not None and same_shape:
                                 shutil.rmtree(store / aid)  # a miss again, as after an eviction
                             t0 = time.perf_counter()
                             r = c.post("/initialize", json=body)
@@ -113,6 +118,7 @@ def run(chain: str, chains: Path, rounds: int, threads: int, only: str | None) -
                         info = json.loads((store / aid / "artifact.json").read_text())
                         warm = times[1:] or times
                         row = {"target": target, "body": body_name, "request": body, "rounds": rounds,
+                               "intermediate_sizes": shapes,
                                "cold_s": round(times[0], 3), "warm_s": [round(t, 3) for t in warm],
                                "warm_median_s": round(statistics.median(warm), 3),
                                "floor_s": [round(f, 3) for f in floors],
@@ -127,7 +133,7 @@ def run(chain: str, chains: Path, rounds: int, threads: int, only: str | None) -
             kids.stop()
             redis.stop()
     return {"command": "OMP_NUM_THREADS=2 .venv/bin/python bench/miss_path.py " + " ".join(sys.argv[1:]),
-            "chain": chain, "worker_threads": threads, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+            "chain": chain, "same_shape": same_shape, "worker_threads": threads, "cpus": os.cpu_count(), "load_average": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d"), "rows": rows}
 
 
@@ -138,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="the worker's torch threads")
     ap.add_argument("--only", help="run the targets whose name contains this")
+    ap.add_argument("--same-shape", action="store_true",
+                    help="every round the same request (its checkpoint removed in between), not a new shape")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     chains = args.chains or Path(os.environ.get("CBD_HOME", "~/.cache/cbd")).expanduser() / "chains"
-    result = run(args.chain, chains, args.rounds, args.threads, args.only)
+    result = run(args.chain, chains, args.rounds, args.threads, args.only, args.same_shape)
     print(f"{'target':36} {'body':8} {'cold s':>7} {'warm s (median)':>16} {'floor s':>8} {'x floor':>8}")
     for r in result["rows"]:
         print(f"{r['target']:36} {r['body']:8} {r['cold_s']:7.2f} {r['warm_median_s']:16.2f} "

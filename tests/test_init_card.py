@@ -20,7 +20,7 @@ from cbd.inits.calibration import calibrate_blocks, layer_blocks, validation_bat
 from cbd.inits.run import linit_for
 from cbd.run import run_plan
 from cbd.shape.linit import alpha_group
-from cbd.train.models import state_loss
+from cbd.train.models import random_state, state_loss
 
 ARCH = dict(num_hidden_layers=3, hidden_size=80, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72)
 
@@ -155,3 +155,77 @@ def test_anchor_outputs_are_cached_beside_the_chain_and_give_the_same_repair(ran
         f.truncate(os.path.getsize(files[0]) // 2)
     assert same(repaired(), first)
     assert files[0].stat().st_size > 0 and files[0].stat().st_mtime_ns != stamp  # recomputed and replaced
+
+
+def test_search_passes_run_only_the_changed_layers_and_match_a_full_pass(random_chain, cbd_home):
+    """The per-block search's passes (``Blend.loss(.., search=True)``, float32 here) start from the
+    hidden states a recent pass computed before the first layer whose alpha differs: the loss is
+    the full pass's bit for bit, in any order of points (groups set back and forth), and fewer
+    layers run than full passes would."""
+    from cbd.inits.calibration import Blend
+
+    plan = make_plan(InitRequest(chain="test", architecture=ARCH, repair=False), random_chain)
+    li = linit_for(plan, random_chain, cbd_home / "chains")
+    batches = validation_batches(random_chain, cbd_home / "chains")
+    blend = Blend(li, batches, bf16=False)
+
+    def point(outer, *layers):
+        return {"outer": outer} | {f"L{j}": a for j, a in enumerate(layers)}
+
+    points = [point(0.5, 0.5, 0.5, 0.5), point(0.5, 0.5, 0.5, 1.0), point(0.5, 0.5, 0.0, 0.5),
+              point(0.5, 0.5, 0.0, 0.0), point(1.0, 0.5, 0.0, 0.0), point(0.5, 0.5, 0.5, 0.0),
+              point(0.5, 1.0, 0.0, 0.0), point(0.5, 0.5, 0.5, 0.5)]
+    for p in points:
+        assert blend.loss(p, search=True) == state_loss(plan.target, li.state(p), batches), p
+    full = len(set(map(Blend.key, points))) * len(batches) * ARCH["num_hidden_layers"]
+    assert blend.layers_run < full
+
+
+def test_a_bf16_search_keeps_only_what_float32_confirms(random_chain, cbd_home):
+    """With bf16 search passes the block search's result is measured again in float32: its reported
+    loss is the float32 loss of the state it returns, never above the start's."""
+    from cbd.inits.calibration import Blend
+
+    plan = make_plan(InitRequest(chain="test", architecture=ARCH, repair=False), random_chain)
+    li = linit_for(plan, random_chain, cbd_home / "chains")
+    batches = validation_batches(random_chain, cbd_home / "chains")
+    blend = Blend(li, batches, bf16=True)
+    base = blend.loss(0.5)
+    found, loss, passes = calibrate_blocks(li, batches, 0.5, base, blend=blend)
+    assert loss <= base
+    assert state_loss(plan.target, li.state(found), batches) == pytest.approx(loss, abs=1e-5)
+    searched = blend.loss(0.5, search=True)
+    assert searched != base and searched == pytest.approx(base, abs=0.05)  # another precision, close
+    assert passes <= 1 + 3 * (1 + 3) + 1  # the start, values x groups, the float32 check
+
+
+@pytest.mark.parametrize("value,want", [("0", False), ("off", False), ("1", True), ("on", True)])
+def test_search_precision_follows_the_setting(monkeypatch, value, want):
+    from cbd.core.threads import cpu_has_bf16
+    from cbd.inits.calibration import search_bf16
+
+    monkeypatch.setenv("CBD_SEARCH_BF16", value)
+    assert search_bf16() is want
+    monkeypatch.setenv("CBD_SEARCH_BF16", "auto")
+    assert search_bf16() is cpu_has_bf16()
+
+
+def test_random_init_loss_is_measured_once_per_shape_and_batch(random_chain, cbd_home, monkeypatch):
+    from collections import OrderedDict
+
+    from cbd.core.spec import make_spec
+    from cbd.inits import calibration
+
+    monkeypatch.setattr(calibration, "_random_losses", OrderedDict())
+    batches = validation_batches(random_chain, cbd_home / "chains")
+    spec = make_plan(InitRequest(chain="test", architecture=ARCH), random_chain).target
+    calls = []
+    real = calibration.build_model
+    monkeypatch.setattr(calibration, "build_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = calibration.random_init_loss(spec, batches)
+    assert calibration.random_init_loss(spec, batches) == first
+    assert first == pytest.approx(state_loss(spec, random_state(spec, seed=0), batches), abs=1e-6)
+    other = make_spec(spec.model_dump() | {"intermediate_size": 64})
+    calibration.random_init_loss(other, batches)
+    calibration.random_init_loss(spec, batches[:1])
+    assert [c[0] for c in calls] == [spec, other, spec]  # once per shape and batch

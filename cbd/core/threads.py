@@ -14,6 +14,7 @@ An explicit ``OMP_NUM_THREADS`` always wins.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -50,3 +51,14 @@ def thread_env(processes: int | None = None, env: Mapping[str, str] | None = Non
         processes = int(env.get("CBD_TORCH_PROCESSES") or 1)
     n = str(threads_per_process(processes))
     return dict.fromkeys(THREAD_VARS, n)
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere bf16 is
+    emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -3,6 +3,7 @@ request-time repair of both LInit terms (readers refit on each anchor's calibrat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -21,9 +22,30 @@ from cbd.shape import arch
 from cbd.shape.linit import Alpha, LInit, alpha_grid, alpha_group
 from cbd.tensors.reader import LazyReader
 from cbd.tensors.writer import write_safetensors
-from cbd.train.models import build_model, eval_loss, random_state, state_loss
+from cbd.train.models import (
+    bf16_autocast,
+    build_model,
+    eval_loss,
+    head_nll,
+)
 
 log = logging.getLogger("cbd.inits")
+
+
+def search_bf16() -> bool:
+    """Whether the per-block alpha search (:func:`calibrate_blocks`) scores its candidates under bf16
+    autocast: ``CBD_SEARCH_BF16`` = ``auto`` (the default: where the CPU has native bf16, AMX or
+    AVX512-BF16, where a pass takes about 0.55x the float32 time), ``1`` or ``0``. Every loss that
+    is reported (the repair's checks, the alpha grid, the search's result, the init card) is
+    float32, the precision the checkpoint is delivered in."""
+    from cbd.core.threads import cpu_has_bf16
+
+    want = os.environ.get("CBD_SEARCH_BF16", "auto").strip().lower()
+    if want in ("1", "true", "on"):
+        return True
+    if want in ("0", "false", "off"):
+        return False
+    return cpu_has_bf16()
 
 
 TOKEN_CACHE_FILES = 8  # token files kept in memory per process (a chain has two, each tens of KB)
@@ -156,72 +178,201 @@ def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifes
     return {"repair": {"method": "ridge, in situ", "terms": done}} if done else {}
 
 
+class _Known(torch.nn.Module):
+    """Stands in for a decoder layer whose output is known (:class:`Blend`'s prefix runs): returns
+    ``out`` when given, else its input unchanged (a layer before the one that hands over)."""
+
+    def __init__(self, out: torch.Tensor | None = None):
+        super().__init__()
+        self.out = out
+
+    def forward(self, *args, **kwargs):
+        return self.out if self.out is not None else (args[0] if args else kwargs["hidden_states"])
+
+
 class Blend:
     """Step-0 losses of an LInit at any alpha, for the price of one forward pass each: both terms
     (each anchor's Trans onto the target, its repairs included) are computed once, and one model's
     parameters are set to their blend (``torch.lerp(big, small, alpha)``, what ``LInit.tensor``
     computes, bit for bit) before each evaluation, instead of re-running Trans and building a
-    model per candidate. ``alpha``: one value, or one per tensor group (``alpha_group``).
-    Holds two target-sized states and a model."""
+    model per candidate; only the groups whose alpha changed are set again. ``alpha``: one value,
+    or one per tensor group (``alpha_group``).
 
-    def __init__(self, li: LInit, batches: list[torch.Tensor]):
-        self.batches, self.passes = batches, 0
+    ``loss(alpha, search=True)`` is the per-block search's: under bf16 autocast when ``bf16``
+    (:func:`search_bf16`), and it runs only the layers from the first one whose alpha differs from
+    a recently searched point (whose hidden states entering each layer it keeps: ``TRACES`` of
+    them), so a candidate that changes a late block costs the late layers and the head. The hidden
+    states are those the full pass computes, so the loss is the full pass's, bit for bit. Every
+    other loss is a full float32 pass. Each precision has its own cache.
+    Holds two target-sized states, a model and the traces."""
+
+    TRACES = 3
+
+    def __init__(self, li: LInit, batches: list[torch.Tensor], *, bf16: bool = False):
+        self.batches, self.passes, self.bf16 = batches, 0, bf16
         self.small = li.state(1.0) if li.small is not None else None
         self.big = li.state(0.0) if li.big is not None else None
         first = self.big if self.big is not None else self.small
         self.model = build_model(li.target, first)
         params = dict(self.model.named_parameters())
         self.params = {n: params[n] for n in first if n in params}  # a tied head is the embedding
-        self.cache: dict = {}
+        self.groups = {n: alpha_group(n) for n in self.params}
+        self.n = li.target.num_hidden_layers
+        self.layers = self.model.get_submodule(arch.layer_prefix(li.target).split(".{i}")[0])
+        self.was: dict[str, float] = {}  # group -> the alpha its parameters hold now
+        self.cache: dict = {}  # (bf16, alpha key) -> loss
+        # bf16 search passes run the batches as one (autocast casts every weight once per forward)
+        one = bf16 and batches and len({tuple(b.shape[1:]) for b in batches}) == 1
+        self.search_batches = [torch.cat(batches)] if one else batches
+        self.traces: OrderedDict = OrderedDict()  # per-layer alphas -> per batch, the hidden states entering each layer
+        self.layers_run = 0  # decoder layers run by search passes, over all batches (a pass runs n per batch)
+
+    @property
+    def layer_passes(self) -> float:
+        """The decoder layers the search's passes ran, in whole passes over the batch."""
+        return self.layers_run / max(1, len(self.search_batches) * self.n)
+
+    @staticmethod
+    def key(alpha: Alpha):
+        """One alpha for every group is that alpha: both spellings share a cache entry."""
+        if isinstance(alpha, Mapping):
+            values = set(alpha.values())
+            return float(values.pop()) if len(values) == 1 else tuple(sorted(alpha.items()))
+        return float(alpha)
+
+    def remember(self, losses: Mapping[float, float]) -> None:
+        """float32 losses measured elsewhere on the same batch and weights (the repair's checks)."""
+        self.cache |= {(False, self.key(a)): v for a, v in losses.items()}
+
+    def _value(self, alpha: Alpha, group: str) -> float:
+        return float(alpha[group]) if isinstance(alpha, Mapping) else float(alpha)
 
     @torch.no_grad()
     def set(self, alpha: Alpha) -> None:
-        for n in self.params:
-            a = alpha[alpha_group(n)] if isinstance(alpha, Mapping) else alpha
+        for n, g in self.groups.items():
+            a = self._value(alpha, g)
+            if self.was.get(g) == a:
+                continue
             if self.big is None or a == 1.0:
                 self.params[n].copy_(self.small[n])
             elif self.small is None or a == 0.0:
                 self.params[n].copy_(self.big[n])
             else:
                 torch.lerp(self.big[n], self.small[n], a, out=self.params[n].data)
+        self.was = {g: self._value(alpha, g) for g in set(self.groups.values())}
 
-    def loss(self, alpha: Alpha) -> float:
-        key = tuple(sorted(alpha.items())) if isinstance(alpha, Mapping) else float(alpha)
+    def loss(self, alpha: Alpha, *, search: bool = False) -> float:
+        half = self.bf16 and search
+        key = (half, self.key(alpha))
         if key not in self.cache:
             self.set(alpha)
-            self.cache[key] = eval_loss(self.model, self.batches)
+            if search:
+                self.cache[key] = self._search_pass(alpha, half)
+            else:
+                self.cache[key] = eval_loss(self.model, self.batches, chunked=True)
             self.passes += 1
         return self.cache[key]
 
+    @torch.no_grad()
+    def _search_pass(self, alpha: Alpha, half: bool) -> float:
+        outer = self._value(alpha, "outer")
+        layers = tuple(self._value(alpha, f"L{j}") for j in range(self.n))
+        start, base = 0, None
+        for t_outer, t_layers in self.traces:
+            if t_outer != outer:
+                continue  # the embedding differs: every layer's input does
+            j = next((j for j in range(self.n) if t_layers[j] != layers[j]), self.n)
+            if j > start:
+                start, base = j, (t_outer, t_layers)
+        old = list(self.layers)
+        held = self.traces[base] if base is not None else None
+        if base is not None:
+            self.traces.move_to_end(base)
+        amp = bf16_autocast() if half else contextlib.nullcontext
+        total, count, trace = 0.0, 0, []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for b, batch in enumerate(self.search_batches):
+                entering = list(held[b][:start]) if held is not None else []
+                for i in range(start):  # the layers before ``start`` hand over what they computed before
+                    self.layers[i] = _Known(held[b][start] if i == start - 1 else None)
+                hooks = [self.layers[i].register_forward_pre_hook(
+                    lambda m, args, kwargs, got=entering: got.append(args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True) for i in range(start, self.n)]
+                hooks.append(self.layers[self.n - 1].register_forward_hook(
+                    lambda m, args, out, got=entering: got.append(out[0] if isinstance(out, tuple) else out)))
+                try:
+                    with amp():
+                        hidden = self.model.base_model(input_ids=batch[:, :-1], use_cache=False).last_hidden_state
+                        nll, n = head_nll(self.model, hidden, batch)  # as eval_loss(chunked=True) computes it
+                finally:
+                    for h in hooks:
+                        h.remove()
+                    for i, m in enumerate(old):
+                        self.layers[i] = m
+                total, count = total + nll, count + n
+                trace.append(entering)
+                self.layers_run += self.n - start
+        finally:
+            for i, m in enumerate(old):
+                self.layers[i] = m
+            self.model.train(was_training)
+        self.traces[(outer, layers)] = trace
+        while len(self.traces) > self.TRACES:
+            self.traces.popitem(last=False)
+        return total / count
 
-def init_card(li: LInit, alpha, names: dict[str, str | None], batches: list[torch.Tensor],
-              scores: dict[float, float] | None = None, *, repair: str = "none", scheme: str = "global",
-              alphas_loss: float | None = None, blend: Blend | None = None) -> dict:
-    """What a user gets before training: the init's step-0 loss on the chain's validation batch
-    (training text of every corpus, never held out), beside each single anchor's Trans onto the
-    same target (alpha 1: the smaller, alpha 0: the bigger) and a random init (transformers' own
-    initialisation, seed 0). ``scores`` (alpha -> loss) are the calibration's, reused; ``blend``
-    the calibration's :class:`Blend` (one is made when none is given)."""
+
+def init_card(li: LInit, alpha, names: dict[str, str | None], batches: list[torch.Tensor], *,
+              repair: str = "none", scheme: str = "global", blend: Blend | None = None) -> dict:
+    """What a user gets before training, in float32 (the checkpoint's precision): the init's step-0
+    loss on the chain's validation batch (training text of every corpus, never held out), beside
+    each single anchor's Trans onto the same target (alpha 1: the smaller, alpha 0: the bigger) and
+    a random init (transformers' own initialisation, seed 0). ``blend``: the calibration's
+    :class:`Blend` (one is made when none is given), whose losses are reused."""
     blend = blend or Blend(li, batches)
-    blend.cache |= {float(a): v for a, v in (scores or {}).items()}
-    loss = blend.loss
 
     single = {}
     for term, a in (("small", 1.0), ("big", 0.0)):
         if getattr(li, term) is not None:
-            single[term] = {"anchor": names[term], "alpha": a, "loss": round(loss(a), 4)}
+            single[term] = {"anchor": names[term], "alpha": a, "loss": round(blend.loss(a), 4)}
     best = min(single.values(), key=lambda x: x["loss"])
     tokens = sum(int(b[:, 1:].numel()) for b in batches)
-    own = alphas_loss if isinstance(alpha, dict) and alphas_loss is not None else loss(alpha)
+    own = blend.loss(alpha)
     return {
         "step0_loss": round(own, 4),
         "best_single_anchor": best, "single_anchors": single,
-        "random_init_loss": round(state_loss(li.target, random_state(li.target, seed=0), batches), 4),
+        "random_init_loss": round(random_init_loss(li.target, batches), 4),
         "alpha": alpha, "alpha_scheme": scheme, "repair": repair,
         "gain_over_best_single_anchor": round(best["loss"] - own, 4),
         "validation": {"what": "the chain's validation batch (training text of every corpus of its recipe)",
-                       "tokens": tokens},
+                       "tokens": tokens, "precision": "float32"},
     }
+
+
+RANDOM_LOSS_CACHE = 64  # (shape, batch) -> random-init loss, kept per process
+_random_losses: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+
+def random_init_loss(target, batches: list[torch.Tensor]) -> float:
+    """The float32 loss of transformers' own initialisation of ``target`` (seed 0) on ``batches``:
+    the same numbers every time for one shape and batch, so kept per process (the worker's next
+    request of the shape skips the model build and the pass)."""
+    digest = hashlib.sha256()
+    for b in batches:
+        digest.update(b.contiguous().numpy().tobytes())
+    key = (target.model_dump_json(), digest.hexdigest())
+    with _tokens_lock:
+        if key in _random_losses:
+            _random_losses.move_to_end(key)
+            return _random_losses[key]
+    loss = eval_loss(build_model(target, seed=0), batches, chunked=True)  # the model random_state(seed=0) reads
+    with _tokens_lock:
+        _random_losses[key] = loss
+        while len(_random_losses) > RANDOM_LOSS_CACHE:
+            _random_losses.popitem(last=False)
+    return loss
 
 
 def calibrate(li: LInit, batches: list[torch.Tensor]) -> tuple[float, dict]:
@@ -242,14 +393,17 @@ def layer_blocks(num_layers: int, blocks: int) -> list[list[int]]:
 def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_loss: float, *,
                      blocks: int = 6, values: tuple[float, ...] = (0.0, 0.5, 1.0), sweeps: int = 1,
                      blend: Blend | None = None) -> tuple[dict[str, float], float, int]:
-    """An alpha per group of tensors, from ``alpha`` (the global grid's best, loss ``base_loss``):
-    coordinate descent over the groups (the outer tensors, then ``blocks`` contiguous blocks of
-    target layers), each tried at ``values``, a change kept only when it lowers the validation
-    loss. It starts at the global best, so it is never worse on ``batches`` than any point of the
-    grid, the single anchors included. Costs at most ``sweeps * (blocks + 1) * len(values)``
-    forward passes over ``batches`` (fewer where ``blend`` has measured a point already), and two
-    target-sized states in memory (each anchor's Trans, :class:`Blend`).
-    Returns (group -> alpha, its loss, forward passes made)."""
+    """An alpha per group of tensors, from ``alpha`` (the global grid's best, float32 loss
+    ``base_loss``): coordinate descent over the groups (the outer tensors, then ``blocks``
+    contiguous blocks of target layers), each tried at ``values``, a change kept only when it
+    lowers the validation loss. Candidates are scored by ``blend.loss(.., search=True)`` (bf16
+    where :func:`search_bf16` says, running only the layers a candidate changes); a result other
+    than the start is measured again in float32 and kept only if it beats ``base_loss`` there, so
+    the result is never worse in float32 on ``batches`` than any point of the grid, the single
+    anchors included. Costs at most ``sweeps * (blocks + 1) * (len(values) - 1) + 2`` passes over
+    ``batches`` (fewer where ``blend`` has measured a point already; a block's candidates run the
+    layers from that block on), and two target-sized states in memory (each anchor's Trans,
+    :class:`Blend`). Returns (group -> alpha, its float32 loss, passes made)."""
     blend = blend or Blend(li, batches)
     cut = layer_blocks(li.target.num_hidden_layers, blocks)
     groups = ["outer"] + [f"B{k}" for k in range(len(cut))]
@@ -260,20 +414,27 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
             out |= {f"L{j}": current[f"B{k}"] for j in layers}
         return out
 
-    current = dict.fromkeys(groups, alpha)
-    best, before = base_loss, blend.passes
+    start = dict.fromkeys(groups, alpha)
+    current, before = dict(start), blend.passes
+    best = blend.loss(per_group(current), search=True)
     for _ in range(sweeps):
         changed = False
         for g in groups:
             for a in values:
                 if a == current[g]:
                     continue
-                loss = blend.loss(per_group(current | {g: a}))
+                loss = blend.loss(per_group(current | {g: a}), search=True)
                 if loss < best - 1e-6:
                     best, current[g], changed = loss, a, True
         if not changed:
             break
-    return per_group(current), best, blend.passes - before
+    found = per_group(current)
+    if current == start:
+        return found, base_loss, blend.passes - before
+    loss = blend.loss(found)  # float32, as the grid's
+    if loss < base_loss - 1e-6:
+        return found, loss, blend.passes - before
+    return per_group(start), base_loss, blend.passes - before
 
 
 def grid_losses(li: LInit, batches: list[torch.Tensor], blend: Blend | None = None) -> dict[float, float]:

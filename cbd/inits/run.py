@@ -13,6 +13,7 @@ from cbd.inits.calibration import (
     grid_losses,
     init_card,
     repair_terms,
+    search_bf16,
     validation_batches,
 )
 from cbd.inits.publish import Progress, publish_checkpoint, recipe_of
@@ -51,13 +52,14 @@ def prepare(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_r
     li = linit_for(plan, manifest, chains_root)
     names = {"small": plan.small, "big": plan.big}
     alpha, calib, scores, measured = plan.alpha, {}, {}, {}
+    bf16 = search_bf16()
     if plan.trans.repair == "ridge":
         progress({"stage": "repairing pruned units", "fraction": 0.02})
         calib |= repair_terms(li, names, manifest, chains_root, measured)
     batches = validation_batches(manifest, chains_root) if plan.calibrate or card else []
-    blend = Blend(li, batches) if batches else None  # both terms once, one model, for every loss below
+    blend = Blend(li, batches, bf16=bf16) if batches else None  # both terms once, one model, for every loss below
     if blend is not None:
-        blend.cache |= measured  # the repaired terms' own losses, on the same batch
+        blend.remember(measured)  # the repaired terms' own losses, on the same batch
     if plan.calibrate:
         progress({"stage": "calibrating alpha", "fraction": 0.05})
         scores = grid_losses(li, batches, blend)
@@ -67,11 +69,13 @@ def prepare(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_r
     if plan.calibrate and plan.alpha_scheme == "blocks":
         progress({"stage": "calibrating alpha per block", "fraction": 0.07})
         alphas, loss, passes = calibrate_blocks(li, batches, alpha, scores[alpha], blend=blend)
-        calib |= {"alphas": alphas, "alphas_loss": round(loss, 5), "alphas_passes": passes}
+        calib |= {"alphas": alphas, "alphas_loss": round(loss, 5), "alphas_passes": passes,
+                  "alphas_search": {"precision": "bf16" if bf16 else "float32",
+                                    "layer_passes": round(blend.layer_passes, 2)}}
     if card:
         progress({"stage": "measuring the init card", "fraction": 0.09})
-        calib["card"] = init_card(li, alphas or alpha, names, batches, scores, repair=plan.trans.repair,
-                                  scheme=plan.alpha_scheme, alphas_loss=calib.get("alphas_loss"), blend=blend)
+        calib["card"] = init_card(li, alphas or alpha, names, batches, repair=plan.trans.repair,
+                                  scheme=plan.alpha_scheme, blend=blend)
     del blend
     return li, alpha, calib
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cbd.core.files import write_json
+from cbd.core.threads import cpu_has_bf16
 from cbd.errors import AssetUnavailableError, ShapeError
 from cbd.train.checkpoints import CONFIG_FILE, check_resumable, load_checkpoint, save_checkpoint
 from cbd.train.config import FORMAT_VERSION, DistillConfig, DistillResult, ProgressFn, lr_at
@@ -59,13 +60,7 @@ def cpu_bf16() -> bool:
     159 tokens/s, held-out 6.05 vs 6.12), but a 240-step run of default's a1 at lr 1e-3 diverged with it (training loss 4.3
     at step 40, 7.0 at step 120; held-out 6.45 at the start, 7.10 at the end), so until that is
     understood CPU chains train in float32."""
-    if os.environ.get("CBD_CPU_BF16", "0") != "1":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return os.environ.get("CBD_CPU_BF16", "0") == "1" and cpu_has_bf16()
 
 
 class _Progress:
