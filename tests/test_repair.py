@@ -415,3 +415,52 @@ def test_repaired_prune_is_the_plain_prune_refit_never_worse(llama):
     assert lf <= lp + 1e-6, report
     if report["kept"]:
         assert lf < lp and report["check_loss_by_ridge"][str(report["ridge"])] == pytest.approx(lf, abs=1e-4)
+
+
+def test_a_requests_refit_uses_the_ridge_its_anchor_wins_on_the_chains_own_prune(random_chain, cbd_home, monkeypatch):
+    """``cbd.inits.calibration.anchor_ridge``: the ridge of an anchor is the winner of its refit pruned
+    to the next anchor's shape, measured once and kept beside the chain; a request's repair of that
+    anchor tries only it. The smallest anchor has none (every ridge is tried), nor has any with
+    ``CBD_RIDGE_PER_ANCHOR=0``; a damaged record is measured again."""
+    from cbd.core.plan import make_plan
+    from cbd.core.request import InitRequest
+    from cbd.inits import calibration
+    from cbd.inits.run import linit_for
+    from cbd.repair import refit
+    from cbd.store.anchors import load_anchor
+
+    chains = cbd_home / "chains"
+    a0 = load_anchor(random_chain, "a0", chains)
+    nxt = random_chain.anchors[1].spec
+    state = {n: a0.read(n) for n in arch.param_names(a0.spec)}
+    maps = choose_maps(a0.spec, nxt, a0.importance, depth_by="importance", width_by="importance")
+    tokens = calibration.calibration_tokens(random_chain, chains)
+    _, report = refit.insitu_refits(a0.spec, state, nxt, maps, list(tokens.split(4)),
+                                    check=calibration.validation_batches(random_chain, chains), guard=False)
+    by = report["check_loss_by_ridge"]
+    want = min(refit.INSITU_RIDGE, key=lambda r: by[str(r)])
+
+    assert calibration.anchor_ridge(random_chain, "a0", chains) == want
+    kept = list((chains / ".anchor-outputs").glob("test.a0.*.ridge.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["ridge"] == want
+    calls = []
+    real = refit.insitu_refits
+    monkeypatch.setattr(refit, "insitu_refits", lambda *a, **k: calls.append(k.get("ridge")) or real(*a, **k))
+    assert calibration.anchor_ridge(random_chain, "a0", chains) == want and calls == []  # read, not measured
+    kept[0].write_text("{not json")
+    assert calibration.anchor_ridge(random_chain, "a0", chains) == want and len(calls) == 1  # measured again
+    assert calibration.anchor_ridge(random_chain, "a2", chains) is None  # the smallest
+    monkeypatch.setenv("CBD_RIDGE_PER_ANCHOR", "0")
+    assert calibration.anchor_ridge(random_chain, "a0", chains) is None
+    monkeypatch.delenv("CBD_RIDGE_PER_ANCHOR")
+
+    # a request that prunes a0 (the bigger term) refits it at a0's ridge alone
+    calls.clear()
+    plan = make_plan(InitRequest(chain="test", architecture=dict(num_hidden_layers=3, hidden_size=80,
+                                                                 num_attention_heads=5, num_key_value_heads=1,
+                                                                 intermediate_size=72)), random_chain)
+    li = linit_for(plan, random_chain, chains)
+    done = calibration.repair_terms(li, {"small": plan.small, "big": plan.big}, random_chain, chains)
+    assert plan.big == "a0" and calls and calls[-1] == want
+    term = done["repair"]["terms"]["big"]
+    assert term["ridge_from"] == "anchor" and list(term["check_loss_by_ridge"]) == [str(want)]

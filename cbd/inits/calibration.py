@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -145,6 +146,54 @@ def anchor_cache(manifest: ChainManifest, name: str, tokens: torch.Tensor, chain
     return provide
 
 
+def anchor_ridge(manifest: ChainManifest, name: str, chains_root: Path | None = None) -> float | None:
+    """The ridge a request's refit of anchor ``name`` uses: the one of ``INSITU_RIDGE`` whose in-situ
+    refit of that anchor pruned to the *next* anchor's shape (a prune the chain fixes, whatever the
+    request) scores lowest on the chain's validation batch. Measured once and kept beside the
+    chain (``.anchor-outputs/``, named by the anchor's sha256 and both batches, like
+    :func:`anchor_cache`), so every request after the first pays for one ridge instead of each;
+    a function of the chain alone, so the same request always gets the same bytes. ``None`` for
+    the smallest anchor (nothing is pruned from it in the chain: a request tries every ridge) and
+    when ``CBD_RIDGE_PER_ANCHOR=0``. Why the winner is the anchor's and not the target's:
+    ``bench/ridges.py``, docs/results.md."""
+    from cbd.repair.refit import INSITU_RIDGE, insitu_refits
+    from cbd.shape.maps import choose_maps
+    from cbd.store.anchors import load_anchor
+
+    if os.environ.get("CBD_RIDGE_PER_ANCHOR", "1").strip() == "0":
+        return None
+    names = [a.name for a in manifest.anchors]
+    i = names.index(name)
+    if i == len(names) - 1:
+        return None
+    entry, nxt = manifest.anchor(name), manifest.anchors[i + 1].spec
+    tokens, check = calibration_tokens(manifest, chains_root), validation_batches(manifest, chains_root)
+    digest = hashlib.sha256()
+    for t in (tokens, *check):
+        digest.update(t.contiguous().numpy().tobytes())
+    folder = (chains_root or paths.chains_dir()) / ".anchor-outputs"
+    path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{digest.hexdigest()[:16]}.ridge.json"
+    try:
+        return float(json.loads(path.read_text())["ridge"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not measured yet, or unreadable: measured (again) below
+    anchor = load_anchor(manifest, name, chains_root)
+    state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
+    maps = choose_maps(anchor.spec, nxt, anchor.importance, depth_by="importance", width_by="importance")
+    _, report = insitu_refits(anchor.spec, state, nxt, maps, list(tokens.split(4)), check=check, ridge=INSITU_RIDGE,
+                              guard=False, outputs=anchor_cache(manifest, name, tokens, chains_root))
+    by = report["check_loss_by_ridge"]
+    ridge = min(INSITU_RIDGE, key=lambda r: by[str(r)])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"ridge": ridge, "check_loss_by_ridge": by, "pruned_to": nxt.model_dump()}))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("anchor ridge not kept (%s)", exc)
+    return ridge
+
+
 def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifest, chains_root: Path | None = None,
                  losses: dict[float, float] | None = None) -> dict:
     """Refit, for each anchor term of ``li`` (``names``: "small"/"big" -> anchor name), the readers of
@@ -156,7 +205,7 @@ def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifes
     ``losses`` (alpha -> validation loss) it puts each term's loss as repaired (alpha 1: the small
     term alone, 0: the big), measured on the validation batch while choosing the ridge, so
     :class:`Blend` need not measure them again."""
-    from cbd.repair.refit import insitu_refits
+    from cbd.repair.refit import INSITU_RIDGE, insitu_refits
 
     tokens, check, done = None, None, {}
     for term, anchor, maps in (("small", li.small, li.maps_small), ("big", li.big, li.maps_big)):
@@ -165,10 +214,13 @@ def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifes
         if tokens is None:
             tokens, check = calibration_tokens(manifest, chains_root), validation_batches(manifest, chains_root)
         state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
+        ridge = anchor_ridge(manifest, names[term], chains_root) if names.get(term) else None
         per_layer, report = insitu_refits(anchor.spec, state, li.target, maps, list(tokens.split(4)), check=check,
+                                          ridge=INSITU_RIDGE if ridge is None else ridge,
                                           width_expand=li.opts.width_expand, depth_expand=li.opts.depth_expand,
                                           outputs=anchor_cache(manifest, names[term], tokens, chains_root)
                                           if names.get(term) else None)
+        report["ridge_from"] = "tried" if ridge is None else "anchor"
         check_loss = report.pop("check_loss", None)
         if report["refit"]:
             li.replaced[term] = per_layer
