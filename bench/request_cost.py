@@ -13,7 +13,10 @@ so peak RSS is that configuration's own and no anchor statistics are warm:
 - ``+repair+calibrate``: ridge repair of both terms and one alpha;
 - ``default``: ridge repair, per-block alpha and the init card (what ``POST /initialize`` does now);
 - ``default, anchor outputs cached``: the same, with the repair's anchor pass read from the cache
-  a first run of it filled (``cbd.inits.calibration.anchor_cache``; the rows above run with it off).
+  a first run of it filled (``cbd.inits.calibration.anchor_cache``; the rows above run with it off);
+- ``default, warm worker``: the same request a second time in one process, the second timed: what
+  a worker that has served the chain before spends (anchors loaded and verified, batches read,
+  the shape's random-init loss known).
 
 With ``--baseline DIR`` (a checkout of an earlier commit: ``git worktree add --detach DIR REV``)
 each configuration also runs on that code just before ours, on the same chain: ``x_baseline`` is
@@ -54,6 +57,7 @@ CONFIGS = {
     "default": {},
 }
 WARM = "default, anchor outputs cached"  # the same request again, the repair's anchor pass read from its cache
+WORKER = "default, warm worker"  # the same request a second time in one process: anchors loaded, batches and card known
 
 CHILD = r"""
 import json, resource, sys, time
@@ -63,11 +67,14 @@ from cbd.core.plan import make_plan
 from cbd.core.request import InitRequest
 from cbd.run import run_plan
 chain, body, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 1
 m = load_manifest(chain)
 plan = make_plan(InitRequest(chain=chain, **body), m)
-stages, t0 = [], time.perf_counter()
-run_plan(plan, artifacts_root=out, progress=lambda p: stages.append((round(time.perf_counter() - t0, 3), p.get("stage"))))
-wall = time.perf_counter() - t0
+for k in range(repeats):  # the last run is measured (the others warm the process, as a worker's earlier jobs)
+    stages, t0 = [], time.perf_counter()
+    run_plan(plan, artifacts_root=out / str(k),
+             progress=lambda p: stages.append((round(time.perf_counter() - t0, 3), p.get("stage"))))
+    wall = time.perf_counter() - t0
 first = {}
 for t, s in stages:
     first.setdefault(s, t)
@@ -80,6 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chain", default="tiny")
     ap.add_argument("--only", help="targets whose name contains this (e.g. 30M)")
+    ap.add_argument("--configs", help="comma-separated parts of configuration names to run (default: all)")
+    ap.add_argument("--json", type=Path, help="where to write (default docs/data/request-cost-CHAIN.json)")
     ap.add_argument("--baseline", type=Path, metavar="DIR",
                     help="a checkout of an earlier commit (git worktree add DIR REV): each configuration also "
                          "runs on its code, just before ours, in the same run; rows get x_baseline")
@@ -89,19 +98,22 @@ def main() -> None:
         if args.only and args.only not in tname:
             continue
         base = None
-        for cname, extra in [*CONFIGS.items(), (WARM, {})]:
+        for cname, extra in [*CONFIGS.items(), (WARM, {}), (WORKER, {})]:
+            if args.configs and not any(c in cname for c in args.configs.split(",")):
+                continue
             body = {"architecture": arch, **extra}
-            before = _child(args.chain, body, args.baseline) if args.baseline and cname != WARM else None
+            before = _child(args.chain, body, args.baseline, repeats=2 if cname == WORKER else 1) \
+                if args.baseline and cname != WARM else None
             if cname == WARM:  # fill the cache (not timed), then the measured run reads it
                 _child(args.chain, body, None, cache=True)
-            got = _child(args.chain, body, None, cache=cname == WARM)
-            base = base or got
+            got = _child(args.chain, body, None, cache=cname in (WARM, WORKER), repeats=2 if cname == WORKER else 1)
+            base = got if cname == "linit+write" else base
             row = {"target": tname, "config": cname, **got,
-                   "x_linit_write": round(got["wall_s"] / base["wall_s"], 2)}
+                   "x_linit_write": round(got["wall_s"] / base["wall_s"], 2) if base is not None else None}
             if before is not None:
                 row |= {"baseline": before, "x_baseline": round(got["wall_s"] / before["wall_s"], 3)}
             rows.append(row)
-            print(f"{tname:36s} {cname:18s} {got['wall_s']:7.2f} s  ({row['x_linit_write']:.2f}x)  "
+            print(f"{tname:36s} {cname:18s} {got['wall_s']:7.2f} s  ({row['x_linit_write'] or 0:.2f}x)  "
                   f"peak RSS {got['peak_rss_mb']:7.1f} MB"
                   + (f"  baseline {before['wall_s']:7.2f} s ({row['x_baseline']:.2f}x)" if before else ""), flush=True)
     out = {"command": "python bench/request_cost.py " + " ".join(sys.argv[1:]), "chain": args.chain,
@@ -109,16 +121,16 @@ def main() -> None:
            "baseline": _revision(args.baseline) if args.baseline else None,
            "date": time.strftime("%Y-%m-%d"), "rows": rows,
            "bench_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    (DATA / f"request-cost-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (args.json or DATA / f"request-cost-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
-def _child(chain: str, body: dict, code: Path | None, *, cache: bool = False) -> dict:
+def _child(chain: str, body: dict, code: Path | None, *, cache: bool = False, repeats: int = 1) -> dict:
     """One configuration in a fresh process (``code``: the checkout whose cbd it imports; ``cache``:
     the anchor output cache of ``cbd.inits.calibration.anchor_cache`` on, else off: a cold miss)."""
     env = os.environ | ({"PYTHONPATH": str(code.resolve())} if code else {})
     env |= {} if cache else {"CBD_ANCHOR_CACHE_MAX_BYTES": "0"}
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, "-c", CHILD, chain, json.dumps(body), tmp], capture_output=True,
+        r = subprocess.run([sys.executable, "-c", CHILD, chain, json.dumps(body), tmp, str(repeats)], capture_output=True,
                            text=True, check=True, env=env, cwd=code or Path(__file__).resolve().parent.parent)
     return json.loads(r.stdout.strip().splitlines()[-1])
 

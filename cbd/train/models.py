@@ -108,11 +108,14 @@ def head_nll(model: PreTrainedModel, hidden: Tensor, batch: Tensor, rows: int = 
     loss took 0.14 s per 1k tokens on 2 cores, against 0.20 s for all rows at once). The same sum
     as ``batch_nll`` up to float32 rounding."""
     head = model.get_output_embeddings()
-    h = hidden.flatten(0, 1)
+    h, weight = hidden.flatten(0, 1), head.weight
+    if torch.is_autocast_enabled(h.device.type):  # cast the head once, not once per chunk
+        low = torch.get_autocast_dtype(h.device.type)
+        h, weight = h.to(low), weight.to(low)
     targets = batch[:, 1:].flatten()
     total = 0.0
     for i in range(0, h.shape[0], rows):
-        logits = head(h[i:i + rows]).float()
+        logits = F.linear(h[i:i + rows], weight, head.bias).float()
         total += (torch.logsumexp(logits, -1) - logits.gather(1, targets[i:i + rows, None])[:, 0]).sum().item()
     return total, targets.numel()
 
