@@ -450,6 +450,16 @@ def test_a_requests_refit_uses_the_ridge_its_anchor_wins_on_the_chains_own_prune
     kept[0].write_text("{not json")
     assert calibration.anchor_ridge(random_chain, "a0", chains) == want and len(calls) == 1  # measured again
     assert calibration.anchor_ridge(random_chain, "a2", chains) is None  # the smallest
+    # a chain whose prune of an anchor leaves nothing to refit (no reader dropped): none, and kept
+    for f in (chains / ".anchor-outputs").glob("test.a1.*.ridge.json"):
+        f.unlink()
+    monkeypatch.setattr(refit, "insitu_refits", lambda *a, **k: calls.append("nothing") or ({}, {"refit": []}))
+    assert calibration.anchor_ridge(random_chain, "a1", chains) is None and calls[-1] == "nothing"
+    calls.clear()
+    assert calibration.anchor_ridge(random_chain, "a1", chains) is None and calls == []
+    monkeypatch.setattr(refit, "insitu_refits", lambda *a, **k: calls.append(k.get("ridge")) or real(*a, **k))
+    for f in (chains / ".anchor-outputs").glob("test.a1.*.ridge.json"):
+        f.unlink()
     monkeypatch.setenv("CBD_RIDGE_PER_ANCHOR", "0")
     assert calibration.anchor_ridge(random_chain, "a0", chains) is None
     monkeypatch.delenv("CBD_RIDGE_PER_ANCHOR")

@@ -152,9 +152,10 @@ def anchor_ridge(manifest: ChainManifest, name: str, chains_root: Path | None = 
     request) scores lowest on the chain's validation batch. Measured once and kept beside the
     chain (``.anchor-outputs/``, named by the anchor's sha256 and both batches, like
     :func:`anchor_cache`), so every request after the first pays for one ridge instead of each;
-    a function of the chain alone, so the same request always gets the same bytes. ``None`` for
-    the smallest anchor (nothing is pruned from it in the chain: a request tries every ridge) and
-    when ``CBD_RIDGE_PER_ANCHOR=0``. Why the winner is the anchor's and not the target's:
+    a function of the chain alone, so the same request always gets the same bytes. ``None`` (a
+    request tries every ridge) for the smallest anchor (nothing is pruned from it in the chain),
+    for an anchor whose prune to the next shape leaves no reader to refit, and when
+    ``CBD_RIDGE_PER_ANCHOR=0``. Why the winner is the anchor's and not the target's:
     ``bench/ridges.py``, docs/results.md."""
     from cbd.repair.refit import INSITU_RIDGE, insitu_refits
     from cbd.shape.maps import choose_maps
@@ -174,7 +175,8 @@ def anchor_ridge(manifest: ChainManifest, name: str, chains_root: Path | None = 
     folder = (chains_root or paths.chains_dir()) / ".anchor-outputs"
     path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{digest.hexdigest()[:16]}.ridge.json"
     try:
-        return float(json.loads(path.read_text())["ridge"])
+        kept = json.loads(path.read_text())["ridge"]
+        return None if kept is None else float(kept)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not measured yet, or unreadable: measured (again) below
     anchor = load_anchor(manifest, name, chains_root)
@@ -182,8 +184,8 @@ def anchor_ridge(manifest: ChainManifest, name: str, chains_root: Path | None = 
     maps = choose_maps(anchor.spec, nxt, anchor.importance, depth_by="importance", width_by="importance")
     _, report = insitu_refits(anchor.spec, state, nxt, maps, list(tokens.split(4)), check=check, ridge=INSITU_RIDGE,
                               guard=False, outputs=anchor_cache(manifest, name, tokens, chains_root))
-    by = report["check_loss_by_ridge"]
-    ridge = min(INSITU_RIDGE, key=lambda r: by[str(r)])
+    by = report.get("check_loss_by_ridge")  # none: the chain's prune leaves nothing to refit
+    ridge = min(INSITU_RIDGE, key=lambda r: by[str(r)]) if by else None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
