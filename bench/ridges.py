@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from cbd.core.manifest import load_manifest
 from cbd.core.spec import make_spec
-from cbd.inits.calibration import anchor_cache, calibration_tokens, validation_batches
-from cbd.repair.refit import INSITU_RIDGE, insitu_refits
-from cbd.shape import arch
-from cbd.shape.maps import choose_maps
-from cbd.store.anchors import load_anchor
+from cbd.inits.calibration import ridge_trial
+from cbd.repair.refit import INSITU_RIDGE
 
 DATA = Path(__file__).resolve().parent.parent / "docs" / "data"
 
@@ -55,36 +53,29 @@ def main() -> None:
     ap.add_argument("--chain", default="tiny")
     args = ap.parse_args()
     m = load_manifest(args.chain)
-    tokens, check = calibration_tokens(m), validation_batches(m)
     rows = []
     for i, entry in enumerate(m.anchors[:-1]):
-        anchor = load_anchor(m, entry.name)
-        state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
-        nxt = m.anchors[i + 1].spec
+        spec, nxt = entry.spec, m.anchors[i + 1].spec
         targets = [("next anchor's shape", nxt)] + [
-            (json.dumps(c), make_spec(anchor.spec.model_dump() | c)) for c in between(anchor.spec, nxt)]
+            (json.dumps(c), make_spec(spec.model_dump() | c)) for c in between(spec, nxt)]
         fixed = None
         for label, tgt in targets:
-            maps = choose_maps(anchor.spec, tgt, anchor.importance, depth_by="importance", width_by="importance")
             t0 = time.perf_counter()
-            _, report = insitu_refits(anchor.spec, state, tgt, maps, list(tokens.split(4)), check=check,
-                                      ridge=INSITU_RIDGE, guard=False,
-                                      outputs=anchor_cache(m, entry.name, tokens))
-            by = {float(k): v for k, v in report["check_loss_by_ridge"].items()}
+            by, plain = ridge_trial(m, entry.name, tgt)  # what cbd.inits.calibration.anchor_ridge measures
             win = min(by, key=by.get)
             fixed = win if fixed is None else fixed
             row = {"anchor": entry.name, "target": label,
                    "shape": [tgt.num_hidden_layers, tgt.hidden_size, tgt.num_attention_heads, tgt.num_key_value_heads,
                              tgt.intermediate_size],
-                   "check_loss_plain": report["check_loss_plain"], "check_loss_by_ridge": by, "winner": win,
+                   "check_loss_plain": plain, "check_loss_by_ridge": by, "winner": win,
                    "fixed_ridge": fixed, "agrees": win == fixed, "cost_of_fixed": round(by[fixed] - by[win], 5),
                    "seconds": round(time.perf_counter() - t0, 2)}
             rows.append(row)
-            print(f"{entry.name} {label:70s} plain {row['check_loss_plain']:.4f} "
-                  + " ".join(f"{k}: {v:.4f}" for k, v in by.items())
+            print(f"{entry.name} {label:70s} plain {plain:.4f} " + " ".join(f"{k}: {v:.4f}" for k, v in by.items())
                   + f"  winner {win}  fixed {fixed}  cost {row['cost_of_fixed']:.4f}", flush=True)
     judged = [r for r in rows if r["target"] != "next anchor's shape"]
-    out = {"command": "OMP_NUM_THREADS=2 python bench/ridges.py " + " ".join(sys.argv[1:]), "chain": args.chain,
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    out = {"command": f"OMP_NUM_THREADS={threads} python bench/ridges.py " + " ".join(sys.argv[1:]), "chain": args.chain,
            "ridges": list(INSITU_RIDGE), "date": time.strftime("%Y-%m-%d"), "rows": rows,
            "agree": sum(r["agrees"] for r in judged), "of": len(judged),
            "max_cost_of_fixed": max((r["cost_of_fixed"] for r in judged), default=0.0)}

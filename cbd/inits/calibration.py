@@ -27,7 +27,7 @@ from cbd.train.models import (
     bf16_autocast,
     build_model,
     eval_loss,
-    head_nll,
+    forward_nll,
 )
 
 log = logging.getLogger("cbd.inits")
@@ -76,6 +76,14 @@ def _tokens(path: Path) -> torch.Tensor:
     return held.clone()
 
 
+def tokens_digest(*tensors: torch.Tensor) -> str:
+    """sha256 of token tensors' bytes, in order: what the caches beside a chain are named by."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def validation_batches(manifest: ChainManifest, chains_root: Path | None = None) -> list[torch.Tensor]:
     """The chain's validation tokens (from its training split, never the held-out text); read from
     disk once per process and file version, a fresh copy per call."""
@@ -110,7 +118,7 @@ def anchor_cache(manifest: ChainManifest, name: str, tokens: torch.Tensor, chain
     from cbd.repair.refit import anchor_outputs
 
     entry = manifest.anchor(name)
-    digest = hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()[:16]
+    digest = tokens_digest(tokens)[:16]
     folder = (chains_root or paths.chains_dir()) / ".anchor-outputs"  # no manifest: never listed as a chain
     path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{digest}.safetensors"
     limit = int(os.environ.get("CBD_ANCHOR_CACHE_MAX_BYTES", ANCHOR_CACHE_MAX_BYTES))
@@ -146,6 +154,25 @@ def anchor_cache(manifest: ChainManifest, name: str, tokens: torch.Tensor, chain
     return provide
 
 
+def ridge_trial(manifest: ChainManifest, name: str, target,
+                chains_root: Path | None = None) -> tuple[dict[float, float], float | None]:
+    """Anchor ``name`` pruned to ``target`` (by importance) and refit in situ at every ridge of
+    ``INSITU_RIDGE``: (ridge -> loss on the chain's validation batch, the plain prune's loss there);
+    both empty when the prune leaves no reader to refit."""
+    from cbd.repair.refit import INSITU_RIDGE, insitu_refits
+    from cbd.shape.maps import choose_maps
+    from cbd.store.anchors import load_anchor
+
+    anchor = load_anchor(manifest, name, chains_root)
+    tokens, check = calibration_tokens(manifest, chains_root), validation_batches(manifest, chains_root)
+    state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
+    maps = choose_maps(anchor.spec, target, anchor.importance, depth_by="importance", width_by="importance")
+    _, report = insitu_refits(anchor.spec, state, target, maps, list(tokens.split(4)), check=check,
+                              ridge=INSITU_RIDGE, guard=False, outputs=anchor_cache(manifest, name, tokens, chains_root))
+    return ({float(r): v for r, v in report.get("check_loss_by_ridge", {}).items()},
+            report.get("check_loss_plain"))
+
+
 def anchor_ridge(manifest: ChainManifest, name: str, chains_root: Path | None = None) -> float | None:
     """The ridge a request's refit of anchor ``name`` uses: the one of ``INSITU_RIDGE`` whose in-situ
     refit of that anchor pruned to the *next* anchor's shape (a prune the chain fixes, whatever the
@@ -157,10 +184,6 @@ def anchor_ridge(manifest: ChainManifest, name: str, chains_root: Path | None = 
     for an anchor whose prune to the next shape leaves no reader to refit, and when
     ``CBD_RIDGE_PER_ANCHOR=0``. Why the winner is the anchor's and not the target's:
     ``bench/ridges.py``, docs/results.md."""
-    from cbd.repair.refit import INSITU_RIDGE, insitu_refits
-    from cbd.shape.maps import choose_maps
-    from cbd.store.anchors import load_anchor
-
     if os.environ.get("CBD_RIDGE_PER_ANCHOR", "1").strip() == "0":
         return None
     names = [a.name for a in manifest.anchors]
@@ -169,23 +192,15 @@ def anchor_ridge(manifest: ChainManifest, name: str, chains_root: Path | None = 
         return None
     entry, nxt = manifest.anchor(name), manifest.anchors[i + 1].spec
     tokens, check = calibration_tokens(manifest, chains_root), validation_batches(manifest, chains_root)
-    digest = hashlib.sha256()
-    for t in (tokens, *check):
-        digest.update(t.contiguous().numpy().tobytes())
     folder = (chains_root or paths.chains_dir()) / ".anchor-outputs"
-    path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{digest.hexdigest()[:16]}.ridge.json"
+    path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{tokens_digest(tokens, *check)[:16]}.ridge.json"
     try:
         kept = json.loads(path.read_text())["ridge"]
         return None if kept is None else float(kept)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not measured yet, or unreadable: measured (again) below
-    anchor = load_anchor(manifest, name, chains_root)
-    state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
-    maps = choose_maps(anchor.spec, nxt, anchor.importance, depth_by="importance", width_by="importance")
-    _, report = insitu_refits(anchor.spec, state, nxt, maps, list(tokens.split(4)), check=check, ridge=INSITU_RIDGE,
-                              guard=False, outputs=anchor_cache(manifest, name, tokens, chains_root))
-    by = report.get("check_loss_by_ridge")  # none: the chain's prune leaves nothing to refit
-    ridge = min(INSITU_RIDGE, key=lambda r: by[str(r)]) if by else None
+    by, _ = ridge_trial(manifest, name, nxt, chains_root)
+    ridge = min(by, key=by.get) if by else None  # none: the chain's prune leaves nothing to refit
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -298,7 +313,8 @@ class Blend:
         """float32 losses measured elsewhere on the same batch and weights (the repair's checks)."""
         self.cache |= {(False, self.key(a)): v for a, v in losses.items()}
 
-    def _value(self, alpha: Alpha, group: str) -> float:
+    @staticmethod
+    def _value(alpha: Alpha, group: str) -> float:
         return float(alpha[group]) if isinstance(alpha, Mapping) else float(alpha)
 
     @torch.no_grad()
@@ -358,13 +374,10 @@ class Blend:
                     lambda m, args, out, got=entering: got.append(out[0] if isinstance(out, tuple) else out)))
                 try:
                     with amp():
-                        hidden = self.model.base_model(input_ids=batch[:, :-1], use_cache=False).last_hidden_state
-                        nll, n = head_nll(self.model, hidden, batch)  # as eval_loss(chunked=True) computes it
+                        nll, n = forward_nll(self.model, batch, chunked=True)  # as eval_loss(chunked=True)
                 finally:
                     for h in hooks:
                         h.remove()
-                    for i, m in enumerate(old):
-                        self.layers[i] = m
                 total, count = total + nll, count + n
                 trace.append(entering)
                 self.layers_run += self.n - start
@@ -407,22 +420,20 @@ def init_card(li: LInit, alpha, names: dict[str, str | None], batches: list[torc
 
 RANDOM_LOSS_CACHE = 64  # (shape, batch) -> random-init loss, kept per process
 _random_losses: OrderedDict[tuple[str, str], float] = OrderedDict()
+_random_lock = threading.Lock()
 
 
 def random_init_loss(target, batches: list[torch.Tensor]) -> float:
     """The float32 loss of transformers' own initialisation of ``target`` (seed 0) on ``batches``:
     the same numbers every time for one shape and batch, so kept per process (the worker's next
     request of the shape skips the model build and the pass)."""
-    digest = hashlib.sha256()
-    for b in batches:
-        digest.update(b.contiguous().numpy().tobytes())
-    key = (target.model_dump_json(), digest.hexdigest())
-    with _tokens_lock:
+    key = (target.model_dump_json(), tokens_digest(*batches))
+    with _random_lock:
         if key in _random_losses:
             _random_losses.move_to_end(key)
             return _random_losses[key]
     loss = eval_loss(build_model(target, seed=0), batches, chunked=True)  # the model random_state(seed=0) reads
-    with _tokens_lock:
+    with _random_lock:
         _random_losses[key] = loss
         while len(_random_losses) > RANDOM_LOSS_CACHE:
             _random_losses.popitem(last=False)

@@ -90,15 +90,20 @@ def nll_sum(model: nn.Module, batches: Sequence[Tensor], device: torch.device,
     for batch in batches:
         batch = batch.to(device)
         with amp():
-            if chunked:
-                hidden = model.base_model(input_ids=batch[:, :-1], use_cache=False).last_hidden_state
-                nll, n = head_nll(model, hidden, batch)
-            else:
-                nll, n = batch_nll(model(input_ids=batch[:, :-1], use_cache=False).logits, batch)
+            nll, n = forward_nll(model, batch, chunked=chunked)
         total += nll
         count += n
     model.train(was_training)
     return total, count
+
+
+def forward_nll(model: nn.Module, batch: Tensor, *, chunked: bool = False) -> tuple[float, int]:
+    """One ``(b, T+1)`` batch through ``model``: (summed next-token NLL, target tokens); ``chunked``:
+    the head and loss from the base model's last hidden state, a few rows at a time (:func:`head_nll`)."""
+    if chunked:
+        hidden = model.base_model(input_ids=batch[:, :-1], use_cache=False).last_hidden_state
+        return head_nll(model, hidden, batch)
+    return batch_nll(model(input_ids=batch[:, :-1], use_cache=False).logits, batch)
 
 
 def head_nll(model: PreTrainedModel, hidden: Tensor, batch: Tensor, rows: int = 64) -> tuple[float, int]:
