@@ -39,6 +39,15 @@ CASES = {  # (anchor, label, target shape changes)
         ("a0", "all axes -> 20x384 6/2 1024 (default's a1)", dict(num_hidden_layers=20, hidden_size=384,
                                                                   num_attention_heads=6, num_key_value_heads=2,
                                                                   intermediate_size=1024)),
+        # default's upper pair target (24x512, 8/4 heads, FFN 1280) one axis at a time, then whole
+        ("a0", "depth 30 -> 24", dict(num_hidden_layers=24)),
+        ("a0", "residual 576 -> 512", dict(hidden_size=512, head_dim=64)),
+        ("a0", "FFN 1536 -> 1280", dict(intermediate_size=1280)),
+        ("a0", "heads 9/3 -> 8/4", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=64)),
+        ("a0", "all axes -> 24x512 8/4 1280 (default's upper pair)", dict(num_hidden_layers=24, hidden_size=512,
+                                                                           num_attention_heads=8,
+                                                                           num_key_value_heads=4,
+                                                                           intermediate_size=1280)),
         ("a1", "depth 12 -> 8", dict(num_hidden_layers=8)),
         ("a1", "all axes -> 6x256 4/2 640 (a2's shape)", dict(num_hidden_layers=6, hidden_size=256,
                                                               num_attention_heads=4, num_key_value_heads=2,
@@ -55,6 +64,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--ridges", default="0.1,1")
     ap.add_argument("--only", help="comma-separated case labels")
+    ap.add_argument("--name", help="writes docs/data/insitu-<chain>-<name>.json instead")
     args = ap.parse_args()
     m = load_manifest(args.chain)
     domains = list(chain_corpora(m.recipe))
@@ -94,7 +104,7 @@ def main() -> None:
               + f"  service picks {row['service']}", flush=True)
     out = {"command": "python bench/insitu.py " + " ".join(sys.argv[1:]), "chain": args.chain, "domains": domains,
            "seeds": args.seeds, "windows": "2 x 4 x 128 per domain per seed", "rows": rows}
-    (DATA / f"insitu-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (DATA / f"insitu-{args.chain}{'-' + args.name if args.name else ''}.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

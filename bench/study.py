@@ -186,7 +186,8 @@ def alpha_sweep(ctx: Context, target: ModelSpec, *, grid: int = 11, seed: int = 
 
 
 def recovery(ctx: Context, target: ModelSpec, state: State, *, tokens: int, eval_every_tokens: int, seed: int = 0,
-             batch_size: int = 4, seq_len: int = 128, lr: float = 1e-3, label: str = "") -> list[tuple[int, float]]:
+             batch_size: int = 4, seq_len: int = 128, lr: float = 1e-3, label: str = "",
+             heldout_batches: int = 2) -> list[tuple[int, float]]:
     """Continued pretraining (cross-entropy only) from ``state``; held-out loss every N tokens.
 
     Every method gets the same optimiser (AdamW), schedule (warmup 10 steps, cosine), batches
@@ -203,7 +204,7 @@ def recovery(ctx: Context, target: ModelSpec, state: State, *, tokens: int, eval
     model = build_model(target, state).train()
     fn = train_windows(ctx, batch_size=batch_size, seq_len=seq_len, seed=seed + 99)
     t0 = time.perf_counter()
-    res = distill(model, None, fn, ctx.heldout(seed, batches=2), cfg, progress=False)
+    res = distill(model, None, fn, ctx.heldout(seed, batches=heldout_batches), cfg, progress=False)
     print(f"recovery {label}: {steps} steps in {time.perf_counter() - t0:.0f} s, final {res.final_eval_loss:.3f}")
     return [(int(t), float(v)) for t, v in res.eval_loss]
 

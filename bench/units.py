@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cbd.core.manifest import load_manifest
-from cbd.core.plan import make_plan
+from cbd.core.plan import TransOptions, make_plan
 from cbd.core.request import InitRequest
 from cbd.inits.calibration import repair_terms, validation_batches
 from cbd.inits.run import linit_for
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.interp import EXTRA, heldout, score  # noqa: E402
 from bench.quality import DATA, TARGETS  # noqa: E402
 
-GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
 def own_mask(li) -> dict[str, torch.Tensor]:
@@ -67,6 +67,20 @@ def own_mask(li) -> dict[str, torch.Tensor]:
     return out
 
 
+def writes_residual(spec, name: str) -> bool:
+    """Whether ``name`` writes into the residual stream (an embedding, ``o_proj``, ``down_proj``)."""
+    _, key = arch.split_name(name)
+    return ("resid", "out") in (arch.layer_table(spec) | arch.family(spec).global_table)[key]
+
+
+def fade_base(small_zero, big, mask, spec) -> dict[str, torch.Tensor]:
+    """S grown onto the target with the bigger anchor's units in every place S lacks, their writes into
+    the residual stream 0: S's own function exactly (new units, layers and channels add nothing),
+    so ``lerp(big, this, alpha)`` fades B's extra units in by ``1 - alpha`` while the shared ones blend."""
+    return {n: torch.where(mask[n], t, torch.zeros_like(t) if writes_residual(spec, n) else big[n])
+            for n, t in small_zero.items()}
+
+
 def blend(small, big, mask, alpha: float, masked: bool) -> dict[str, torch.Tensor]:
     out = {}
     for n in small:
@@ -79,12 +93,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chain", default="tiny")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only-scheme", help="one scheme by its name")
+    ap.add_argument("--only", help="comma-separated target names")
+    ap.add_argument("--name", help="writes docs/data/units-<chain>-<name>.json instead")
     args = ap.parse_args()
     manifest = load_manifest(args.chain)
     windows = [heldout(manifest, s, batches=2, seq_len=128) for s in range(args.seeds)]
     val = validation_batches(manifest)
     rows = []
     for tname, shape in {**TARGETS[args.chain], **EXTRA[args.chain]}.items():
+        if args.only and tname not in args.only.split(","):
+            continue
         plan = make_plan(InitRequest(chain=args.chain, architecture=shape), manifest)
         if plan.small is None or plan.big is None or plan.small == plan.big:
             continue
@@ -92,20 +111,30 @@ def main() -> None:
         li = linit_for(plan, manifest)
         repair_terms(li, {"small": plan.small, "big": plan.big}, manifest)
         small, big, mask = li.state(1.0), li.state(0.0), own_mask(li)
+        # the small term grown with new units whose outputs are 0 (not clones splitting S's outputs)
+        zplan = plan.model_copy(update={"trans": TransOptions(width_expand="zero", repair=plan.trans.repair)})
+        lz = linit_for(zplan, manifest)
+        repair_terms(lz, {"small": plan.small, "big": plan.big}, manifest)
+        fade = fade_base(lz.state(1.0), big, mask, plan.target)
+        print(f"{tname:22s} S grown with zero units: val {eval_loss(build_model(plan.target, lz.state(1.0)), val):.4f} "
+              f"(with clones {eval_loss(build_model(plan.target, small), val):.4f})", flush=True)
         share = sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
         model = build_model(plan.target, big)
         params = dict(model.named_parameters())
-        for masked in (False, True):
-            scheme = "bigger's own units at full weight" if masked else "plain blend"
+        schemes = {"plain blend": (small, False), "bigger's own units at full weight": (small, True),
+                   "bigger's units faded in": (fade, False)}
+        for scheme, (s_term, masked) in schemes.items():
+            if args.only_scheme and scheme != args.only_scheme:
+                continue
             grid = {}
             for a in GRID:
                 with torch.no_grad():
-                    for n, t in blend(small, big, mask, a, masked).items():
+                    for n, t in blend(s_term, big, mask, a, masked).items():
                         if n in params:
                             params[n].copy_(t)
                 grid[a] = eval_loss(model, val)
             best = min(grid, key=grid.get)
-            r = score(plan.target, blend(small, big, mask, best, masked), windows)
+            r = score(plan.target, blend(s_term, big, mask, best, masked), windows)
             rows.append({"target": tname, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,
                          "scheme": scheme, "validation_by_alpha": {str(a): round(v, 4) for a, v in grid.items()},
                          "alpha": best, "validation_loss": round(grid[best], 4), "own_share": round(share, 4), **r})
@@ -115,7 +144,7 @@ def main() -> None:
               flush=True)
     out = {"command": "python bench/units.py " + " ".join(sys.argv[1:]), "chain": args.chain, "seeds": args.seeds,
            "grid": list(GRID), "rows": rows}
-    (DATA / f"units-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
+    (DATA / f"units-{args.chain}{'-' + args.name if args.name else ''}.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
