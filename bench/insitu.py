@@ -41,7 +41,8 @@ CASES = {  # (anchor, label, target shape changes)
                                                                   intermediate_size=1024)),
         # default's upper pair target (24x512, 8/4 heads, FFN 1280) one axis at a time, then whole
         ("a0", "depth 30 -> 24", dict(num_hidden_layers=24)),
-        ("a0", "residual 576 -> 512", dict(hidden_size=512, head_dim=64)),
+        ("a0", "residual and heads 576 9/3 -> 512 8/4", dict(hidden_size=512, num_attention_heads=8,
+                                                             num_key_value_heads=4, head_dim=64)),
         ("a0", "FFN 1536 -> 1280", dict(intermediate_size=1280)),
         ("a0", "heads 9/3 -> 8/4", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=64)),
         ("a0", "all axes -> 24x512 8/4 1280 (default's upper pair)", dict(num_hidden_layers=24, hidden_size=512,

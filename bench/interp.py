@@ -13,7 +13,9 @@ runs) and scored at step 0 on the held-out work of *every* corpus of the chain's
 - ``single small`` / ``single big``: one anchor's Trans onto the target (alpha 1 / 0);
 - ``global``: one alpha picked on the chain's validation batch (the grid of ``alpha_grid``);
 - ``blocks``: an alpha per block of layers (``cbd.inits.calibration.calibrate_blocks``);
-- each with ``repair`` none (plain Trans, the service before repair) or ridge (``cbd.repair``);
+- each with ``repair`` none (plain Trans, the service before repair) or ridge (``cbd.repair``), and
+  ``blend`` fade (the default: the smaller anchor's term holds the bigger's units it lacks, faded in)
+  or plain (the smaller anchor grown by clones, every parameter blended: the service before);
 - ``random``: transformers' own init.
 
 The validation batch (training text of every corpus) chooses; the held-out works only score.
@@ -41,6 +43,9 @@ from cbd.train.models import build_model, eval_loss, random_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.quality import DATA, TARGETS  # noqa: E402
+
+# (repair, blend): the service before repair, before the fading blend, and today's
+VARIANTS = ((False, "plain"), (True, "plain"), (False, "fade"), (True, "fade"))
 
 EXTRA = {  # between the first anchor and the source
     "tiny": {"upper (18x448)": dict(num_hidden_layers=18, hidden_size=448, num_attention_heads=7,
@@ -76,11 +81,14 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
     for tname, arch in targets.items():
         if only and tname not in only:
             continue
-        for repair in (False, True):
+        for repair, blend in VARIANTS:
             t0 = time.perf_counter()
-            plan = make_plan(InitRequest(chain=chain, architecture=arch, repair=repair), manifest)
-            tag = "ridge" if repair else "none"
+            plan = make_plan(InitRequest(chain=chain, architecture=arch, repair=repair, blend=blend), manifest)
+            tag = ("ridge" if repair else "none") + (", plain blend" if blend == "plain" else "")
             if plan.small is None or plan.big is None or plan.small == plan.big:  # one anchor: its subset
+                if blend == "plain":
+                    continue
+                tag = "ridge" if repair else "none"
                 li, alpha, calib = prepare(plan, manifest, progress=lambda _: None, card=True)
                 r = score(plan.target, li.state(alpha), windows)
                 one = plan.small or plan.big
@@ -148,13 +156,18 @@ def report(chain: str, tag: str | None = None) -> str:
             continue
         best_single = min((r for r in rows if r["method"].startswith("single") and "validation_loss" in r),
                           key=lambda r: r["validation_loss"])
-        old = next(r for r in rows if r["method"] == "global alpha, repair none")
+        old = next(r for r in rows if r["method"] in ("global alpha, repair none, plain blend", "global alpha, repair none"))
+        plain = next((r for r in rows if r["method"] == "blocks alpha, repair ridge, plain blend"), None)
         lines.append(f"| {t} | | *default minus best single anchor (by validation: {best_single['method']})* | | "
                      f"{dflt['mean'] - best_single['mean']:+.3f} | "
                      + " | ".join(f"{dflt['by_domain'][x] - best_single['by_domain'][x]:+.3f}" for x in domains) + " |")
         lines.append(f"| {t} | | *default minus the service before (global alpha, no repair)* | | "
                      f"{dflt['mean'] - old['mean']:+.3f} | "
                      + " | ".join(f"{dflt['by_domain'][x] - old['by_domain'][x]:+.3f}" for x in domains) + " |")
+        if plain is not None:
+            lines.append(f"| {t} | | *default minus the plain blend (blocks alpha, repair ridge, plain blend)* | | "
+                         f"{dflt['mean'] - plain['mean']:+.3f} | "
+                         + " | ".join(f"{dflt['by_domain'][x] - plain['by_domain'][x]:+.3f}" for x in domains) + " |")
     fig, ax = plt.subplots(figsize=(9, 4.5))
     methods = [m for m in dict.fromkeys(r["method"] for r in d["rows"]) if m != "random"]
     width = 0.8 / len(methods)

@@ -9,7 +9,9 @@ function is kept); the blend then mixes B's real unit with a clone of some other
 variant measured here, ``bigger's own units at full weight``, blends only where Trans(S) holds one
 of S's own parameters and takes B's value everywhere else (which positions those are: Trans(S) of
 an all-ones S with new units zeroed). At alpha 0 both are Trans(B); at alpha 1 the variant is S's
-units plus B's units that S lacks.
+units plus B's units that S lacks. And the service's fading blend (``TransOptions.blend`` "fade",
+the default since it was measured here): S's term holds B's units that S lacks with their writes
+into the residual stream at 0, so at alpha 1 it is S's function, and the blend fades B's units in.
 
 For every paired target of ``bench/interp.py``, both repaired terms as the service makes them
 (``cbd.inits.calibration.repair_terms``), each scheme's alpha chosen on the chain's validation
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 from cbd.core.manifest import load_manifest
-from cbd.core.plan import TransOptions, make_plan
+from cbd.core.plan import make_plan
 from cbd.core.request import InitRequest
 from cbd.inits.calibration import repair_terms, validation_batches
 from cbd.inits.run import linit_for
@@ -67,20 +69,6 @@ def own_mask(li) -> dict[str, torch.Tensor]:
     return out
 
 
-def writes_residual(spec, name: str) -> bool:
-    """Whether ``name`` writes into the residual stream (an embedding, ``o_proj``, ``down_proj``)."""
-    _, key = arch.split_name(name)
-    return ("resid", "out") in (arch.layer_table(spec) | arch.family(spec).global_table)[key]
-
-
-def fade_base(small_zero, big, mask, spec) -> dict[str, torch.Tensor]:
-    """S grown onto the target with the bigger anchor's units in every place S lacks, their writes into
-    the residual stream 0: S's own function exactly (new units, layers and channels add nothing),
-    so ``lerp(big, this, alpha)`` fades B's extra units in by ``1 - alpha`` while the shared ones blend."""
-    return {n: torch.where(mask[n], t, torch.zeros_like(t) if writes_residual(spec, n) else big[n])
-            for n, t in small_zero.items()}
-
-
 def blend(small, big, mask, alpha: float, masked: bool) -> dict[str, torch.Tensor]:
     out = {}
     for n in small:
@@ -104,20 +92,18 @@ def main() -> None:
     for tname, shape in {**TARGETS[args.chain], **EXTRA[args.chain]}.items():
         if args.only and tname not in args.only.split(","):
             continue
-        plan = make_plan(InitRequest(chain=args.chain, architecture=shape), manifest)
+        plan = make_plan(InitRequest(chain=args.chain, architecture=shape, blend="plain"), manifest)
         if plan.small is None or plan.big is None or plan.small == plan.big:
             continue
         t0 = time.perf_counter()
         li = linit_for(plan, manifest)
         repair_terms(li, {"small": plan.small, "big": plan.big}, manifest)
         small, big, mask = li.state(1.0), li.state(0.0), own_mask(li)
-        # the small term grown with new units whose outputs are 0 (not clones splitting S's outputs)
-        zplan = plan.model_copy(update={"trans": TransOptions(width_expand="zero", repair=plan.trans.repair)})
-        lz = linit_for(zplan, manifest)
-        repair_terms(lz, {"small": plan.small, "big": plan.big}, manifest)
-        fade = fade_base(lz.state(1.0), big, mask, plan.target)
-        print(f"{tname:22s} S grown with zero units: val {eval_loss(build_model(plan.target, lz.state(1.0)), val):.4f} "
-              f"(with clones {eval_loss(build_model(plan.target, small), val):.4f})", flush=True)
+        # the service's fading blend (TransOptions.blend "fade"): its alpha-1 end is the small term
+        fplan = plan.model_copy(update={"trans": plan.trans.model_copy(update={"blend": "fade"})})
+        lf = linit_for(fplan, manifest)
+        repair_terms(lf, {"small": plan.small, "big": plan.big}, manifest)
+        fade = lf.state(1.0)
         share = sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
         model = build_model(plan.target, big)
         params = dict(model.named_parameters())

@@ -7,7 +7,9 @@ readers refit in situ by ridge least squares, an alpha per block of layers; re-p
 refit pass began running each layer alone and adding the FFN reader's change to the layer output
 without a rerun: the same fit up to float32 rounding, ~1e-6 in the refit weights; and again when
 the refit's ridge system was solved in float32 instead of float64: the tiny chain's check losses
-the same to 5 decimals, a seventh less time per repair). A
+the same to 5 decimals, a seventh less time per repair; and again when the fading blend became the
+default: the smaller anchor's term holds the bigger's units it lacks). The first cases ask for
+``"blend": "plain"``, the blend they pinned; ``faded`` pins the fading blend at one alpha. A
 refactoring that changes any of them changed what users get. A change that is *meant* to change
 the bytes updates them in the same commit and says why.
 """
@@ -32,12 +34,12 @@ from cbd.run import run_plan
 
 ARCH_A = dict(num_hidden_layers=3, hidden_size=80, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72)
 CASES = {  # name: (request body, sha256 of every tensor's name, dtype, shape and bytes)
-    "calibrated": ({"architecture": ARCH_A, "repair": False, "alpha_scheme": "global"},
+    "calibrated": ({"architecture": ARCH_A, "repair": False, "alpha_scheme": "global", "blend": "plain"},
                    "c86acdca14905d4c56c7578edaa43bf4b29012584212bfe8e6c7cc5dbfdbe617"),
-    "alpha0": ({"architecture": ARCH_A, "calibrate": False, "repair": False},
+    "alpha0": ({"architecture": ARCH_A, "calibrate": False, "repair": False, "blend": "plain"},
                "5e5d33310c427e29d5ece5b010a22e7e4f90c7afe59d397cfb0cceaf07df967e"),
     "explicit": ({"architecture": dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=3,
-                                       num_key_value_heads=1), "alpha": 0.3, "repair": False},
+                                       num_key_value_heads=1), "alpha": 0.3, "repair": False, "blend": "plain"},
                  "9dc37328707df819c8612006128480612cf25b133b1dff137f4686eda49bf97c"),
     "below": ({"architecture": dict(num_hidden_layers=1, hidden_size=16, num_attention_heads=1,
                                     intermediate_size=24), "repair": False},
@@ -46,9 +48,12 @@ CASES = {  # name: (request body, sha256 of every tensor's name, dtype, shape an
                                     num_key_value_heads=4, intermediate_size=160), "repair": False},
               "043b147e1e28c059caf6c66f404b697f8534aceb262d086396d743a91ed832c2"),
     "bf16": ({"architecture": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4), "dtype": "bfloat16",
-              "repair": False, "alpha_scheme": "global"},
+              "repair": False, "alpha_scheme": "global", "blend": "plain"},
              "d076fd008909993ef5854e6846029c75d4183e0780585635dfbb58b7c51875d9"),
-    "repaired": ({"architecture": ARCH_A}, "8a6c1ce71bd1a9c3bfb1786140ec9103bb10ec9ed9f1634fea883db2e8e43e92"),
+    "faded": ({"architecture": dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=3, num_key_value_heads=1),
+               "alpha": 0.3, "repair": False},
+              "b296c9febfae6ed2d521cda65238e0c8fc5ad3f415db0b71701201cf1b47ecdb"),
+    "repaired": ({"architecture": ARCH_A}, "4ac3cbf60d1397056619a990f4113d4543fc038d404510e5acb64d1f6ba59a18"),
 }
 
 

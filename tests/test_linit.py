@@ -6,6 +6,7 @@ import pytest
 import torch
 from random_chain import tiny_spec
 
+from cbd.core.plan import TransOptions
 from cbd.shape import arch
 from cbd.shape.linit import make_linit
 from cbd.shape.maps import choose_maps
@@ -38,10 +39,10 @@ BETWEEN = [  # between a1 (3x64, 4/2 heads, f64) and a0 (4x96, 6/2 heads, f96)
 
 @pytest.mark.parametrize("shape", BETWEEN)
 def test_alpha_one_is_trans_of_small_and_keeps_its_function(pair, shape):
-    """alpha = 1 gives exactly Trans(S); a target containing S keeps S's logits."""
+    """The plain blend: alpha = 1 gives exactly Trans(S); a target containing S keeps S's logits."""
     m, small, big, align = pair
     tgt = tiny_spec(**shape)
-    li = make_linit(tgt, small, big, alpha=0.5, alignment=align)
+    li = make_linit(tgt, small, big, alpha=0.5, alignment=align, opts=TransOptions(blend="plain"))
     one = li.state(1.0)
     direct = trans_state(small.read, small.spec, tgt, li.maps_small)
     for k in one:
@@ -49,6 +50,55 @@ def test_alpha_one_is_trans_of_small_and_keeps_its_function(pair, shape):
     batch = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
     s_state = {n: small.read(n) for n in arch.param_names(small.spec)}
     assert (_logits(small.spec, s_state, batch) - _logits(tgt, one, batch)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("shape", BETWEEN)
+def test_fade_holds_bigs_units_where_small_has_none_and_keeps_its_function(pair, shape):
+    """The default blend ("fade"): at alpha 1 the small term is S's Trans with new units 0 where S has
+    its own parameters, B's Trans where a tensor reads from a unit, channel or layer S lacks, and 0
+    where a tensor writes into the residual from one; S's logits exactly."""
+    m, small, big, align = pair
+    tgt = tiny_spec(**shape)
+    li = make_linit(tgt, small, big, alpha=0.5, alignment=align)
+    one, zero = li.state(1.0), li.state(0.0)
+    grown = trans_state(small.read, small.spec, tgt, li.maps_small, width_expand="zero")
+    faded = 0
+    for n in one:
+        own = li.own(n)
+        if own is None:
+            assert torch.equal(one[n], grown[n]), n
+            continue
+        faded += 1
+        own = own.expand_as(one[n])
+        assert torch.equal(one[n][own], grown[n][own]) and torch.equal(one[n][~own], zero[n][~own]), n
+        assert not torch.equal(one[n], grown[n]), n  # B's units, not S's copies
+    assert faded
+    s_new = {axis: any(getattr(li.maps_small, axis).new) for axis in ("resid",)}
+    assert s_new["resid"] or any(li.maps_small.layers.new) or any(any(m.new) for m in li.maps_small.ffn)
+    for n in one:  # every tensor that writes into the residual: 0 wherever S lacks the writer or the channel
+        j, key = arch.split_name(n)
+        if ("resid", "out") in (arch.layer_table(tgt) | arch.family(tgt).global_table)[key]:
+            assert li.own(n) is None and torch.equal(one[n], grown[n]), n
+    batch = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    s_state = {n: small.read(n) for n in arch.param_names(small.spec)}
+    assert (_logits(small.spec, s_state, batch) - _logits(tgt, one, batch)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.8])
+def test_fade_is_the_lerp_of_its_endpoints_bit_for_bit(pair, alpha):
+    """What calibration scores (``Blend``: lerp of the two endpoint states) is what the writer writes
+    (``LInit.tensor`` at that alpha), bit for bit; B's units that S lacks stay B's where they are read
+    and come in at ``1 - alpha`` where they write."""
+    m, small, big, align = pair
+    tgt = tiny_spec(**BETWEEN[3])
+    li = make_linit(tgt, small, big, alpha=0.5, alignment=align)
+    mid, s, b = li.state(alpha), li.state(1.0), li.state(0.0)
+    for n in mid:
+        assert torch.equal(mid[n], torch.lerp(b[n], s[n], alpha)), n
+        own = li.own(n)
+        if own is not None:
+            own = own.expand_as(mid[n])
+            assert torch.equal(mid[n][~own], b[n][~own]), n
 
 
 @pytest.mark.parametrize("shape", BETWEEN)

@@ -74,6 +74,12 @@ class InitRequest(BaseModel):
                          description="refit the projections that read pruned units (down_proj, o_proj) by ridge "
                                      "least squares on the anchor's calibration activations (no teacher, no "
                                      "gradients); false: plain Trans")
+    blend: Literal["fade", "plain"] = Field(
+        default="fade",
+        description="fade: the smaller anchor's term holds the bigger anchor's units that it lacks, their "
+                    "writes into the residual stream at 0, so alpha fades them in (no loss barrier between "
+                    "the anchors); plain: the smaller anchor grown by clones of its own units, every "
+                    "parameter blended (cbd before 0.2)")
     dtype: Dtype = "float32"
     push_to_hub: PushToHub | None = None
 

@@ -234,7 +234,7 @@ def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifes
         ridge = anchor_ridge(manifest, names[term], chains_root) if names.get(term) else None
         per_layer, report = insitu_refits(anchor.spec, state, li.target, maps, list(tokens.split(4)), check=check,
                                           ridge=INSITU_RIDGE if ridge is None else ridge,
-                                          width_expand=li.opts.width_expand, depth_expand=li.opts.depth_expand,
+                                          width_expand=li.width_expand(term), depth_expand=li.opts.depth_expand,
                                           outputs=anchor_cache(manifest, names[term], tokens, chains_root)
                                           if names.get(term) else None)
         report["ridge_from"] = "tried" if ridge is None else "anchor"
@@ -259,11 +259,15 @@ class _Known(torch.nn.Module):
         return self.out if self.out is not None else (args[0] if args else kwargs["hidden_states"])
 
 
+# the interior points of a fading blend's alpha grid (grid_losses)
+FADE_INTERIOR = (0.25, 0.5, 0.75)
+
+
 class Blend:
     """Step-0 losses of an LInit at any alpha, for the price of one forward pass each: both terms
     (each anchor's Trans onto the target, its repairs included) are computed once, and one model's
     parameters are set to their blend (``torch.lerp(big, small, alpha)``, what ``LInit.tensor``
-    computes, bit for bit) before each evaluation, instead of re-running Trans and building a
+    computes, bit for bit, a fading blend included: tests/test_linit.py) before each evaluation, instead of re-running Trans and building a
     model per candidate; only the groups whose alpha changed are set again. ``alpha``: one value,
     or one per tensor group (``alpha_group``).
 
@@ -503,6 +507,14 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
 
 
 def grid_losses(li: LInit, batches: list[torch.Tensor], blend: Blend | None = None) -> dict[float, float]:
-    """alpha -> validation loss over :func:`cbd.shape.linit.alpha_grid` (both endpoints included)."""
+    """alpha -> float32 validation loss over :func:`cbd.shape.linit.alpha_grid` (both endpoints
+    included). A fading blend (``li.fades``) has no barrier between its endpoints (docs/results.md),
+    so its interior (:data:`FADE_INTERIOR`) is searched too (``blend.loss(search=True)``: bf16 where
+    :func:`search_bf16` says) and the best interior point is measured in float32 and added."""
     blend = blend or Blend(li, batches)
-    return {a: blend.loss(a) for a in alpha_grid(li.alpha)}
+    scores = {a: blend.loss(a) for a in alpha_grid(li.alpha)}
+    inner = {a: blend.loss(a, search=True) for a in FADE_INTERIOR if a not in scores} if li.fades else {}
+    if inner:
+        a = min(inner, key=inner.get)
+        scores[a] = blend.loss(a)
+    return dict(sorted(scores.items()))

@@ -59,6 +59,49 @@ class LInit:
     # "small"/"big" -> {(target layer, layer key): tensor in that anchor's coordinates}: what Trans
     # reads instead of the anchor's own tensor (cbd.repair.refit.refits: the repaired readers)
     replaced: dict[str, dict[tuple[int, str], torch.Tensor]] = field(default_factory=dict)
+    _own: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def fades(self) -> bool:
+        """Whether the small term holds B's units where S has none (``TransOptions.blend`` "fade")."""
+        return self.opts.blend == "fade" and self.small is not None and self.big is not None
+
+    def width_expand(self, term: str) -> str:
+        """The small term's new units are 0 when fading (their readers' columns: S's function, its own
+        units unscaled); ``opts.width_expand`` otherwise."""
+        return "zero" if term == "small" and self.fades else self.opts.width_expand
+
+    def own(self, name: str) -> torch.Tensor | None:
+        """Where the small term of a tensor that reads (does not write into the residual stream) holds
+        one of S's own parameters: a bool tensor broadcastable to the target tensor ``name`` (False: a
+        unit, channel or layer S lacks; a kv head counts as S's when one of S's query heads reads it,
+        a copy made for GQA regrouping included), or None when there is nothing to fade: S's own everywhere, or a
+        writer (``o_proj``, ``down_proj``, the embedding: Trans(S) holds 0 wherever S lacks a unit, so
+        the plain blend is already ``(1 - alpha)`` times B's value there). Axes without a map
+        (vocabulary, head dim, a fused qkv) count as S's own."""
+        if name not in self._own:
+            maps, tgt = self.maps_small, self.target
+            j, key = arch.split_name(name)
+            roles = (arch.layer_table(tgt) | arch.family(tgt).global_table)[key]
+            mask = torch.ones((1,) * len(roles), dtype=torch.bool)
+            if ("resid", "out") in roles:
+                pass
+            elif j is not None and maps.layers.new[j]:  # a layer S lacks
+                mask = ~mask
+            else:
+                for k, (axis, _) in enumerate(roles):
+                    m = maps.resid if axis == "resid" else getattr(maps, axis)[j] if axis in ("q", "kv", "ffn") else None
+                    if m is None or not any(m.new):
+                        continue
+                    keep = [not n for n in m.new]
+                    if axis == "kv":  # a copy of one of S's kv heads that S's own query heads read is S's
+                        r = tgt.kv_group_size
+                        keep = [k_ or not all(maps.q[j].new[g * r:(g + 1) * r]) for g, k_ in enumerate(keep)]
+                    shape = [1] * len(roles)
+                    shape[k] = -1
+                    mask = mask & torch.tensor(keep).repeat_interleave(arch.unit(tgt, axis)).view(shape)
+            self._own[name] = None if bool(mask.all()) else mask
+        return self._own[name]
 
     def tensor(self, name: str, alpha: Alpha | None = None, rows: slice | None = None, *,
                alloc: Alloc = fresh) -> torch.Tensor:
@@ -74,7 +117,9 @@ class LInit:
         a = self.alpha if alpha is None else alpha
         if isinstance(a, Mapping):  # an alpha per group (alpha_group)
             a = a[alpha_group(name)]
-        parts = [(w, anchor, *self._trans(name, anchor, maps, rows, alloc, self.replaced.get(term, {})))
+        if self.fades and a != 0.0 and self.own(name) is not None:
+            return self._faded(name, a, rows, alloc)
+        parts = [(w, anchor, *self._trans(name, anchor, maps, rows, alloc, self.replaced.get(term, {}), term))
                  for term, anchor, maps, w in (("small", self.small, self.maps_small, a),
                                                ("big", self.big, self.maps_big, 1.0 - a))
                  if anchor is not None and w != 0.0]
@@ -87,8 +132,21 @@ class LInit:
         out = tb if b_new else ta if a_new else alloc(tuple(tb.shape), tb.dtype)
         return torch.lerp(tb, ta, wa, out=out)
 
+    def _faded(self, name: str, a: float, rows: slice | None, alloc: Alloc) -> torch.Tensor:
+        """A tensor that reads: ``lerp(Trans(B), Trans(S), a)`` where S holds its own parameters, B's value
+        elsewhere (a new unit's inputs, a new channel's readers, a layer S lacks: S's function never
+        sees them, since Trans(S) writes 0 from every unit, channel and layer S lacks)."""
+        ta, a_new = self._trans(name, self.small, self.maps_small, rows, alloc, self.replaced.get("small", {}), "small")
+        tb, b_new = self._trans(name, self.big, self.maps_big, rows, alloc, self.replaced.get("big", {}), "big")
+        own = self.own(name)
+        if rows is not None and own.shape[0] != 1:
+            own = own[rows]
+        out = ta if a_new else alloc(tuple(ta.shape), ta.dtype)
+        torch.lerp(tb, ta, a, out=out)
+        return torch.where(own, out, tb, out=out)
+
     def _trans(self, name: str, anchor: Anchor, maps: Maps, rows: slice | None,
-               alloc: Alloc, replaced: dict[tuple[int, str], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+               alloc: Alloc, replaced: dict[tuple[int, str], torch.Tensor], term: str) -> tuple[torch.Tensor, bool]:
         """Trans of one anchor's tensor (its ``rows``), and whether that is new memory: Trans
         returns the tensor it read itself when it maps nothing, else a new tensor."""
         read, got = anchor.reader(), []
@@ -102,7 +160,7 @@ class LInit:
             got.append(read(n) if rows is None else read(n)[rows])
             return got[-1]
 
-        t = trans_tensor(name, reader, anchor.spec, self.target, maps, width_expand=self.opts.width_expand,
+        t = trans_tensor(name, reader, anchor.spec, self.target, maps, width_expand=self.width_expand(term),
                          depth_expand=self.opts.depth_expand, alloc=alloc)
         return t, all(t is not g for g in got)
 
