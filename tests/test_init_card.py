@@ -229,3 +229,29 @@ def test_random_init_loss_is_measured_once_per_shape_and_batch(random_chain, cbd
     calibration.random_init_loss(other, batches)
     calibration.random_init_loss(spec, batches[:1])
     assert [c[0] for c in calls] == [spec, other, spec]  # once per shape and batch
+
+
+@pytest.mark.parametrize("blend", ["fade", "plain"])
+def test_a_fading_grid_searches_its_interior_and_reports_float32(random_chain, cbd_home, blend):
+    """The fading blend's loss has no barrier between the anchors, so its grid also searches the
+    interior (``FADE_INTERIOR``) and keeps the best interior point, measured in float32 like every
+    other grid point; the plain blend's grid is alpha0 and both ends."""
+    from cbd.inits.calibration import FADE_INTERIOR, Blend, grid_losses
+    from cbd.shape.linit import alpha_grid
+
+    plan = make_plan(InitRequest(chain="test", architecture=ARCH, blend=blend, repair=False), random_chain)
+    li = linit_for(plan, random_chain, cbd_home / "chains")
+    assert li.fades == (blend == "fade")
+    batches = validation_batches(random_chain, cbd_home / "chains")
+    blend_ = Blend(li, batches, bf16=True)
+    scores = grid_losses(li, batches, blend_)
+    inner = set(scores) - set(alpha_grid(li.alpha))
+    if blend == "plain":
+        assert not inner
+    else:
+        assert len(inner) == 1 and inner <= set(FADE_INTERIOR)
+        searched = {a: blend_.cache[(True, a)] for a in FADE_INTERIOR if (True, a) in blend_.cache}
+        assert set(searched) == set(FADE_INTERIOR) - set(alpha_grid(li.alpha))
+        assert inner == {min(searched, key=searched.get)}
+    for a, loss in scores.items():
+        assert loss == pytest.approx(state_loss(plan.target, li.state(a), batches), abs=1e-6), a

@@ -341,6 +341,10 @@
     global: "global: one alpha for every tensor",
     blocks: "blocks: an alpha per block of layers, from the global grid's best",
   };
+  const BLEND = {
+    fade: "fade: the bigger anchor's units that the smaller lacks, faded in by 1 − alpha",
+    plain: "plain: every parameter blended, the smaller anchor grown by copies of its own units",
+  };
   const REPAIR = {
     ridge: "ridge: the readers of pruned FFN neurons and query heads refit on the anchor's calibration activations",
     none: "none: plain Trans (nothing refit)",
@@ -396,6 +400,7 @@
     if (card.alpha !== undefined) fact("alpha", alphaText(card.alpha));
     if (card.alpha_scheme) fact("alpha scheme", SCHEME[card.alpha_scheme] || card.alpha_scheme);
     if (card.repair) fact("repair", REPAIR[card.repair] || card.repair);
+    if (card.blend) fact("blend", BLEND[card.blend] || card.blend);
     const help = el("p", { class: "help", text: "Mean next-token loss before any training, on training text of every "
       + "corpus of the chain's recipe (never held out); lower is better. The single anchors are each one mapped "
       + "onto the same target shape alone." });

@@ -79,12 +79,13 @@ def _card_table(card: dict) -> str:
     rows += [(f"`{x['anchor']}` alone (alpha {x['alpha']:g})", x["loss"]) for x in card["single_anchors"].values()]
     rows.append(("random init (transformers' own, seed 0)", card["random_init_loss"]))
     body = "\n".join(f"| {name} | {loss:.4f} |" for name, loss in rows)
+    blend = f", blend `{card['blend']}`" if card.get("blend") else ""
     return f"""
 ## Loss at step 0
 
 Mean next-token loss (nats/token) on the chain's validation batch ({card['validation']['tokens']:,}
 tokens of its training text, every corpus of its recipe), before any training; alpha scheme
-`{card['alpha_scheme']}`, repair `{card['repair']}`.
+`{card['alpha_scheme']}`, repair `{card['repair']}`{blend}.
 
 | start | loss |
 |---|---|
