@@ -72,7 +72,8 @@ def score(target, state, windows: list[dict[str, list[torch.Tensor]]]) -> dict:
             "per_seed_mean": means}
 
 
-def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | None) -> dict:
+def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | None,
+        variants: tuple[tuple[bool, str], ...] = VARIANTS) -> dict:
     manifest = load_manifest(chain)
     windows = [heldout(manifest, s, batches=batches, seq_len=seq_len) for s in range(seeds)]
     val = validation_batches(manifest)
@@ -81,7 +82,7 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
     for tname, arch in targets.items():
         if only and tname not in only:
             continue
-        for repair, blend in VARIANTS:
+        for repair, blend in variants:
             t0 = time.perf_counter()
             plan = make_plan(InitRequest(chain=chain, architecture=arch, repair=repair, blend=blend), manifest)
             tag = ("ridge" if repair else "none") + (", plain blend" if blend == "plain" else "")
@@ -123,6 +124,14 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
             "domains": list(chain_corpora(manifest.recipe)), "rows": rows}
 
 
+def paired(a: dict, b: dict) -> str:
+    """`` ± s``: the std over seeds of a's mean minus b's on the same windows (the spread of the
+    difference itself, smaller than either row's own)."""
+    if len(a.get("per_seed_mean", ())) < 2 or len(a["per_seed_mean"]) != len(b.get("per_seed_mean", ())):
+        return ""
+    return f" ± {statistics.stdev(x - y for x, y in zip(a['per_seed_mean'], b['per_seed_mean'], strict=True)):.3f}"
+
+
 def stem(chain: str, tag: str | None) -> str:
     return f"interp-{chain}" + (f"-{tag}" if tag else "")
 
@@ -156,17 +165,19 @@ def report(chain: str, tag: str | None = None) -> str:
             continue
         best_single = min((r for r in rows if r["method"].startswith("single") and "validation_loss" in r),
                           key=lambda r: r["validation_loss"])
-        old = next(r for r in rows if r["method"] in ("global alpha, repair none, plain blend", "global alpha, repair none"))
+        old = next((r for r in rows if r["method"] in ("global alpha, repair none, plain blend",
+                                                       "global alpha, repair none")), None)
         plain = next((r for r in rows if r["method"] == "blocks alpha, repair ridge, plain blend"), None)
         lines.append(f"| {t} | | *default minus best single anchor (by validation: {best_single['method']})* | | "
-                     f"{dflt['mean'] - best_single['mean']:+.3f} | "
+                     f"{dflt['mean'] - best_single['mean']:+.3f}{paired(dflt, best_single)} | "
                      + " | ".join(f"{dflt['by_domain'][x] - best_single['by_domain'][x]:+.3f}" for x in domains) + " |")
-        lines.append(f"| {t} | | *default minus the service before (global alpha, no repair)* | | "
-                     f"{dflt['mean'] - old['mean']:+.3f} | "
-                     + " | ".join(f"{dflt['by_domain'][x] - old['by_domain'][x]:+.3f}" for x in domains) + " |")
+        if old is not None:
+            lines.append(f"| {t} | | *default minus the service before (global alpha, no repair)* | | "
+                         f"{dflt['mean'] - old['mean']:+.3f} | "
+                         + " | ".join(f"{dflt['by_domain'][x] - old['by_domain'][x]:+.3f}" for x in domains) + " |")
         if plain is not None:
             lines.append(f"| {t} | | *default minus the plain blend (blocks alpha, repair ridge, plain blend)* | | "
-                         f"{dflt['mean'] - plain['mean']:+.3f} | "
+                         f"{dflt['mean'] - plain['mean']:+.3f}{paired(dflt, plain)} | "
                          + " | ".join(f"{dflt['by_domain'][x] - plain['by_domain'][x]:+.3f}" for x in domains) + " |")
     fig, ax = plt.subplots(figsize=(9, 4.5))
     methods = [m for m in dict.fromkeys(r["method"] for r in d["rows"]) if m != "random"]
@@ -199,13 +210,16 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=2, help="held-out batches per domain per seed")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--only", help="comma-separated target names")
+    ap.add_argument("--repaired-only", action="store_true", help="only the variants with repair (both blends)")
     ap.add_argument("--name", help="a suffix of the data file and plot (docs/data/interp-<chain>-<name>.json), "
                                    "so a run of some targets keeps the full run's file")
     args = ap.parse_args()
     if args.report:
         print(report(args.chain, args.name))
         return
-    out = run(args.chain, args.seeds, args.batches, args.seq_len, args.only.split(",") if args.only else None)
+    variants = tuple(v for v in VARIANTS if v[0]) if args.repaired_only else VARIANTS
+    out = run(args.chain, args.seeds, args.batches, args.seq_len, args.only.split(",") if args.only else None,
+              variants)
     out["command"] = "python bench/interp.py " + " ".join(sys.argv[1:])
     path = DATA / f"{stem(args.chain, args.name)}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
