@@ -234,9 +234,10 @@ def test_random_init_loss_is_measured_once_per_shape_and_batch(random_chain, cbd
 @pytest.mark.parametrize("blend", ["fade", "plain"])
 def test_a_fading_grid_searches_its_interior_and_reports_float32(random_chain, cbd_home, blend):
     """The fading blend's loss has no barrier between the anchors, so its grid also searches the
-    interior (``FADE_INTERIOR``) and keeps the best interior point, measured in float32 like every
+    interior (``FADE_INTERIOR``, then halfway to the best one's neighbours) and keeps the best
+    interior point, measured in float32 like every
     other grid point; the plain blend's grid is alpha0 and both ends."""
-    from cbd.inits.calibration import FADE_INTERIOR, Blend, grid_losses
+    from cbd.inits.calibration import FADE_INTERIOR, FADE_REFINE, Blend, grid_losses
     from cbd.shape.linit import alpha_grid
 
     plan = make_plan(InitRequest(chain="test", architecture=ARCH, blend=blend, repair=False), random_chain)
@@ -249,9 +250,10 @@ def test_a_fading_grid_searches_its_interior_and_reports_float32(random_chain, c
     if blend == "plain":
         assert not inner
     else:
-        assert len(inner) == 1 and inner <= set(FADE_INTERIOR)
-        searched = {a: blend_.cache[(True, a)] for a in FADE_INTERIOR if (True, a) in blend_.cache}
-        assert set(searched) == set(FADE_INTERIOR) - set(alpha_grid(li.alpha))
-        assert inner == {min(searched, key=searched.get)}
+        searched = {a: v for (half, a), v in blend_.cache.items() if half}
+        first = min((a for a in FADE_INTERIOR if a not in alpha_grid(li.alpha)), key=searched.get)
+        refine = {a for a in (first - FADE_REFINE, first + FADE_REFINE) if 0 < a < 1} - set(alpha_grid(li.alpha))
+        assert set(searched) == (set(FADE_INTERIOR) - set(alpha_grid(li.alpha))) | refine
+        assert len(inner) == 1 and inner == {min(searched, key=searched.get)}
     for a, loss in scores.items():
         assert loss == pytest.approx(state_loss(plan.target, li.state(a), batches), abs=1e-6), a

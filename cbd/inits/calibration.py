@@ -259,8 +259,10 @@ class _Known(torch.nn.Module):
         return self.out if self.out is not None else (args[0] if args else kwargs["hidden_states"])
 
 
-# the interior points of a fading blend's alpha grid (grid_losses)
+# the interior points of a fading blend's alpha grid, then halfway to the best one's neighbours
+# (grid_losses): on tiny's upper pair target 0.125 beat 0.25 by 0.03 nats on the validation batch
 FADE_INTERIOR = (0.25, 0.5, 0.75)
+FADE_REFINE = 0.125
 
 
 class Blend:
@@ -510,12 +512,17 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
 def grid_losses(li: LInit, batches: list[torch.Tensor], blend: Blend | None = None) -> dict[float, float]:
     """alpha -> float32 validation loss over :func:`cbd.shape.linit.alpha_grid` (both endpoints
     included). A fading blend (``li.fades``) has no barrier between its endpoints (docs/results.md),
-    so its interior (:data:`FADE_INTERIOR`) is searched too (``blend.loss(search=True)``: bf16 where
-    :func:`search_bf16` says) and the best interior point is measured in float32 and added."""
+    so its interior (:data:`FADE_INTERIOR`, then :data:`FADE_REFINE` either side of the best of those)
+    is searched too (``blend.loss(search=True)``: bf16 where :func:`search_bf16` says) and the best
+    interior point is measured in float32 and added."""
     blend = blend or Blend(li, batches)
     scores = {a: blend.loss(a) for a in alpha_grid(li.alpha)}
     inner = {a: blend.loss(a, search=True) for a in FADE_INTERIOR if a not in scores} if li.fades else {}
     if inner:
+        best = min(inner, key=inner.get)
+        for a in (best - FADE_REFINE, best + FADE_REFINE):  # halfway to each neighbour
+            if 0.0 < a < 1.0 and a not in scores and a not in inner:
+                inner[a] = blend.loss(a, search=True)
         a = min(inner, key=inner.get)
         scores[a] = blend.loss(a)
     return dict(sorted(scores.items()))
