@@ -512,11 +512,12 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
 def grid_losses(li: LInit, batches: list[torch.Tensor], blend: Blend | None = None) -> dict[float, float]:
     """alpha -> float32 validation loss over :func:`cbd.shape.linit.alpha_grid` (both endpoints
     included). A fading blend (``li.fades``) has no barrier between its endpoints (docs/results.md),
-    so its interior (:data:`FADE_INTERIOR`, then :data:`FADE_REFINE` either side of the best of those)
+    so instead of alpha0 its interior (:data:`FADE_INTERIOR`, then :data:`FADE_REFINE` either side of the best of those)
     is searched too (``blend.loss(search=True)``: bf16 where :func:`search_bf16` says) and the best
     interior point is measured in float32 and added."""
     blend = blend or Blend(li, batches)
-    scores = {a: blend.loss(a) for a in alpha_grid(li.alpha)}
+    # fading: the ends, then the searched interior (alpha0, a distance, never won there on tiny)
+    scores = {a: blend.loss(a) for a in ((0.0, 1.0) if li.fades else alpha_grid(li.alpha))}
     inner = {a: blend.loss(a, search=True) for a in FADE_INTERIOR if a not in scores} if li.fades else {}
     if inner:
         best = min(inner, key=inner.get)
