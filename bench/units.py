@@ -130,7 +130,33 @@ def main() -> None:
               flush=True)
     out = {"command": "python bench/units.py " + " ".join(sys.argv[1:]), "chain": args.chain, "seeds": args.seeds,
            "grid": list(GRID), "rows": rows}
-    (DATA / f"units-{args.chain}{'-' + args.name if args.name else ''}.json").write_text(json.dumps(out, indent=1) + "\n")
+    stem = f"units-{args.chain}{'-' + args.name if args.name else ''}"
+    (DATA / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
+    plot(out, DATA.parent / f"{stem}.png")
+
+
+def plot(out: dict, path: Path) -> None:
+    """Validation loss along alpha, one panel per target, one line per scheme."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(dict.fromkeys(r["target"] for r in out["rows"]))
+    fig, axes = plt.subplots(1, len(targets), figsize=(3.2 * len(targets), 3.4), squeeze=False)
+    for ax, t in zip(axes[0], targets, strict=True):
+        for r in (r for r in out["rows"] if r["target"] == t):
+            xs = [float(a) for a in r["validation_by_alpha"]]
+            ax.plot(xs, list(r["validation_by_alpha"].values()), marker=".", label=r["scheme"])
+        ax.set_title(f"{t}\n{r['small']} (alpha 1) + {r['big']} (alpha 0)", fontsize=8)
+        ax.set_xlabel("alpha (weight of the smaller anchor)", fontsize=7)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("validation loss at step 0 (nats/token)", fontsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"chain {out['chain']}: the loss along alpha, both terms repaired (the chain's validation batch)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
