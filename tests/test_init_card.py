@@ -233,7 +233,7 @@ def test_random_init_loss_is_measured_once_per_shape_and_batch(random_chain, cbd
 
 @pytest.mark.parametrize("blend", ["fade", "plain"])
 def test_a_fading_grid_searches_its_interior_and_reports_float32(random_chain, cbd_home, blend):
-    """The fading blend's loss has no barrier between the anchors, so its grid also searches the
+    """The fading blend's loss is often lowest between the anchors, so its grid also searches the
     interior (``FADE_INTERIOR``, then halfway to the best one's neighbours) and keeps the best
     interior point, measured in float32 like every
     other grid point, instead of alpha0; the plain blend's grid is alpha0 and both ends."""

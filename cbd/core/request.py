@@ -77,8 +77,8 @@ class InitRequest(BaseModel):
     blend: Literal["fade", "plain"] = Field(
         default="fade",
         description="fade: the smaller anchor's term holds the bigger anchor's units that it lacks, their "
-                    "writes into the residual stream at 0, so alpha fades them in (no loss barrier between "
-                    "the anchors); plain: the smaller anchor grown by clones of its own units, every "
+                    "writes into the residual stream at 0, so alpha fades them in (its loss is often lowest "
+                    "between the anchors); plain: the smaller anchor grown by clones of its own units, every "
                     "parameter blended (cbd before 0.2)")
     dtype: Dtype = "float32"
     push_to_hub: PushToHub | None = None

@@ -511,8 +511,8 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
 
 def grid_losses(li: LInit, batches: list[torch.Tensor], blend: Blend | None = None) -> dict[float, float]:
     """alpha -> float32 validation loss over :func:`cbd.shape.linit.alpha_grid` (both endpoints
-    included). A fading blend (``li.fades``) has no barrier between its endpoints (docs/results.md),
-    so instead of alpha0 its interior (:data:`FADE_INTERIOR`, then :data:`FADE_REFINE` either side of the best of those)
+    included). A fading blend's (``li.fades``) best point is often inside (docs/results.md, "The loss
+    along alpha"), so instead of alpha0 its interior (:data:`FADE_INTERIOR`, then :data:`FADE_REFINE` either side of the best of those)
     is searched too (``blend.loss(search=True)``: bf16 where :func:`search_bf16` says) and the best
     interior point is measured in float32 and added."""
     blend = blend or Blend(li, batches)
