@@ -19,6 +19,7 @@ from cbd.core.plan import TransOptions
 from cbd.core.spec import ModelSpec
 from cbd.shape import arch
 from cbd.shape.maps import Alignment, Importance, Maps, choose_maps, compose
+from cbd.shape.modes import RESID_FILL
 from cbd.shape.trans import Alloc, Reader, fresh, rows_independent, trans_tensor
 from cbd.tensors.pool import empty, intermediates
 
@@ -63,8 +64,11 @@ class LInit:
 
     @property
     def fades(self) -> bool:
-        """Whether the small term holds B's units where S has none (``TransOptions.blend`` "fade")."""
-        return self.opts.blend == "fade" and self.small is not None and self.big is not None
+        """Whether the small term holds B's units where S has none (``TransOptions.blend`` "fade"): two
+        anchors of a family whose new residual channels are 0 (RMSNorm). A LayerNorm family (GPT-2)
+        fills them with the mean of the real ones, so B's readers would see them: the plain blend."""
+        return (self.opts.blend == "fade" and self.small is not None and self.big is not None
+                and RESID_FILL[arch.family(self.target).norm] == "zero")
 
     def width_expand(self, term: str) -> str:
         """The small term's new units are 0 when fading (their readers' columns: S's function, its own
