@@ -9,7 +9,7 @@ function is kept); the blend then mixes B's real unit with a clone of some other
 variant measured here, ``bigger's own units at full weight``, blends only where Trans(S) holds one
 of S's own parameters and takes B's value everywhere else (which positions those are: Trans(S) of
 an all-ones S with new units zeroed). At alpha 0 both are Trans(B); at alpha 1 the variant is S's
-units plus B's units that S lacks. And the service's fading blend (``TransOptions.blend`` "fade",
+units plus B's units that S lacks. And the service's fading blend (``LInitOptions.blend`` "fade",
 the default since it was measured here): S's term holds B's units that S lacks with their writes
 into the residual stream at 0, so at alpha 1 it is S's function, and the blend fades B's units in.
 
@@ -99,7 +99,7 @@ def main() -> None:
         li = linit_for(plan, manifest)
         repair_terms(li, {"small": plan.small, "big": plan.big}, manifest)
         small, big, mask = li.state(1.0), li.state(0.0), own_mask(li)
-        # the service's fading blend (TransOptions.blend "fade"): its alpha-1 end is the small term
+        # the service's fading blend (LInitOptions.blend "fade"): its alpha-1 end is the small term
         fplan = plan.model_copy(update={"trans": plan.trans.model_copy(update={"blend": "fade"})})
         lf = linit_for(fplan, manifest)
         repair_terms(lf, {"small": plan.small, "big": plan.big}, manifest)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from random_chain import tiny_spec
 
-from cbd.core.plan import TransOptions
+from cbd.core.plan import LInitOptions
 from cbd.shape import arch
 from cbd.shape.linit import make_linit
 from cbd.shape.maps import choose_maps
@@ -42,7 +42,7 @@ def test_alpha_one_is_trans_of_small_and_keeps_its_function(pair, shape):
     """The plain blend: alpha = 1 gives exactly Trans(S); a target containing S keeps S's logits."""
     m, small, big, align = pair
     tgt = tiny_spec(**shape)
-    li = make_linit(tgt, small, big, alpha=0.5, alignment=align, opts=TransOptions(blend="plain"))
+    li = make_linit(tgt, small, big, alpha=0.5, alignment=align, opts=LInitOptions(blend="plain"))
     one = li.state(1.0)
     direct = trans_state(small.read, small.spec, tgt, li.maps_small)
     for k in one:

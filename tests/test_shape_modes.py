@@ -12,10 +12,10 @@ from cbd.shape import arch
 from cbd.shape.axis import AxisMap
 from cbd.shape.modes import MODES, RESID_FILL, mode
 
-# ``repair`` and ``blend`` are not Trans modes: ``repair`` switches cbd.repair (above Trans), read by the
-# chain build and the LInit runner, and ``blend`` is how LInit combines two Trans outputs, so neither
-# has an entry in the shape registry
-OUTSIDE = {"repair", "blend"}
+# ``repair`` is not a Trans mode: it switches cbd.repair (above Trans), read by the chain build and the
+# LInit runner, so it has no entry in the shape registry (nor has LInitOptions' ``blend``, which is how
+# LInit combines two Trans outputs and not a field of TransOptions)
+OUTSIDE = {"repair"}
 TRANS_MODES = [f for f in TransOptions.model_fields if f not in OUTSIDE]
 
 
@@ -24,7 +24,7 @@ def test_every_option_value_is_one_registry_entry(option):
     assert set(typing.get_args(TransOptions.model_fields[option].annotation)) == set(MODES[option])
 
 
-def test_repair_and_blend_are_the_options_outside_the_registry():
+def test_repair_is_the_one_option_outside_the_registry():
     assert set(TransOptions.model_fields) - set(TRANS_MODES) == OUTSIDE and not OUTSIDE & set(MODES)
     assert set(typing.get_args(TransOptions.model_fields["repair"].annotation)) == {"ridge", "none"}
 

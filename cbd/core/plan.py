@@ -34,7 +34,7 @@ from cbd.errors import ChainIncompatibleError, ShapeError
 
 # Bump when the bytes a plan produces change for the same request: old artifacts stay valid
 # under their old ids and new requests get new ids.
-FORMAT_VERSION = 6  # 6: the fading blend (TransOptions.blend), its grid's interior; 5: the refit solved in float32, no interior alpha grid, the per-block search scored in bf16; 4: the in-situ repair computed layer by layer (repaired inits move by float rounding); 3: TransOptions.repair; 2: the id is the hash of the whole plan (cbd 0.1: of a summary)
+FORMAT_VERSION = 6  # 6: the fading blend (LInitOptions.blend), its grid's interior; 5: the refit solved in float32, no interior alpha grid, the per-block search scored in bf16; 4: the in-situ repair computed layer by layer (repaired inits move by float rounding); 3: TransOptions.repair; 2: the id is the hash of the whole plan (cbd 0.1: of a summary)
 # Largest target relative to the chain's largest anchor (non-embedding parameters).
 MAX_GROWTH = 4.0
 
@@ -50,14 +50,21 @@ class TransOptions(BaseModel):
     depth_expand: Literal["identity", "copy"] = "identity"
     width_subset: Literal["importance", "prefix"] = "importance"
     width_expand: Literal["clone", "zero"] = "clone"
+    repair: Literal["ridge", "none"] = Field(
+        "ridge", description="ridge: the readers of pruned FFN neurons and query heads refit on the anchor's "
+                             "calibration activations (cbd.repair); none: plain Trans")
+
+
+class LInitOptions(TransOptions):
+    """A plan's: :class:`TransOptions` and how LInit combines the two anchors' Trans. A recipe's
+    ``[prune]`` is a plain TransOptions (a chain step maps one anchor; its dump is what a built
+    chain's manifest is checked against, so it does not grow fields it has no use for)."""
+
     blend: Literal["fade", "plain"] = Field(
         "fade", description="fade: where the target has units the smaller anchor lacks, its term holds the "
                             "bigger anchor's units with their writes into the residual stream at 0 (the smaller "
                             "anchor's function exactly), so alpha fades them in; plain: Trans(S) fills them "
                             "(width_expand) and every parameter is blended")
-    repair: Literal["ridge", "none"] = Field(
-        "ridge", description="ridge: the readers of pruned FFN neurons and query heads refit on the anchor's "
-                             "calibration activations (cbd.repair); none: plain Trans")
 
 
 class BridgeOptions(Trains):
@@ -114,7 +121,7 @@ class Plan(BaseModel):
     dtype: Dtype = "float32"
     tokenizer: str
     bridge_options: BridgeOptions | None = Field(default=None, description="set exactly for a bridge plan")
-    trans: TransOptions = TransOptions()
+    trans: LInitOptions = LInitOptions()
     warnings: list[str] = Field(default_factory=list)
     code_version: str = __version__
 
@@ -199,7 +206,7 @@ def make_plan(req: InitRequest, manifest: ChainManifest, *, tokenizer: str | Non
                 small=small and small.name, big=big and big.name, alpha=round(alpha, 6),
                 alpha_requested=req.alpha is not None, calibrate=calibrate,
                 alpha_scheme=req.alpha_scheme if calibrate else "global", dtype=req.dtype, tokenizer=tok,
-                bridge_options=bopts, trans=TransOptions(repair="ridge" if req.repair else "none", blend=req.blend),
+                bridge_options=bopts, trans=LInitOptions(repair="ridge" if req.repair else "none", blend=req.blend),
                 warnings=warnings)
 
 

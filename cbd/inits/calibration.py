@@ -418,7 +418,7 @@ def init_card(li: LInit, alpha, names: dict[str, str | None], batches: list[torc
         "best_single_anchor": best, "single_anchors": single,
         "random_init_loss": round(random_init_loss(li.target, batches), 4),
         "alpha": alpha, "alpha_scheme": scheme, "repair": repair,
-        "blend": li.opts.blend if li.small is not None and li.big is not None else None,
+        "blend": ("fade" if li.fades else "plain") if li.small is not None and li.big is not None else None,
         "gain_over_best_single_anchor": round(best["loss"] - own, 4),
         "validation": {"what": "the chain's validation batch (training text of every corpus of its recipe)",
                        "tokens": tokens, "precision": "float32"},

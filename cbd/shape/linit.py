@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cbd.core.plan import TransOptions
+from cbd.core.plan import LInitOptions, TransOptions
 from cbd.core.spec import ModelSpec
 from cbd.shape import arch
 from cbd.shape.maps import Alignment, Importance, Maps, choose_maps, compose
@@ -64,10 +64,10 @@ class LInit:
 
     @property
     def fades(self) -> bool:
-        """Whether the small term holds B's units where S has none (``TransOptions.blend`` "fade"): two
+        """Whether the small term holds B's units where S has none (``LInitOptions.blend`` "fade"): two
         anchors of a family whose new residual channels are 0 (RMSNorm). A LayerNorm family (GPT-2)
         fills them with the mean of the real ones, so B's readers would see them: the plain blend."""
-        return (self.opts.blend == "fade" and self.small is not None and self.big is not None
+        return (getattr(self.opts, "blend", "plain") == "fade" and self.small is not None and self.big is not None
                 and RESID_FILL[arch.family(self.target).norm] == "zero")
 
     def width_expand(self, term: str) -> str:
@@ -208,7 +208,7 @@ class LInit:
 def make_linit(target: ModelSpec, small: Anchor | None, big: Anchor | None, *, alpha: float,
                alignment: Alignment | None = None, opts: TransOptions | None = None) -> LInit:
     """Choose the maps. ``alignment`` places ``small`` inside ``big`` (None: not aligned)."""
-    opts = opts or TransOptions()
+    opts = opts or LInitOptions()  # a TransOptions without a blend (a chain step's) blends plainly
     sel = {"depth_by": opts.depth_subset, "width_by": opts.width_subset}
     if small is not None and big is not None:
         maps_big = choose_maps(big.spec, target, big.importance, prefer=alignment, **sel)
