@@ -269,8 +269,8 @@ class Blend:
     """Step-0 losses of an LInit at any alpha, for the price of one forward pass each: both terms
     (each anchor's Trans onto the target, its repairs included) are computed once, and one model's
     parameters are set to their blend (``torch.lerp(big, small, alpha)``, what ``LInit.tensor``
-    computes, bit for bit, a fading blend included: tests/test_linit.py) before each evaluation, instead of re-running Trans and building a
-    model per candidate; only the groups whose alpha changed are set again. ``alpha``: one value,
+    computes, bit for bit, a fading blend included: tests/test_linit.py) before each evaluation,
+    instead of re-running Trans and building a model per candidate; only the groups whose alpha changed are set again. ``alpha``: one value,
     or one per tensor group (``alpha_group``).
 
     ``loss(alpha, search=True)`` is the per-block search's: under bf16 autocast when ``bf16``
@@ -512,9 +512,10 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
 def grid_losses(li: LInit, batches: list[torch.Tensor], blend: Blend | None = None) -> dict[float, float]:
     """alpha -> float32 validation loss over :func:`cbd.shape.linit.alpha_grid` (both endpoints
     included). A fading blend's (``li.fades``) best point is often inside (docs/results.md, "The loss
-    along alpha"), so instead of alpha0 its interior (:data:`FADE_INTERIOR`, then :data:`FADE_REFINE` either side of the best of those)
-    is searched too (``blend.loss(search=True)``: bf16 where :func:`search_bf16` says) and the best
-    interior point is measured in float32 and added."""
+    along alpha"), so instead of alpha0 its interior (:data:`FADE_INTERIOR`, then
+    :data:`FADE_REFINE` either side of the best of those) is searched (``blend.loss(search=True)``:
+    bf16 where :func:`search_bf16` says) and the best interior point is measured in float32 and
+    added."""
     blend = blend or Blend(li, batches)
     # fading: the ends, then the searched interior (alpha0, a distance, never won there on tiny)
     scores = {a: blend.loss(a) for a in ((0.0, 1.0) if li.fades else alpha_grid(li.alpha))}

@@ -182,7 +182,11 @@ def unit(spec: ModelSpec, axis: str) -> int:
     return spec.head_dim if axis in ("q", "kv", "qkv") else 1
 
 
-def tensor_shape(spec: ModelSpec, name: str) -> tuple[int, ...]:
+def roles(spec: ModelSpec, name: str) -> tuple[Role, ...]:
+    """The (axis, io) of each dimension of parameter ``name``."""
     _, key = split_name(name)
-    roles = (layer_table(spec) | family(spec).global_table)[key]
-    return tuple(axis_size(spec, a) * unit(spec, a) for a, _ in roles)
+    return (layer_table(spec) | family(spec).global_table)[key]
+
+
+def tensor_shape(spec: ModelSpec, name: str) -> tuple[int, ...]:
+    return tuple(axis_size(spec, a) * unit(spec, a) for a, _ in roles(spec, name))

@@ -20,7 +20,7 @@ from cbd.core.spec import ModelSpec
 from cbd.shape import arch
 from cbd.shape.maps import Alignment, Importance, Maps, choose_maps, compose
 from cbd.shape.modes import RESID_FILL
-from cbd.shape.trans import Alloc, Reader, fresh, rows_independent, trans_tensor
+from cbd.shape.trans import Alloc, Reader, axis_map, fresh, rows_independent, trans_tensor
 from cbd.tensors.pool import empty, intermediates
 
 
@@ -79,33 +79,35 @@ class LInit:
         """Where the small term of a tensor that reads (does not write into the residual stream) holds
         one of S's own parameters: a bool tensor broadcastable to the target tensor ``name`` (False: a
         unit, channel or layer S lacks; a kv head counts as S's when one of S's query heads reads it,
-        a copy made for GQA regrouping included), or None when there is nothing to fade: S's own everywhere, or a
-        writer (``o_proj``, ``down_proj``, the embedding: Trans(S) holds 0 wherever S lacks a unit, so
-        the plain blend is already ``(1 - alpha)`` times B's value there). Axes without a map
-        (vocabulary, head dim, a fused qkv) count as S's own."""
+        a copy made for GQA regrouping included), or None when there is nothing to fade: S's own
+        everywhere, or a writer (``o_proj``, ``down_proj``, the embedding: Trans(S) holds 0 wherever
+        S lacks a unit, so the plain blend is already ``(1 - alpha)`` times B's value there). Axes no
+        map changes (vocabulary, head dim) count as S's own. Kept per tensor name."""
         if name not in self._own:
-            maps, tgt = self.maps_small, self.target
-            j, key = arch.split_name(name)
-            roles = (arch.layer_table(tgt) | arch.family(tgt).global_table)[key]
-            mask = torch.ones((1,) * len(roles), dtype=torch.bool)
-            if ("resid", "out") in roles:
-                pass
-            elif j is not None and maps.layers.new[j]:  # a layer S lacks
-                mask = ~mask
-            else:
-                for k, (axis, _) in enumerate(roles):
-                    m = maps.resid if axis == "resid" else getattr(maps, axis)[j] if axis in ("q", "kv", "ffn") else None
-                    if m is None or not any(m.new):
-                        continue
-                    keep = [not n for n in m.new]
-                    if axis == "kv":  # a copy of one of S's kv heads that S's own query heads read is S's
-                        r = tgt.kv_group_size
-                        keep = [k_ or not all(maps.q[j].new[g * r:(g + 1) * r]) for g, k_ in enumerate(keep)]
-                    shape = [1] * len(roles)
-                    shape[k] = -1
-                    mask = mask & torch.tensor(keep).repeat_interleave(arch.unit(tgt, axis)).view(shape)
-            self._own[name] = None if bool(mask.all()) else mask
+            self._own[name] = self._own_mask(name)
         return self._own[name]
+
+    def _own_mask(self, name: str) -> torch.Tensor | None:
+        maps, tgt = self.maps_small, self.target
+        j, _ = arch.split_name(name)
+        roles = arch.roles(tgt, name)
+        if ("resid", "out") in roles:
+            return None
+        if j is not None and maps.layers.new[j]:  # a layer S lacks
+            return torch.zeros((1,) * len(roles), dtype=torch.bool)
+        mask = torch.ones((1,) * len(roles), dtype=torch.bool)
+        for k, (axis, _) in enumerate(roles):
+            m = axis_map(maps, axis, j)
+            if m is None or not any(m.new):
+                continue
+            keep = [not n for n in m.new]
+            if axis == "kv":  # a copy of one of S's kv heads that S's own query heads read is S's
+                r = tgt.kv_group_size
+                keep = [own or not all(maps.q[j].new[g * r:(g + 1) * r]) for g, own in enumerate(keep)]
+            shape = [1] * len(roles)
+            shape[k] = -1
+            mask = mask & torch.tensor(keep).repeat_interleave(arch.unit(tgt, axis)).view(shape)
+        return None if bool(mask.all()) else mask
 
     def tensor(self, name: str, alpha: Alpha | None = None, rows: slice | None = None, *,
                alloc: Alloc = fresh) -> torch.Tensor:

@@ -91,7 +91,7 @@ def trans_tensor(name: str, read: Reader, src: ModelSpec, tgt: ModelSpec, maps: 
     # order changes no value.
     for dim in sorted(range(len(roles)), key=lambda d: d == 0):
         axis, io = roles[dim]
-        m = _axis_map(maps, axis, layer)
+        m = axis_map(maps, axis, layer)
         if m is None:
             continue
         out = _apply_axis(out, dim, m, arch.unit(src, axis), axis == "qkv", _new_units(axis, io, width, resid),
@@ -120,7 +120,8 @@ def trans_state(state: Mapping[str, torch.Tensor], src: ModelSpec, tgt: ModelSpe
     return {n: trans_tensor(n, state.__getitem__, src, tgt, maps, **opts) for n in arch.param_names(tgt)}
 
 
-def _axis_map(maps: Maps, axis: str, layer: int | None) -> AxisMap | None:
+def axis_map(maps: Maps, axis: str, layer: int | None) -> AxisMap | None:
+    """The map of ``axis`` (in ``layer`` for per-layer axes); None for an axis no map changes."""
     if axis == "resid":
         return maps.resid
     if axis in ("q", "kv", "ffn"):
