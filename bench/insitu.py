@@ -1,13 +1,15 @@
 """Each subset operator's damage before and after repair, per held-out domain (a benchmark).
 
     OMP_NUM_THREADS=1 python bench/insitu.py --chain tiny     # -> docs/data/insitu-tiny.json
+    OMP_NUM_THREADS=1 python bench/insitu.py --chain default --without-resid   # -> insitu-default.json
 
 For anchors of a built chain, each subset below is made by plain Trans and by the service's
 repair (``cbd.repair.refit.insitu_repair``: in situ, layer after layer, on the chain's calibration
 batch), at every ridge of ``--ridges``; the ridge the service would pick is the one with the lowest
 loss on the chain's validation batch (``check``). Scores: held-out loss (mean over the recipe's
 domains, and each domain; ``--seeds`` vary the windows) of the anchor itself, the plain subset and
-each repaired one; and the seconds each repair took.
+each repaired one; and the seconds each repair took. ``--without-resid``: each repair also without
+its refit of the residual stream's readers and the final norm (the repair before they were refit).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ CASES = {  # (anchor, label, target shape changes)
         ("a0", "depth 30 -> 24", dict(num_hidden_layers=24)),
         ("a0", "residual and heads 576 9/3 -> 512 8/4", dict(hidden_size=512, num_attention_heads=8,
                                                              num_key_value_heads=4, head_dim=64)),
+        ("a0", "residual 576 -> 504", dict(hidden_size=504, head_dim=64)),
         ("a0", "FFN 1536 -> 1280", dict(intermediate_size=1280)),
         ("a0", "heads 9/3 -> 8/4", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=64)),
         ("a0", "all axes -> 24x512 8/4 1280 (default's upper pair)", dict(num_hidden_layers=24, hidden_size=512,
@@ -56,6 +59,21 @@ CASES = {  # (anchor, label, target shape changes)
         ("a2", "kv groups 2 -> 1", dict(num_key_value_heads=1)),
         ("a3", "below the smallest: 3 -> 2 layers", dict(num_hidden_layers=2)),
     ],
+    "default": [  # one operator at a time, then whole prunes (the chain's a1 is 20x384 6/2 1024)
+        ("a0", "depth 30 -> 24", dict(num_hidden_layers=24)),
+        ("a0", "residual 576 -> 504", dict(hidden_size=504, head_dim=64)),
+        ("a0", "FFN 1536 -> 1280", dict(intermediate_size=1280)),
+        ("a0", "heads 9/3 -> 6/3", dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=576, head_dim=64)),
+        ("a2", "kv groups 4/2 -> 4/1", dict(num_key_value_heads=1)),
+        ("a0", "all axes -> 24x512 8/4 1280 (the upper pair's target)", dict(num_hidden_layers=24, hidden_size=512,
+                                                                              num_attention_heads=8,
+                                                                              num_key_value_heads=4,
+                                                                              intermediate_size=1280)),
+        ("a1", "all axes -> 16x256 4/2 704 (a2's shape)", dict(num_hidden_layers=16, hidden_size=256,
+                                                               num_attention_heads=4, num_key_value_heads=2,
+                                                               intermediate_size=704)),
+        ("a3", "below the smallest: 12 -> 8 layers", dict(num_hidden_layers=8)),
+    ],
 }
 
 
@@ -66,6 +84,8 @@ def main() -> None:
     ap.add_argument("--ridges", default="0.1,1")
     ap.add_argument("--only", help="comma-separated case labels")
     ap.add_argument("--name", help="writes docs/data/insitu-<chain>-<name>.json instead")
+    ap.add_argument("--without-resid", action="store_true",
+                    help="also score the repair without the residual stream's readers and the final norm")
     args = ap.parse_args()
     m = load_manifest(args.chain)
     domains = list(chain_corpora(m.recipe))
@@ -97,6 +117,16 @@ def main() -> None:
             fixed, rep = insitu_repair(a.spec, state, tgt, maps, cal, ridge=lam, guard=False)
             row["repaired"][str(lam)] = {**score(tgt, fixed), "seconds": round(time.perf_counter() - t0, 1),
                                          "refit": rep["refit"]}
+        if args.without_resid:
+            row["repaired_without_resid"] = {}
+            for lam in ridges:
+                fixed, rep = insitu_repair(a.spec, state, tgt, maps, cal, ridge=lam, guard=False, resid=False)
+                row["repaired_without_resid"][str(lam)] = score(tgt, fixed)
+            got = row["repaired_without_resid"]
+            pick = min(got, key=lambda k: got[k]["check"])
+            row["service_without_resid"] = pick if got[pick]["check"] < row["plain"]["check"] else "plain"
+            print("   without the stream readers and final norm: " + "  ".join(
+                f"ridge {k}: {v['mean']:.3f}" for k, v in row["repaired_without_resid"].items()), flush=True)
         pick = min(row["repaired"], key=lambda k: row["repaired"][k]["check"])
         row["service"] = pick if row["repaired"][pick]["check"] < row["plain"]["check"] else "plain"
         rows.append(row)

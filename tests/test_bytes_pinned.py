@@ -8,8 +8,9 @@ refit pass began running each layer alone and adding the FFN reader's change to 
 without a rerun: the same fit up to float32 rounding, ~1e-6 in the refit weights; and again when
 the refit's ridge system was solved in float32 instead of float64: the tiny chain's check losses
 the same to 5 decimals, a seventh less time per repair; and again when the fading blend became the
-default: the smaller anchor's term holds the bigger's units it lacks). The first cases ask for
-``"blend": "plain"``, the blend they pinned; ``faded`` pins the fading blend at one alpha. A
+default: the smaller anchor's term holds the bigger's units it lacks; and again when the repair
+began refitting the residual stream's readers and the final norm where the residual width is
+pruned). The first cases ask for ``"blend": "plain"``, the blend they pinned; ``faded`` pins the fading blend at one alpha. A
 refactoring that changes any of them changed what users get. A change that is *meant* to change
 the bytes updates them in the same commit and says why.
 """
@@ -53,7 +54,7 @@ CASES = {  # name: (request body, sha256 of every tensor's name, dtype, shape an
     "faded": ({"architecture": dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=3, num_key_value_heads=1),
                "alpha": 0.3, "repair": False},
               "b296c9febfae6ed2d521cda65238e0c8fc5ad3f415db0b71701201cf1b47ecdb"),
-    "repaired": ({"architecture": ARCH_A}, "4ac3cbf60d1397056619a990f4113d4543fc038d404510e5acb64d1f6ba59a18"),
+    "repaired": ({"architecture": ARCH_A}, "2530a6c55022326842462bff993bdb3cd6aeb0339c4ca958230ca6c5f6feb890"),
 }
 
 

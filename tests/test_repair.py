@@ -474,3 +474,59 @@ def test_a_requests_refit_uses_the_ridge_its_anchor_wins_on_the_chains_own_prune
     assert plan.big == "a0" and calls and calls[-1] == want
     term = done["repair"]["terms"]["big"]
     assert term["ridge_from"] == "anchor" and list(term["check_loss_by_ridge"]) == [str(want)]
+
+
+def _silent_channels(spec, state, silent):
+    """Residual channels ``silent`` that nothing writes (embedding columns, every o_proj and down_proj
+    row 0) while every reader still has weights on them: the stream holds 0 there."""
+    st_ = {k: v.clone() for k, v in state.items()}
+    st_["model.embed_tokens.weight"][:, silent] = 0.0
+    for i in range(spec.num_hidden_layers):
+        p = arch.layer_prefix(spec).format(i=i)
+        for key in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            st_[p + key][silent] = 0.0
+    return st_
+
+
+@pytest.fixture(scope="module")
+def qwen2_untied():
+    """Qwen2's q, k, v biases and an untied head: the residual readers' centred fit, the head's own columns."""
+    spec = _llama_spec(model_type="qwen2", tie_word_embeddings=False)
+    state = _perturbed(spec, 0)
+    calib = _batch(spec, 1)
+    return spec, state, importance(build_model(spec, state), spec, calib), calib
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_untied"])
+def test_a_pruned_residual_width_is_repaired_exactly_where_the_dropped_channels_are_silent(llama, qwen2_untied,
+                                                                                           family):
+    """Dropping residual channels that hold 0 changes nothing but the RMS every norm divides by
+    (over k channels instead of d): plain Trans scales every normalised input, and so every logit,
+    by sqrt(k / d). The in-situ repair refits each layer's residual readers (q, k, v; gate, up) on
+    the pruned model's inputs and the final norm's weight toward the anchor's logits (tied head),
+    and gets the anchor's logits back; without the stream's readers it cannot."""
+    spec, base, imp, calib = llama if family == "llama" else qwen2_untied
+    silent = [3, 10, 17, 29, 40, 44]
+    state = _silent_channels(spec, base, silent)
+    imp = {k: v.clone() for k, v in imp.items()}
+    imp["resid"][silent] = -1.0
+    tgt = spec.with_shape(hidden_size=spec.hidden_size - len(silent), head_dim=spec.head_dim)
+    maps = choose_maps(spec, tgt, imp)
+    assert set(range(spec.hidden_size)) - set(maps.resid.idx) == set(silent)
+    held = _batch(spec, 7)
+    with torch.no_grad():
+        full = build_model(spec, state)(held).logits
+        plain = build_model(tgt, trans_state(state, spec, tgt, maps))(held).logits
+    assert (full - plain).abs().max() > 1e-2  # the RMS alone moves the logits
+    cal = [torch.cat([calib, calib[:, :1]], 1)]
+    # no guard: on random tokens the flatter logits of the plain prune score better than the anchor's own
+    fixed, report = insitu_repair(spec, state, tgt, maps, cal, ridge=1e-10, guard=False)
+    assert "resid" in report["refit"], report
+    without, _ = insitu_repair(spec, state, tgt, maps, cal, ridge=1e-10, guard=False, resid=False)
+    with torch.no_grad():
+        err = (full - build_model(tgt, fixed)(held).logits).abs().max()
+        err_without = (full - build_model(tgt, without)(held).logits).abs().max()
+    assert err <= 1e-3, err
+    assert err_without > 1e-2  # nothing else refits the readers of the stream
+    # the refit keeps the architecture: every tensor of the target, no other
+    assert list(fixed) == arch.param_names(tgt)

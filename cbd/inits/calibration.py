@@ -120,7 +120,8 @@ def anchor_cache(manifest: ChainManifest, name: str, tokens: torch.Tensor, chain
     entry = manifest.anchor(name)
     digest = tokens_digest(tokens)[:16]
     folder = (chains_root or paths.chains_dir()) / ".anchor-outputs"  # no manifest: never listed as a chain
-    path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{digest}.safetensors"
+    # ".in": the residual readers' inputs are in it too (a cache written before them lacks them)
+    path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{digest}.in.safetensors"
     limit = int(os.environ.get("CBD_ANCHOR_CACHE_MAX_BYTES", ANCHOR_CACHE_MAX_BYTES))
 
     def key(k: int, what: tuple) -> str:
@@ -138,7 +139,8 @@ def anchor_cache(manifest: ChainManifest, name: str, tokens: torch.Tensor, chain
                 log.warning("anchor output cache %s unreadable (%s): recomputing it", path.name, exc)
                 path.unlink(missing_ok=True)
         tokens_n = sum(int(b[:, :-1].numel()) for b in batches)
-        size = 4 * tokens_n * spec.hidden_size * 3 * spec.num_hidden_layers  # o_proj, down_proj, block outputs
+        # o_proj's and down_proj's outputs, the block's output, the inputs of the two residual groups
+        size = 4 * tokens_n * spec.hidden_size * 5 * spec.num_hidden_layers
         if size > limit:
             return anchor_outputs(spec, state, batches, need_y, need_h)
         full = anchor_outputs(spec, state, batches)
@@ -193,7 +195,7 @@ def anchor_ridge(manifest: ChainManifest, name: str, chains_root: Path | None = 
     entry, nxt = manifest.anchor(name), manifest.anchors[i + 1].spec
     tokens, check = calibration_tokens(manifest, chains_root), validation_batches(manifest, chains_root)
     folder = (chains_root or paths.chains_dir()) / ".anchor-outputs"
-    path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{tokens_digest(tokens, *check)[:16]}.ridge.json"
+    path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{tokens_digest(tokens, *check)[:16]}.in.ridge.json"
     try:
         kept = json.loads(path.read_text())["ridge"]
         return None if kept is None else float(kept)

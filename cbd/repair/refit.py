@@ -1,5 +1,6 @@
-"""Ridge refit of the projections that read dropped FFN neurons and query heads, and of the FFN
-reader before a dropped span of layers.
+"""Ridge refit of the projections that read dropped FFN neurons and query heads, of the FFN
+reader before a dropped span of layers, and (in situ) of the residual stream's readers and the
+final norm where the residual width is pruned (:func:`_solve_resid`, :func:`_solve_final`).
 
 For one reader (a layer's ``down_proj``/``o_proj``, or GPT-2's ``c_proj``) of an anchor, with
 input ``X`` (N tokens x n units, the anchor's own activations on a calibration batch) and weight
@@ -118,6 +119,28 @@ def reader_keys(spec: ModelSpec) -> dict[str, Reader]:
     if set(out) != set(READERS):
         raise ValueError(f"{spec.model_type}: no reader for {sorted(set(READERS) - set(out))}")
     return out
+
+
+def resid_groups(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
+    """``"resid.<axis>"`` -> the layer keys that read the residual stream (after the norm) in the
+    sub-block of the reader of ``axis`` (llama: ``q_proj``, ``k_proj``, ``v_proj`` before
+    ``o_proj``; ``gate_proj``, ``up_proj`` before ``down_proj``): the tensors a pruned residual
+    width refits (:func:`insitu_refits`). Empty for a LayerNorm family (its fused ``c_attn`` and
+    centred norm are not refit)."""
+    if arch.family(spec).norm != "rms":
+        return {}
+    table = arch.layer_table(spec)
+    out = {}
+    for axis, r in reader_keys(spec).items():
+        parent = r.module.rsplit(".", 1)[0] + "."
+        out[f"resid.{axis}"] = tuple(k for k, roles in table.items()
+                                     if k.startswith(parent) and ("resid", "in") in roles and k.endswith(".weight"))
+    return out
+
+
+def _resid_module(spec: ModelSpec, group: str) -> str:
+    """The module whose input is a residual group's (normalised) input: its first reader."""
+    return resid_groups(spec)[group][0].rsplit(".", 1)[0]
 
 
 def _batches(batch: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -304,8 +327,9 @@ def trans_with(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, map
     for name in arch.param_names(tgt):
         layer, key = arch.split_name(name)
         read = state.__getitem__
-        if layer is not None and (layer, key) in per_layer:
-            read = _swapped(state, prefix.format(i=maps.layers.idx[layer]) + key, per_layer[(layer, key)])
+        if (layer, key) in per_layer:  # (None, name): a global tensor (the final norm)
+            own = key if layer is None else prefix.format(i=maps.layers.idx[layer]) + key
+            read = _swapped(state, own, per_layer[(layer, key)])
         out[name] = trans_tensor(name, read, spec, tgt, maps, **opts)
     return out
 
@@ -355,7 +379,7 @@ class Fit:
 @torch.no_grad()
 def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, maps: Maps,
                   batch: Tensor | Sequence[Tensor], *, ridge: float | Sequence[float] = INSITU_RIDGE,
-                  check: Sequence[Tensor] | None = None, depth: bool = True,
+                  check: Sequence[Tensor] | None = None, depth: bool = True, resid: bool = True,
                   width_expand: str = "clone", depth_expand: str = "identity", guard: bool = True,
                   outputs: Callable[..., list[dict]] | None = None,
                   ) -> tuple[dict[tuple[int, str], Tensor], dict]:
@@ -391,12 +415,19 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
         todo.setdefault((j, "ffn"), frozenset(maps.ffn[j].idx))
     # a reader whose kept units repeat (a grown axis) is left to Trans: its inputs are not independent
     todo = {k: v for k, v in todo.items() if len(set(getattr(maps, k[1])[k[0]].idx)) == len(getattr(maps, k[1])[k[0]].idx)}
+    if resid:
+        todo |= _resid_todo(spec, maps)
     batches = _batches(batch)
     if not todo:
         return {}, {"refit": []}
     # 1. the anchor: each needed reader's output, and the spans' contributions
     need_y = {(maps.layers.idx[j], axis) for j, axis in todo}
     need_h = {i for p, q in spans.values() for i in (p, q)}
+    # the final norm too where the residual width is pruned (elsewhere its fit lost 0.03 nats on the
+    # tiny chain's source cut 30 -> 24 layers: the L2 fit of logits is not the loss)
+    final = _final_norm(spec) is not None and any(axis.startswith("resid.") for _, axis in todo)
+    if final:  # the final norm's input: the anchor's last block's output
+        need_h.add(spec.num_hidden_layers - 1)
     ys = (outputs or anchor_outputs)(spec, state, batches, need_y, need_h)
     # 2. the pruned target (plain Trans), refit layer after layer: layer j's readers are fit on the
     # inputs they get with every layer before j already refit (fitting all layers at once on the
@@ -412,15 +443,26 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
     tried, best = {}, (loss_plain, None, {})
     for lam in ridges:
         per_layer = _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, readers, lam,
-                                width_expand, depth_expand)
+                                width_expand, depth_expand, final)
         loss = eval_loss(model, check, chunked=True)
         tried[str(lam)] = round(loss, 5)
         if loss < best[0] or (not guard and best[1] is None):
             best = (loss, lam, per_layer)
-    report = {"refit": sorted({axis for _, axis in todo} | ({"depth"} if spans else set())),
+    report = {"refit": sorted({axis.split(".")[0] for _, axis in todo} | ({"depth"} if spans else set())),
               "check_loss_plain": round(loss_plain, 5), "check_loss_by_ridge": tried, "ridge": best[1],
               "kept": best[1] is not None, "check_loss": best[0]}
     return best[2], report
+
+
+def _resid_todo(spec: ModelSpec, maps: Maps) -> dict[tuple[int, str], frozenset[int]]:
+    """``(target layer, "resid.<axis>") -> kept residual channels`` for every layer the target keeps
+    from the anchor, when ``maps`` prunes the residual width (a pure subset: a grown or repeated
+    channel is left to Trans)."""
+    idx = maps.resid.idx
+    if len(idx) >= spec.hidden_size or any(maps.resid.new) or len(set(idx)) < len(idx):
+        return {}
+    return {(j, group): frozenset(idx) for j in range(len(maps.layers.idx)) if not maps.layers.new[j]
+            for group in resid_groups(spec)}
 
 
 @torch.no_grad()
@@ -433,7 +475,7 @@ def anchor_outputs(spec: ModelSpec, state: Mapping[str, Tensor], batches: Sequen
     readers = reader_keys(spec)
     prefix = arch.layer_prefix(spec)
     layers = range(spec.num_hidden_layers)
-    need_y = {(i, a) for i in layers for a in readers} if need_y is None else need_y
+    need_y = {(i, a) for i in layers for a in [*readers, *resid_groups(spec)]} if need_y is None else need_y
     need_h = set(layers) if need_h is None else need_h
     if not need_y and not need_h:
         return [{} for _ in batches]
@@ -443,6 +485,11 @@ def anchor_outputs(spec: ModelSpec, state: Mapping[str, Tensor], batches: Sequen
     for b in batches:
         held, hooks = {}, []
         for (i, axis) in need_y:
+            if axis.startswith("resid."):  # a residual group's normalised input
+                mod = anchor.get_submodule(prefix.format(i=i) + _resid_module(spec, axis))
+                hooks.append(mod.register_forward_pre_hook(
+                    lambda m, a, k=(i, axis), held=held: held.__setitem__(k, a[0])))
+                continue
             mod = anchor.get_submodule(prefix.format(i=i) + readers[axis].module)
             hooks.append(mod.register_forward_hook(lambda m, a, o, k=(i, axis), held=held: held.__setitem__(k, o)))
         for i in need_h:
@@ -509,7 +556,7 @@ def _run_layer(block: torch.nn.Module, h: Tensor, call: tuple[tuple, dict]) -> T
 
 
 def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, readers, ridge, width_expand,
-                depth_expand) -> dict[tuple[int, str], Tensor]:
+                depth_expand, final: bool = False) -> dict[tuple[int | None, str], Tensor]:
     """One in-situ refit pass at ``ridge`` on ``model`` (the target, reset here to ``plain``;
     refit in place, so it is the refit target afterwards); ``starts``: per batch, what
     :func:`_layer_calls` recorded. Returns the refits.
@@ -521,20 +568,31 @@ def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, r
     reader."""
     prefix_s, prefix_t = arch.layer_prefix(spec), arch.layer_prefix(tgt)
     params = dict(model.named_parameters())
-    for name in {prefix_t.format(i=j) + key for j, axis in todo for key in _keys(readers[axis])}:
+    groups = resid_groups(spec)
+    for name in {prefix_t.format(i=j) + key for j, axis in todo for key in _todo_keys(axis, readers, groups, tgt)}:
         params[name].data.copy_(plain[name])  # what an earlier pass refit
     per_layer: dict[tuple[int, str], Tensor] = {}
     hs = [h for h, _ in starts]
     calls = [c for _, c in starts]
-    last = max(j for j, _ in todo)
+    if final:
+        norm = _final_norm(spec)
+        params[norm].data.copy_(plain[norm])
+    last = tgt.num_hidden_layers - 1 if final else max(j for j, _ in todo)
     shortcut = None  # whether a layer's output moves exactly by its refit FFN reader's change (checked once)
     for j in range(last + 1):
         block = model.get_submodule(prefix_t.format(i=j).rstrip("."))
-        # the readers in the order the layer computes them (o_proj before down_proj: the FFN's inputs
-        # depend on the refit attention output)
-        axes = [a for a in ("q", "ffn") if (j, a) in todo]
+        # the readers in the order the layer computes them (the attention's residual readers, o_proj,
+        # the FFN's residual readers, down_proj: each one's inputs depend on those refit before it)
+        axes = [a for a in ("resid.q", "q", "resid.ffn", "ffn") if (j, a) in todo]
         outs = None  # per batch (the reader's input, its output, the layer's output) before the refit
         for axis in axes:
+            if axis.startswith("resid."):
+                f = _collect(model.get_submodule(prefix_t.format(i=j) + _resid_module(spec, axis)), block, hs,
+                             [c[j] for c in calls], [held[(maps.layers.idx[j], axis)] for held in ys])
+                got = _solve_resid(state, spec, maps, groups[axis], j, f, ridge, prefix_s)
+                _load(params, got, state, spec, tgt, maps, j, prefix_s, prefix_t, width_expand, depth_expand)
+                per_layer |= {(j, key): t for key, t in got.items()}
+                continue
             r, p = readers[axis], maps.layers.idx[j]
             k = arch.axis_size(tgt, axis) * arch.unit(tgt, axis)
             mod = model.get_submodule(prefix_t.format(i=j) + r.module)
@@ -575,12 +633,8 @@ def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, r
             got = _solve(state, spec, maps, r, j, axis, fit[0],
                          max(ridge, SPAN_RIDGE) if (axis == "ffn" and j in spans) else ridge, prefix_s)
             per_layer |= {(j, key): t for key, t in got.items()}
-            for key, t in got.items():  # into the model, so what follows sees this reader refit
-                name = prefix_t.format(i=j) + key
-                read = _swapped(state, prefix_s.format(i=p) + key, t)
-                params[name].data.copy_(trans_tensor(name, read, spec, tgt, maps, width_expand=width_expand,
-                                                     depth_expand=depth_expand))
-        if j == last:
+            _load(params, got, state, spec, tgt, maps, j, prefix_s, prefix_t, width_expand, depth_expand)
+        if j == last and not final:
             break
         if outs is None:
             hs = [_run_layer(block, h, call[j]) for h, call in zip(hs, calls, strict=True)]
@@ -596,11 +650,159 @@ def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, r
             if not shortcut:
                 new = [_run_layer(block, h, call[j]) for h, call in zip(hs, calls, strict=True)]
         hs = new
+    if final:
+        norm = _final_norm(spec)
+        g = _solve_final(state, spec, tgt, maps, hs, [held[("h", spec.num_hidden_layers - 1)] for held in ys], ridge)
+        per_layer[(None, norm)] = g
+        params[norm].data.copy_(trans_tensor(norm, _swapped(state, norm, g), spec, tgt, maps,
+                                             width_expand=width_expand, depth_expand=depth_expand))
     return per_layer
+
+
+def _final_norm(spec: ModelSpec) -> str | None:
+    """The final norm's weight, for a family whose residual readers are refit (RMSNorm)."""
+    if arch.family(spec).norm != "rms":
+        return None
+    return next(n for n, roles in arch.global_table(spec).items() if roles == (("resid", "norm"),))
+
+
+def _solve_final(state, spec: ModelSpec, tgt: ModelSpec, maps: Maps, hs: Sequence[Tensor],
+                 targets: Sequence[Tensor], lam: float) -> Tensor:
+    """The final norm's weight refit on the kept channels, toward the anchor's logits.
+
+    The head (tied to the embedding, or not) keeps its plain columns ``E_K``; only the norm's
+    weight ``g'`` (k values) changes, so that ``E_K (g' * u)`` is the least-squares fit of the
+    anchor's logits ``E (g * v)`` over the calibration tokens (``u``, ``v``: the pruned model's and
+    the anchor's final hidden states divided by their RMS). Normal equations, with ``P = E_K^T E_K``,
+    ``Q = E_K^T E``: ``((P * U^T U / N) + lam I) g' = (Q * U^T V / N) g + lam g_K`` (``*``
+    elementwise), the ridge pulling toward the plain prune's weight. The channels the prune drops
+    and the RMS it changes otherwise shift every logit (the tiny chain's source 576 -> 504: one
+    scale on the plain weight alone was worth 0.06 nats after the layers' refit). Returns the
+    weight in the anchor's coordinates (dropped channels 0)."""
+    table = arch.family(spec).global_table  # the untied head's role included
+    want = ("resid", "out") if spec.tie_word_embeddings else ("resid", "in")
+    e = state[next(n for n, roles in table.items() if roles == (("vocab", "-"), want))].float()  # (V, d)
+    norm = _final_norm(spec)
+    g = state[norm].double()
+    cols = torch.tensor(list(maps.resid.idx), dtype=torch.long)
+    k, eps = len(cols), spec.norm_eps
+    uu = torch.zeros(k, k, dtype=torch.float64)
+    uv = torch.zeros(k, e.shape[1], dtype=torch.float64)
+    n = 0
+    for x, y in zip(hs, targets, strict=True):
+        u = x.reshape(-1, x.shape[-1]).float()
+        v = y.reshape(-1, y.shape[-1]).float()
+        u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)
+        v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+        uu += (u.T @ u).double()
+        uv += (u.T @ v).double()
+        n += u.shape[0]
+    e_k = e[:, cols]
+    eke = (e_k.T @ e).double()  # (k, d), float32 products (the vocabulary's sums), then float64
+    a = eke[:, cols] * (uu / n)
+    b = (eke * (uv / n)) @ g
+    scale = float(a.diagonal().mean())
+    lam *= scale if scale > 0 else 1.0
+    sol = _spd_solve(a + lam * torch.eye(k, dtype=torch.float64), (b + lam * g[cols])[:, None])[:, 0]
+    out = torch.zeros_like(g)
+    out[cols] = sol
+    return out.to(state[norm].dtype)
 
 
 def _keys(r: Reader) -> list[str]:
     return [r.key] + ([r.bias] if r.bias else [])
+
+
+def _todo_keys(axis: str, readers: dict[str, Reader], groups: dict[str, tuple[str, ...]], spec: ModelSpec
+               ) -> list[str]:
+    """The layer keys a refit of ``axis`` writes (a residual group's biases included)."""
+    if axis in readers:
+        return _keys(readers[axis])
+    table = arch.layer_table(spec)
+    return [k for key in groups[axis] for k in (key, _bias_of(key)) if k in table]
+
+
+def _bias_of(key: str) -> str:
+    return key.rsplit(".", 1)[0] + ".bias"
+
+
+def _load(params, got: Mapping[str, Tensor], state, spec, tgt, maps, j, prefix_s, prefix_t, width_expand,
+          depth_expand) -> None:
+    """Refit tensors (the anchor's coordinates) into the target model's layer ``j`` through Trans, so
+    what follows sees them refit."""
+    p = maps.layers.idx[j]
+    for key, t in got.items():
+        name = prefix_t.format(i=j) + key
+        read = _swapped(state, prefix_s.format(i=p) + key, t)
+        params[name].data.copy_(trans_tensor(name, read, spec, tgt, maps, width_expand=width_expand,
+                                             depth_expand=depth_expand))
+
+
+def _collect(mod: torch.nn.Module, block: torch.nn.Module, hs: Sequence[Tensor], calls: Sequence,
+             targets: Sequence[Tensor]) -> Fit:
+    """The normal equations of ``mod``'s input inside the target's layer ``block`` (run on the hidden
+    states ``hs`` up to ``mod`` only) against ``targets`` (per batch, the anchor's input to the same
+    module)."""
+    fit: list[Fit] = []
+    target: list[Tensor] = []
+
+    def hook(m, args):
+        x, y = args[0], target[0]
+        if not fit:
+            k, d = x.shape[-1], y.shape[-1]
+            fit.append(Fit(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64),
+                           torch.zeros(k, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)))
+        fit[0].add(x, y)
+        raise ForwardDone  # nothing after this module is needed
+
+    handle = mod.register_forward_pre_hook(hook)
+    try:
+        for h, call, y in zip(hs, calls, targets, strict=True):
+            target[:] = [y]
+            with contextlib.suppress(ForwardDone):
+                _run_layer(block, h, call)
+    finally:
+        handle.remove()
+    return fit[0]
+
+
+def _solve_resid(state, spec: ModelSpec, maps: Maps, keys: Sequence[str], j: int, f: Fit, lam: float,
+                 prefix: str) -> dict[str, Tensor]:
+    """The residual readers ``keys`` of target layer ``j`` refit on the kept channels.
+
+    With ``X'`` the pruned model's normalised input (k kept channels) and ``H`` the anchor's (all d
+    channels), every reader ``W`` (out x d) gets ``W_K' = W A^T`` with one map ``A`` (d x k) for
+    the whole group, ``A^T = (X'^T X' / N + lam I)^-1 (X'^T H / N + lam E_K)`` (``E_K`` picks the
+    kept channels: the plain prune is the ridge's anchor point). That is each reader's own ridge
+    fit of its output ``H W^T`` (least squares is linear in the target, and the ridge pulls toward
+    ``E_K W^T``), for the price of one solve. A reader with a bias (Qwen2's q, k, v) is fit centred
+    and its bias takes the means' difference."""
+    p = maps.layers.idx[j]
+    cols = torch.tensor(list(maps.resid.idx), dtype=torch.long)
+    k = len(cols)
+    g, c = f.gram / f.count, f.cross / f.count
+    mu, hmu = f.xsum / f.count, f.ysum / f.count
+    table = arch.layer_table(spec)
+    biased = any(_bias_of(key) in table for key in keys)
+    if biased:
+        g, c = g - torch.outer(mu, mu), c - torch.outer(mu, hmu)
+    scale = float(g.diagonal().mean())
+    lam *= scale if scale > 0 else 1.0
+    pick = torch.zeros(k, c.shape[1], dtype=torch.float64)
+    pick[torch.arange(k), cols] = 1.0
+    a_t = _spd_solve(g + lam * torch.eye(k, dtype=torch.float64), c + lam * pick)  # (k, d)
+    out = {}
+    for key in keys:
+        w = state[prefix.format(i=p) + key]
+        dim = [io for _, io in table[key]].index("in")
+        wd = (w if dim == 1 else w.T).double()  # (out, d)
+        new = torch.zeros_like(wd)
+        new[:, cols] = wd @ a_t.T
+        out[key] = (new if dim == 1 else new.T).to(w.dtype).contiguous()
+        if _bias_of(key) in table:
+            b = state[prefix.format(i=p) + _bias_of(key)]
+            out[_bias_of(key)] = (b.double() + wd @ (hmu - mu @ a_t)).to(b.dtype)
+    return out
 
 
 def _solve(state, spec: ModelSpec, maps: Maps, r: Reader, j: int, axis: str, f: Fit, lam: float,

@@ -157,9 +157,10 @@ class LInit:
         returns the tensor it read itself when it maps nothing, else a new tensor."""
         read, got = anchor.reader(), []
         layer, key = arch.split_name(name)
-        swap = replaced.get((layer, key)) if layer is not None else None
+        swap = replaced.get((layer, key))  # (None, name): a global tensor
         if swap is not None:
-            want, own = arch.layer_prefix(anchor.spec).format(i=maps.layers.idx[layer]) + key, read
+            want = key if layer is None else arch.layer_prefix(anchor.spec).format(i=maps.layers.idx[layer]) + key
+            own = read
             read = lambda n: swap if n == want else own(n)  # noqa: E731
 
         def reader(n: str) -> torch.Tensor:
