@@ -10,7 +10,9 @@ the refit's ridge system was solved in float32 instead of float64: the tiny chai
 the same to 5 decimals, a seventh less time per repair; and again when the fading blend became the
 default: the smaller anchor's term holds the bigger's units it lacks; and again when the repair
 began refitting the residual stream's readers and the final norm where the residual width is
-pruned). The first cases ask for ``"blend": "plain"``, the blend they pinned; ``faded`` pins the fading blend at one alpha. A
+pruned: on this random chain that refit no longer beats plain Trans on the validation batch, so
+``repaired`` now pins the guard's choice, and ``test_the_refit_tensors_are_the_pinned_ones`` pins
+the refit's own tensors). The first cases ask for ``"blend": "plain"``, the blend they pinned; ``faded`` pins the fading blend at one alpha. A
 refactoring that changes any of them changed what users get. A change that is *meant* to change
 the bytes updates them in the same commit and says why.
 """
@@ -123,3 +125,33 @@ def test_same_bytes_across_processes_hash_seeds_and_thread_counts(tmp_path):
         if rel.name == "artifact.json":  # holds the creation time
             continue
         assert (a / "artifacts" / rel).read_bytes() == (b / "artifacts" / rel).read_bytes(), rel
+
+
+# The in-situ refit itself, kept whatever the guard says: on the random chain the refit of a0 onto
+# ARCH_A (its FFN readers, its residual stream's readers and final norm refit) scores worse than plain Trans on the
+# validation batch (random weights: flatter logits win), so the ``repaired`` request above pins the
+# guard's choice, plain Trans; this pins the refit's own tensors (every reader, the residual
+# stream's readers and the final norm), at the ridge a request would use for a0.
+REFIT_DIGEST = "988cd47894190c34e829f1429c7eacb82df494c75fcd13505b49ba7c100df5a9"
+
+
+def test_the_refit_tensors_are_the_pinned_ones(random_chain, cbd_home):
+    from cbd.inits.calibration import calibration_tokens, validation_batches
+    from cbd.repair.refit import insitu_repair
+    from cbd.shape import arch
+    from cbd.shape.maps import choose_maps
+    from cbd.store.anchors import load_anchor
+
+    a = load_anchor(random_chain, "a0", cbd_home / "chains")
+    state = {n: a.read(n) for n in arch.param_names(a.spec)}
+    tgt = a.spec.with_shape(**ARCH_A)
+    maps = choose_maps(a.spec, tgt, a.importance)
+    fixed, report = insitu_repair(a.spec, state, tgt, maps, list(calibration_tokens(random_chain, cbd_home / "chains").split(4)),
+                                  check=validation_batches(random_chain, cbd_home / "chains"), ridge=1.0, guard=False)
+    assert report["refit"] == ["ffn", "resid"] and report["stream_ridge"] == 0.1
+    h = hashlib.sha256()
+    for k in sorted(fixed):
+        t = fixed[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    assert h.hexdigest() == REFIT_DIGEST

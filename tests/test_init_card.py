@@ -151,6 +151,13 @@ def test_anchor_outputs_are_cached_beside_the_chain_and_give_the_same_repair(ran
                                                                                 for k in a[t]) for t in a)
 
     assert same(repaired(), first) and files[0].stat().st_mtime_ns == stamp  # read, not rewritten
+    # a refit global tensor (the final norm, where the residual width is pruned) is read through Trans
+    # like a layer's: the target's norm is the refit weight gathered by the residual map
+    li = linit_for(plan, random_chain, cbd_home / "chains")
+    assert len(li.maps_big.resid.idx) < li.big.spec.hidden_size  # this target drops channels of a0
+    refit = torch.arange(li.big.spec.hidden_size, dtype=torch.float32) + 0.5
+    li.replaced = {"big": {(None, "model.norm.weight"): refit}}
+    assert torch.equal(li.state(0.0)["model.norm.weight"], refit[torch.tensor(li.maps_big.resid.idx)])
     with open(files[0], "r+b") as f:  # damaged: a truncated copy
         f.truncate(os.path.getsize(files[0]) // 2)
     assert same(repaired(), first)

@@ -50,13 +50,18 @@ from cbd.shape.maps import Alignment, Maps
 from cbd.shape.trans import trans_tensor
 from cbd.train.models import build_model, eval_loss
 
-READERS = ("ffn", "q")
-SPAN_RIDGE = 0.1
-INSITU_RIDGE = (0.1, 1.0)  # tried in turn, the best on the check batch kept (insitu_refits)
+READERS = ("ffn", "q")  # axes whose dropped units are repaired through the tensor that reads them
 # The ridge of a reader that also carries a dropped span of layers: a span's contribution is a
 # larger, less linear target than a pruned reader's own output, and 1e-3 overfits the calibration
 # batch (source 30 -> 20 layers on the tiny chain's mix: held-out 5.25 dropped, 5.38 refit at 1e-3,
-# 4.98 at 0.1, 5.01 at 1; the a1 anchor 12 -> 8: 7.84, 6.10, 6.05, 6.06)  # axes whose dropped units are repaired through the tensor that reads them
+# 4.98 at 0.1, 5.01 at 1; the a1 anchor 12 -> 8: 7.84, 6.10, 6.05, 6.06)
+SPAN_RIDGE = 0.1
+INSITU_RIDGE = (0.1, 1.0)  # tried in turn, the best on the check batch kept (insitu_refits)
+# The residual stream's readers and the final norm take a tenth of that ridge: they want less
+# shrinkage than the pruned units' readers (held-out, tiny's source to 24x512 8/4 1280 at ridge 1
+# with the stream's at 1: 5.346, 0.3: 5.266, 0.1: 5.251, 0.03: 5.327; its a1 to 6x256 at ridge 0.1
+# with the stream's at 0.1: 6.168, 0.03: 6.144, 0.01: 6.120)
+STREAM_RIDGE_RATIO = 0.1
 
 
 @dataclass
@@ -380,6 +385,7 @@ class Fit:
 def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, maps: Maps,
                   batch: Tensor | Sequence[Tensor], *, ridge: float | Sequence[float] = INSITU_RIDGE,
                   check: Sequence[Tensor] | None = None, depth: bool = True, resid: bool = True,
+                  stream_ridge: float | None = None,
                   width_expand: str = "clone", depth_expand: str = "identity", guard: bool = True,
                   outputs: Callable[..., list[dict]] | None = None,
                   ) -> tuple[dict[tuple[int, str], Tensor], dict]:
@@ -402,6 +408,9 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
     chain's validation batch), the best kept, and none if none beats plain Trans there (the report
     says which). Costs: one forward pass of the anchor, and per ridge about half a forward pass
     per refit layer plus one over ``check``.
+
+    ``stream_ridge``: the ridge of the residual stream's readers and the final norm (default: each
+    ridge tried times :data:`STREAM_RIDGE_RATIO`); ``resid=False`` leaves them as Trans makes them.
 
     ``outputs``: where the anchor's outputs come from (default :func:`anchor_outputs`, computed
     here; a caller may give a cached copy with the same signature and at least those entries).
@@ -443,7 +452,8 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
     tried, best = {}, (loss_plain, None, {})
     for lam in ridges:
         per_layer = _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, readers, lam,
-                                width_expand, depth_expand, final)
+                                width_expand, depth_expand, final,
+                                lam * STREAM_RIDGE_RATIO if stream_ridge is None else stream_ridge)
         loss = eval_loss(model, check, chunked=True)
         tried[str(lam)] = round(loss, 5)
         if loss < best[0] or (not guard and best[1] is None):
@@ -451,6 +461,8 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
     report = {"refit": sorted({axis.split(".")[0] for _, axis in todo} | ({"depth"} if spans else set())),
               "check_loss_plain": round(loss_plain, 5), "check_loss_by_ridge": tried, "ridge": best[1],
               "kept": best[1] is not None, "check_loss": best[0]}
+    if final and best[1] is not None:  # the residual stream's readers and the final norm were refit at
+        report["stream_ridge"] = best[1] * STREAM_RIDGE_RATIO if stream_ridge is None else stream_ridge
     return best[2], report
 
 
@@ -556,7 +568,8 @@ def _run_layer(block: torch.nn.Module, h: Tensor, call: tuple[tuple, dict]) -> T
 
 
 def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, readers, ridge, width_expand,
-                depth_expand, final: bool = False) -> dict[tuple[int | None, str], Tensor]:
+                depth_expand, final: bool = False, stream_ridge: float | None = None
+                ) -> dict[tuple[int | None, str], Tensor]:
     """One in-situ refit pass at ``ridge`` on ``model`` (the target, reset here to ``plain``;
     refit in place, so it is the refit target afterwards); ``starts``: per batch, what
     :func:`_layer_calls` recorded. Returns the refits.
@@ -589,7 +602,8 @@ def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, r
             if axis.startswith("resid."):
                 f = _collect(model.get_submodule(prefix_t.format(i=j) + _resid_module(spec, axis)), block, hs,
                              [c[j] for c in calls], [held[(maps.layers.idx[j], axis)] for held in ys])
-                got = _solve_resid(state, spec, maps, groups[axis], j, f, ridge, prefix_s)
+                got = _solve_resid(state, spec, maps, groups[axis], j, f,
+                                   ridge if stream_ridge is None else stream_ridge, prefix_s)
                 _load(params, got, state, spec, tgt, maps, j, prefix_s, prefix_t, width_expand, depth_expand)
                 per_layer |= {(j, key): t for key, t in got.items()}
                 continue
@@ -652,7 +666,8 @@ def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, r
         hs = new
     if final:
         norm = _final_norm(spec)
-        g = _solve_final(state, spec, tgt, maps, hs, [held[("h", spec.num_hidden_layers - 1)] for held in ys], ridge)
+        g = _solve_final(state, spec, tgt, maps, hs, [held[("h", spec.num_hidden_layers - 1)] for held in ys],
+                         ridge if stream_ridge is None else stream_ridge)
         per_layer[(None, norm)] = g
         params[norm].data.copy_(trans_tensor(norm, _swapped(state, norm, g), spec, tgt, maps,
                                              width_expand=width_expand, depth_expand=depth_expand))
