@@ -324,7 +324,7 @@ def repair(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, maps: M
 
 
 def trans_with(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, maps: Maps,
-               per_layer: Mapping[tuple[int, str], Tensor], **opts) -> dict[str, Tensor]:
+               per_layer: Mapping[tuple[int | None, str], Tensor], **opts) -> dict[str, Tensor]:
     """Trans of ``state`` onto ``tgt`` reading the refit tensors ``per_layer`` (``(target layer,
     layer key) -> tensor`` in the anchor's coordinates) instead of the anchor's own."""
     prefix = arch.layer_prefix(spec)
@@ -388,7 +388,7 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
                   stream_ridge: float | None = None,
                   width_expand: str = "clone", depth_expand: str = "identity", guard: bool = True,
                   outputs: Callable[..., list[dict]] | None = None,
-                  ) -> tuple[dict[tuple[int, str], Tensor], dict]:
+                  ) -> tuple[dict[tuple[int | None, str], Tensor], dict]:
     """The readers of an anchor's pruned units refit *in situ*: on the inputs they get inside the
     pruned target (plain Trans of the anchor), toward the outputs the anchor's own readers give on
     the same tokens (for the FFN reader before a dropped span of layers: plus what the span adds).

@@ -58,8 +58,9 @@ class LInit:
     alpha: float
     opts: TransOptions
     # "small"/"big" -> {(target layer, layer key): tensor in that anchor's coordinates}: what Trans
-    # reads instead of the anchor's own tensor (cbd.repair.refit.refits: the repaired readers)
-    replaced: dict[str, dict[tuple[int, str], torch.Tensor]] = field(default_factory=dict)
+    # reads instead of the anchor's own tensor (cbd.repair.refit.refits: the repaired readers;
+    # (None, name) for a global tensor: the final norm refit where the residual width is pruned)
+    replaced: dict[str, dict[tuple[int | None, str], torch.Tensor]] = field(default_factory=dict)
     _own: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     @property
