@@ -371,6 +371,13 @@ class Fit:
     ysum: Tensor
     count: int = 0
 
+    @classmethod
+    def zeros(cls, k: int, d: int) -> Fit:
+        """Empty statistics for ``k`` inputs and ``d`` outputs."""
+        f64 = torch.float64
+        return cls(torch.zeros(k, k, dtype=f64), torch.zeros(k, d, dtype=f64), torch.zeros(k, dtype=f64),
+                   torch.zeros(d, dtype=f64))
+
     def add(self, x: Tensor, y: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         y = y.detach().reshape(-1, y.shape[-1]).float()
@@ -450,10 +457,10 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
     loss_plain = eval_loss(model, check, chunked=True)
     starts = [_layer_calls(model, tgt, b[:, :-1]) for b in batches]  # the same for every ridge
     tried, best = {}, (loss_plain, None, {})
+    stream_of = {lam: lam * STREAM_RIDGE_RATIO if stream_ridge is None else stream_ridge for lam in ridges}
     for lam in ridges:
         per_layer = _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, readers, lam,
-                                width_expand, depth_expand, final,
-                                lam * STREAM_RIDGE_RATIO if stream_ridge is None else stream_ridge)
+                                width_expand, depth_expand, final, stream_of[lam])
         loss = eval_loss(model, check, chunked=True)
         tried[str(lam)] = round(loss, 5)
         if loss < best[0] or (not guard and best[1] is None):
@@ -462,7 +469,7 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
               "check_loss_plain": round(loss_plain, 5), "check_loss_by_ridge": tried, "ridge": best[1],
               "kept": best[1] is not None, "check_loss": best[0]}
     if final and best[1] is not None:  # the residual stream's readers and the final norm were refit at
-        report["stream_ridge"] = best[1] * STREAM_RIDGE_RATIO if stream_ridge is None else stream_ridge
+        report["stream_ridge"] = stream_of[best[1]]
     return best[2], report
 
 
@@ -568,11 +575,12 @@ def _run_layer(block: torch.nn.Module, h: Tensor, call: tuple[tuple, dict]) -> T
 
 
 def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, readers, ridge, width_expand,
-                depth_expand, final: bool = False, stream_ridge: float | None = None
+                depth_expand, final: bool = False, stream_ridge: float = 0.0
                 ) -> dict[tuple[int | None, str], Tensor]:
     """One in-situ refit pass at ``ridge`` on ``model`` (the target, reset here to ``plain``;
     refit in place, so it is the refit target afterwards); ``starts``: per batch, what
-    :func:`_layer_calls` recorded. Returns the refits.
+    :func:`_layer_calls` recorded; ``stream_ridge``: the residual readers' and final norm's (with
+    ``final``, the final norm is refit after the last layer). Returns the refits.
 
     Layer after layer, the hidden states entering target layer j are kept (every layer before j
     already refit), and only layer j is run to collect its readers' inputs: at most two partial
@@ -584,7 +592,7 @@ def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, r
     groups = resid_groups(spec)
     for name in {prefix_t.format(i=j) + key for j, axis in todo for key in _todo_keys(axis, readers, groups, tgt)}:
         params[name].data.copy_(plain[name])  # what an earlier pass refit
-    per_layer: dict[tuple[int, str], Tensor] = {}
+    per_layer: dict[tuple[int | None, str], Tensor] = {}
     hs = [h for h, _ in starts]
     calls = [c for _, c in starts]
     if final:
@@ -602,8 +610,7 @@ def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, r
             if axis.startswith("resid."):
                 f = _collect(model.get_submodule(prefix_t.format(i=j) + _resid_module(spec, axis)), block, hs,
                              [c[j] for c in calls], [held[(maps.layers.idx[j], axis)] for held in ys])
-                got = _solve_resid(state, spec, maps, groups[axis], j, f,
-                                   ridge if stream_ridge is None else stream_ridge, prefix_s)
+                got = _solve_resid(state, spec, maps, groups[axis], j, f, stream_ridge, prefix_s)
                 _load(params, got, state, spec, tgt, maps, j, prefix_s, prefix_t, width_expand, depth_expand)
                 per_layer |= {(j, key): t for key, t in got.items()}
                 continue
@@ -621,9 +628,7 @@ def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, r
                         s0, s1 = spans[j]
                         y = y + (held[("h", s1)] - held[("h", s0)])
                     if not fit:
-                        d = y.shape[-1]
-                        fit.append(Fit(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64),
-                                       torch.zeros(k, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)))
+                        fit.append(Fit.zeros(k, y.shape[-1]))
                     fit[0].add(args[0], y)
                     if not through:
                         raise ForwardDone  # nothing after this reader is needed
@@ -667,7 +672,7 @@ def _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, r
     if final:
         norm = _final_norm(spec)
         g = _solve_final(state, spec, tgt, maps, hs, [held[("h", spec.num_hidden_layers - 1)] for held in ys],
-                         ridge if stream_ridge is None else stream_ridge)
+                         stream_ridge)
         per_layer[(None, norm)] = g
         params[norm].data.copy_(trans_tensor(norm, _swapped(state, norm, g), spec, tgt, maps,
                                              width_expand=width_expand, depth_expand=depth_expand))
@@ -764,9 +769,7 @@ def _collect(mod: torch.nn.Module, block: torch.nn.Module, hs: Sequence[Tensor],
     def hook(m, args):
         x, y = args[0], target[0]
         if not fit:
-            k, d = x.shape[-1], y.shape[-1]
-            fit.append(Fit(torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, d, dtype=torch.float64),
-                           torch.zeros(k, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)))
+            fit.append(Fit.zeros(x.shape[-1], y.shape[-1]))
         fit[0].add(x, y)
         raise ForwardDone  # nothing after this module is needed
 
