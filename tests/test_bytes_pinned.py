@@ -131,8 +131,51 @@ def test_same_bytes_across_processes_hash_seeds_and_thread_counts(tmp_path):
 # ARCH_A (its FFN readers, its residual stream's readers and final norm refit) scores worse than plain Trans on the
 # validation batch (random weights: flatter logits win), so the ``repaired`` request above pins the
 # guard's choice, plain Trans; this pins the refit's own tensors (every reader, the residual
-# stream's readers and the final norm), at the ridge a request would use for a0.
-REFIT_DIGEST = "988cd47894190c34e829f1429c7eacb82df494c75fcd13505b49ba7c100df5a9"
+# stream's readers and the final norm), at the ridge a request would use for a0. Not bit for bit:
+# the ridge solves are matrix products whose last bits differ between CPUs' BLAS kernels (AVX2
+# against AVX-512/AMX: a sha256 pinned on one failed on the other), so each tensor is pinned by
+# three numbers, its norm and two fixed projections (one weighted by position, which a permutation
+# of its entries changes), to 1e-4 of its norm: a thousand times what float32 rounding moved them
+# (~1e-6 relative, measured when the solve went from float64 to float32), far below what a change
+# of the fit (another ridge, another reader) moves them.
+REFIT_FINGERPRINT = {  # tensor|shape: (norm, sum / sqrt(n), position-weighted sum / sqrt(n)), on AMD EPYC (AVX2)
+    "model.embed_tokens.weight|(128, 80)": (102.6189255, -1.4711079, 0.4040012),
+    "model.layers.0.input_layernorm.weight|(80,)": (8.9648379, 8.9543106, 0.0757524),
+    "model.layers.0.mlp.down_proj.weight|(80, 72)": (4.3105172, 0.0157239, -0.0208325),
+    "model.layers.0.mlp.gate_proj.weight|(72, 80)": (4.5071382, 0.0156429, -0.0163807),
+    "model.layers.0.mlp.up_proj.weight|(72, 80)": (4.5060008, 0.0319605, -0.0118777),
+    "model.layers.0.post_attention_layernorm.weight|(80,)": (9.0034363, 8.9904728, -0.0063564),
+    "model.layers.0.self_attn.k_proj.weight|(16, 80)": (2.0980058, 0.165646, -0.0291421),
+    "model.layers.0.self_attn.o_proj.weight|(80, 80)": (2.7330846, -0.0080062, 0.0087687),
+    "model.layers.0.self_attn.q_proj.weight|(80, 80)": (4.6921315, 0.039445, 0.0369074),
+    "model.layers.0.self_attn.v_proj.weight|(16, 80)": (2.0709136, -0.0500886, -0.0347813),
+    "model.layers.1.input_layernorm.weight|(80,)": (8.8952627, 8.8880664, -0.0373857),
+    "model.layers.1.mlp.down_proj.weight|(80, 72)": (4.2973998, -0.0915417, -0.0373956),
+    "model.layers.1.mlp.gate_proj.weight|(72, 80)": (4.5419946, 0.1675815, -0.0768777),
+    "model.layers.1.mlp.up_proj.weight|(72, 80)": (4.4835852, -0.0497757, 0.0233716),
+    "model.layers.1.post_attention_layernorm.weight|(80,)": (8.9869779, 8.978958, 0.0040697),
+    "model.layers.1.self_attn.k_proj.weight|(16, 80)": (2.1285711, -0.0287789, -0.0507293),
+    "model.layers.1.self_attn.o_proj.weight|(80, 80)": (2.7262978, 0.0065646, -0.0221363),
+    "model.layers.1.self_attn.q_proj.weight|(80, 80)": (4.6576587, -0.2666846, 0.0075088),
+    "model.layers.1.self_attn.v_proj.weight|(16, 80)": (2.1113657, -0.1023566, 0.0153149),
+    "model.layers.2.input_layernorm.weight|(80,)": (8.9325704, 8.919343, -0.0529566),
+    "model.layers.2.mlp.down_proj.weight|(80, 72)": (4.3235739, 0.0488127, 0.0646759),
+    "model.layers.2.mlp.gate_proj.weight|(72, 80)": (4.4814142, -0.0667175, -0.0392441),
+    "model.layers.2.mlp.up_proj.weight|(72, 80)": (4.4938368, 0.0879629, 0.0240523),
+    "model.layers.2.post_attention_layernorm.weight|(80,)": (8.9688582, 8.9562408, 0.029106),
+    "model.layers.2.self_attn.k_proj.weight|(16, 80)": (2.1544484, 0.0445253, -0.0289398),
+    "model.layers.2.self_attn.o_proj.weight|(80, 80)": (2.7190719, 0.0498971, 0.0345813),
+    "model.layers.2.self_attn.q_proj.weight|(80, 80)": (4.7888403, -0.0287183, 0.026907),
+    "model.layers.2.self_attn.v_proj.weight|(16, 80)": (2.0576853, -0.0167705, 0.0353878),
+    "model.norm.weight|(80,)": (9.5474503, 9.5250351, 0.0308336),
+}
+
+
+def fingerprint(t: torch.Tensor) -> tuple[float, float, float]:
+    """(norm, mean-weighted sum, position-weighted sum) of a tensor, in float64."""
+    x = t.detach().double().flatten()
+    w = torch.linspace(-1.0, 1.0, x.numel(), dtype=torch.float64)
+    return (float(x.norm()), float(x.sum()) / x.numel() ** 0.5, float((x * w).sum()) / x.numel() ** 0.5)
 
 
 def test_the_refit_tensors_are_the_pinned_ones(random_chain, cbd_home):
@@ -149,9 +192,9 @@ def test_the_refit_tensors_are_the_pinned_ones(random_chain, cbd_home):
     fixed, report = insitu_repair(a.spec, state, tgt, maps, list(calibration_tokens(random_chain, cbd_home / "chains").split(4)),
                                   check=validation_batches(random_chain, cbd_home / "chains"), ridge=1.0, guard=False)
     assert report["refit"] == ["ffn", "resid"] and report["stream_ridge"] == 0.1
-    h = hashlib.sha256()
-    for k in sorted(fixed):
-        t = fixed[k].contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    assert h.hexdigest() == REFIT_DIGEST
+    got = {f"{k}|{tuple(fixed[k].shape)}": fingerprint(fixed[k]) for k in sorted(fixed)}
+    assert got.keys() == REFIT_FINGERPRINT.keys()
+    for k, (norm, *proj) in got.items():
+        want_norm, *want_proj = REFIT_FINGERPRINT[k]
+        tol = 1e-4 * want_norm
+        assert abs(norm - want_norm) <= tol and all(abs(x - y) <= tol for x, y in zip(proj, want_proj, strict=True)), k
