@@ -103,7 +103,7 @@ def asgi_get(response, headers: dict[str, str] | None = None) -> tuple[int, byte
 def test_an_answered_download_survives_its_eviction(tmp_path):
     """The route opens the file before it returns: an eviction between the route and the first byte
     (Starlette's own FileResponse would then fail: a 500) does not cut the download short."""
-    data = os.urandom(300_000)
+    data = os.urandom(2 * OpenedFileResponse.chunk_size + 300_000)  # three chunks, the last one short
     for cls in ("opened", "stock"):
         folder = tmp_path / cls
         folder.mkdir()
@@ -122,6 +122,10 @@ def test_an_answered_download_survives_its_eviction(tmp_path):
         assert asgi_get(response) == (200, data)
         assert asgi_get(ranged, {"range": "bytes=1000-1999"}) == (206, data[1000:2000])
         assert response._fd == -1 and ranged._fd == -1  # closed once sent
+    (tmp_path / "later.bin").write_bytes(data)
+    across = OpenedFileResponse.open(tmp_path / "later.bin")
+    a, b = OpenedFileResponse.chunk_size - 5, 2 * OpenedFileResponse.chunk_size + 7  # a range over two chunk edges
+    assert asgi_get(across, {"range": f"bytes={a}-{b}"}) == (206, data[a:b + 1])
 
 
 def test_an_index_evicted_while_it_is_read_is_no_checkpoint(tmp_path, monkeypatch):
