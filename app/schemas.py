@@ -194,6 +194,7 @@ class PlanView(BaseModel):
     alpha: float = Field(description="the request's alpha, else alpha0 (calibration starts from it)")
     alpha_source: str = Field(description="request, distance (alpha0), calibrate or single-anchor")
     calibrate: bool
+    card: bool = Field(default=True, description="the init card is measured (request field `card`)")
     warnings: list[str] = Field(default_factory=list)
 
 

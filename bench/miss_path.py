@@ -18,7 +18,7 @@ same folder's file system, timed in this process.
 
 Bodies: ``default`` (what ``POST /initialize`` does when the body gives only the shape: ridge repair,
 alpha per block, the init card) and ``plain`` (``"calibrate": false, "repair": false``: alpha0, plain
-Trans, the init card). Reported: seconds (cold, then the median and spread of the warm rounds), the
+Trans, the init card) and ``no card`` (plain, ``"card": false`` too: no forward pass at all). Reported: seconds (cold, then the median and spread of the warm rounds), the
 floor's median, the ratio of the warm median to it, and the job's own stage times.
 """
 
@@ -46,7 +46,8 @@ TARGETS = {
     "~30M (16x448, 7/1, 1280)": dict(num_hidden_layers=16, hidden_size=448, num_attention_heads=7,
                                      num_key_value_heads=1, intermediate_size=1280),
 }
-BODIES = {"default": {}, "plain": {"calibrate": False, "repair": False}}
+BODIES = {"default": {}, "plain": {"calibrate": False, "repair": False},
+          "no card": {"calibrate": False, "repair": False, "card": False}}
 
 
 def floor_s(weights: Path, folder: Path) -> float:
@@ -77,7 +78,8 @@ def job_seconds(client: httpx.Client, job_id: str) -> float | None:
     return (datetime.fromisoformat(job["ended_at"]) - datetime.fromisoformat(job["started_at"])).total_seconds()
 
 
-def run(chain: str, chains: Path, rounds: int, threads: int, only: str | None, same_shape: bool = False) -> dict:
+def run(chain: str, chains: Path, rounds: int, threads: int, only: str | None, same_shape: bool = False,
+        bodies: tuple[str, ...] = tuple(BODIES)) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="cbd-miss-") as tmp:
         tmp = Path(tmp)
@@ -96,7 +98,8 @@ def run(chain: str, chains: Path, rounds: int, threads: int, only: str | None, s
                 for target, shape in TARGETS.items():
                     if only and only not in target:
                         continue
-                    for body_name, extra in BODIES.items():
+                    for body_name in bodies:
+                        extra = BODIES[body_name]
                         times, floors, jobs, aid, shapes = [], [], [], None, []
                         for k in range(rounds):
                             grow = 0 if same_shape else 64 * k
@@ -144,12 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="the worker's torch threads")
     ap.add_argument("--only", help="run the targets whose name contains this")
+    ap.add_argument("--bodies", default=",".join(BODIES), help="comma-separated request bodies to run")
     ap.add_argument("--same-shape", action="store_true",
                     help="every round the same request (its checkpoint removed in between), not a new shape")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     chains = args.chains or Path(os.environ.get("CBD_HOME", "~/.cache/cbd")).expanduser() / "chains"
-    result = run(args.chain, chains, args.rounds, args.threads, args.only, args.same_shape)
+    bodies = tuple(b.strip() for b in args.bodies.split(","))
+    if unknown := [b for b in bodies if b not in BODIES]:
+        ap.error(f"unknown bodies {unknown}; known: {', '.join(BODIES)}")
+    result = run(args.chain, chains, args.rounds, args.threads, args.only, args.same_shape, bodies)
     print(f"{'target':36} {'body':8} {'cold s':>7} {'warm s (median)':>16} {'floor s':>8} {'x floor':>8}")
     for r in result["rows"]:
         print(f"{r['target']:36} {r['body']:8} {r['cold_s']:7.2f} {r['warm_median_s']:16.2f} "

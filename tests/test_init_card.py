@@ -8,14 +8,18 @@ to the global alpha it starts from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 from safetensors.torch import load_file
 
+import cbd.inits.run as runner
 from cbd.core.artifacts import artifact_dir
-from cbd.core.plan import make_plan
+from cbd.core.files import canonical_json
+from cbd.core.plan import FORMAT_VERSION, make_plan
 from cbd.core.request import InitRequest
+from cbd.inits import calibration
 from cbd.inits.calibration import calibrate_blocks, layer_blocks, validation_batches
 from cbd.inits.run import linit_for
 from cbd.run import run_plan
@@ -215,6 +219,35 @@ def test_search_precision_follows_the_setting(monkeypatch, value, want):
     assert search_bf16() is want
     monkeypatch.setenv("CBD_SEARCH_BF16", "auto")
     assert search_bf16() is cpu_has_bf16()
+
+
+def test_card_false_measures_nothing_and_makes_the_same_weights(made, random_chain, cbd_home, tmp_path, monkeypatch):
+    """``"card": false`` skips the card's forward passes (no validation pass at all with calibrate
+    and repair off), says so in the README, and is another checkpoint id; the weights are the ones
+    the same request with the card makes, and a request with the card keeps the id it had before
+    the field existed."""
+    body = dict(chain="test", architecture=ARCH, calibrate=False, repair=False)
+    with_card = make_plan(InitRequest(**body), random_chain)
+    plan = make_plan(InitRequest(**body, card=False), random_chain)
+    assert plan.id != with_card.id and not plan.card
+    old = with_card.model_dump(mode="json", exclude={"id", "code_version", "card"})
+    assert with_card.id == hashlib.sha256(canonical_json({"v": FORMAT_VERSION, **old}).encode()).hexdigest()[:32]
+
+    def no_pass(*a, **k):
+        raise AssertionError("a validation pass with card false")
+
+    monkeypatch.setattr(calibration, "random_init_loss", no_pass)
+    monkeypatch.setattr(runner, "validation_batches", no_pass)
+    run_plan(plan, chains_root=cbd_home / "chains", artifacts_root=tmp_path / "a")
+    monkeypatch.undo()
+    run_plan(with_card, chains_root=cbd_home / "chains", artifacts_root=tmp_path / "b")
+    a, b = artifact_dir(plan.id, tmp_path / "a"), artifact_dir(with_card.id, tmp_path / "b")
+    info = json.loads((a / "artifact.json").read_text())
+    assert "card" not in info["metrics"]
+    assert "card" in json.loads((b / "artifact.json").read_text())["metrics"]
+    assert "Not measured" in (a / "README.md").read_text()
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
 
 
 def test_random_init_loss_is_measured_once_per_shape_and_batch(random_chain, cbd_home, monkeypatch):

@@ -65,7 +65,7 @@ def plan_view(body: InitRequest, settings: Settings, caller: Caller | None = Non
         weights_bytes=None if num_params is None else num_params * DTYPE_BYTES[p.dtype], dtype=p.dtype,
         small=_anchor(chain.anchor(p.small)) if p.small else None,
         big=_anchor(chain.anchor(p.big)) if p.big else None,
-        alpha=p.alpha, alpha_source=p.alpha_source, calibrate=p.calibrate,
+        alpha=p.alpha, alpha_source=p.alpha_source, calibrate=p.calibrate, card=p.card,
         warnings=[*warnings, *p.warnings])
 
 

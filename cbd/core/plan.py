@@ -118,6 +118,7 @@ class Plan(BaseModel):
     calibrate: bool = False
     alpha_scheme: Literal["blocks", "global"] = Field(
         "global", description="with calibrate: one alpha, or one per block of layers (cbd.inits.calibration)")
+    card: bool = Field(True, description="the runner measures the init card (cbd.inits.calibration.init_card)")
     dtype: Dtype = "float32"
     tokenizer: str
     bridge_options: BridgeOptions | None = Field(default=None, description="set exactly for a bridge plan")
@@ -137,8 +138,10 @@ class Plan(BaseModel):
     def content_id(self) -> str:
         """sha256 of the plan without its id and the code version (32 hex characters): the job id,
         the artifact folder and the cache key. FORMAT_VERSION is in it; the code version is not,
-        so a release that makes the same bytes keeps serving the inits already made."""
-        body = {"v": FORMAT_VERSION, **self.model_dump(mode="json", exclude={"id", "code_version"})}
+        so a release that makes the same bytes keeps serving the inits already made (``card`` counts
+        only when it is off: it came later)."""
+        skip = {"id", "code_version"} | ({"card"} if self.card else set())  # ids made before the field stay
+        body = {"v": FORMAT_VERSION, **self.model_dump(mode="json", exclude=skip)}
         return hashlib.sha256(canonical_json(body).encode()).hexdigest()[:32]
 
     @property
@@ -205,7 +208,8 @@ def make_plan(req: InitRequest, manifest: ChainManifest, *, tokenizer: str | Non
     return Plan(chain=manifest.name, manifest_sha256=manifest.sha256, target=target,
                 small=small and small.name, big=big and big.name, alpha=round(alpha, 6),
                 alpha_requested=req.alpha is not None, calibrate=calibrate,
-                alpha_scheme=req.alpha_scheme if calibrate else "global", dtype=req.dtype, tokenizer=tok,
+                alpha_scheme=req.alpha_scheme if calibrate else "global", card=req.card, dtype=req.dtype,
+                tokenizer=tok,
                 bridge_options=bopts, trans=LInitOptions(repair="ridge" if req.repair else "none", blend=req.blend),
                 warnings=warnings)
 

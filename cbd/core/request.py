@@ -80,6 +80,11 @@ class InitRequest(BaseModel):
                     "writes into the residual stream at 0, so alpha fades them in (its loss is often lowest "
                     "between the anchors); plain: the smaller anchor grown by clones of its own units, every "
                     "parameter blended (cbd before 0.2)")
+    card: bool = Field(
+        default=True,
+        description="measure the init card: the init's step-0 loss on the chain's validation batch beside the "
+                    "best single anchor's and a random init's (forward passes of the target: most of what a "
+                    "miss costs when calibrate and repair are off); false: no card, the cheapest miss")
     dtype: Dtype = "float32"
     push_to_hub: PushToHub | None = None
 

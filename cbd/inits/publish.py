@@ -63,7 +63,8 @@ def recipe_of(plan: Plan, manifest: ChainManifest, alpha: float, calib: dict) ->
         "request": {"chain": plan.chain, "architecture": {
             k: getattr(plan.target, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                                   "num_key_value_heads", "intermediate_size")},
-            "tokenizer": plan.tokenizer, "dtype": plan.dtype, "calibrate": plan.calibrate},
+            "tokenizer": plan.tokenizer, "dtype": plan.dtype, "calibrate": plan.calibrate,
+            **({} if plan.card else {"card": False})},
         "target": plan.target.model_dump(mode="json") | {"num_key_value_heads": plan.target.kv_heads},
         "num_params": plan.target.num_params(),
         "anchors": [{"name": a.name, "sha256": a.sha256, "shape": list(a.spec.shape),

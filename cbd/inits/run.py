@@ -23,7 +23,7 @@ from cbd.store.anchors import load_alignment, load_anchor, tokenizer_dir
 
 def run_linit(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_root: Path | None = None,
               artifacts_root: Path | None = None) -> ArtifactInfo:
-    li, alpha, calib = prepare(plan, manifest, progress=progress, chains_root=chains_root, card=True)
+    li, alpha, calib = prepare(plan, manifest, progress=progress, chains_root=chains_root, card=plan.card)
     blend = calib.get("alphas", alpha)  # per block when the plan calibrates per block
     recipe = recipe_of(plan, manifest, alpha, calib)
     total = plan.target.num_params()  # every stored tensor's elements

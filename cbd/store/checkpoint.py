@@ -99,7 +99,9 @@ def model_card(*, repo_name: str, recipe: dict, base_model: str, license: str = 
     anchors = "\n".join(f"| `{a['name']}` | {a['shape']} | {a['non_embedding_params']:,} | `{a['sha256'][:16]}` |"
                         for a in recipe["anchors"])
     warnings = "".join(f"\n> **Note:** {w}\n" for w in recipe.get("warnings", []))
-    card = _card_table(recipe["card"]) if recipe.get("card") else ""
+    card = _card_table(recipe["card"]) if recipe.get("card") else (
+        "\n## Loss at step 0\n\nNot measured: the request said `\"card\": false`.\n"
+        if recipe["request"].get("card") is False else "")
     return f"""---
 library_name: transformers
 license: {license}
