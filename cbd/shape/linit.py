@@ -62,6 +62,7 @@ class LInit:
     # (None, name) for a global tensor: the final norm refit where the residual width is pruned)
     replaced: dict[str, dict[tuple[int | None, str], torch.Tensor]] = field(default_factory=dict)
     _own: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
+    _own_axes: dict[tuple[str, int | None], torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     @property
     def fades(self) -> bool:
@@ -98,17 +99,29 @@ class LInit:
             return torch.zeros((1,) * len(roles), dtype=torch.bool)
         mask = torch.ones((1,) * len(roles), dtype=torch.bool)
         for k, (axis, _) in enumerate(roles):
-            m = axis_map(maps, axis, j)
-            if m is None or not any(m.new):
+            keep = self._own_axis(axis, j)
+            if keep is None:
                 continue
-            keep = [not n for n in m.new]
-            if axis == "kv":  # a copy of one of S's kv heads that S's own query heads read is S's
-                r = tgt.kv_group_size
-                keep = [own or not all(maps.q[j].new[g * r:(g + 1) * r]) for g, own in enumerate(keep)]
             shape = [1] * len(roles)
             shape[k] = -1
-            mask = mask & torch.tensor(keep).repeat_interleave(arch.unit(tgt, axis)).view(shape)
+            mask = mask & keep.view(shape)
         return None if bool(mask.all()) else mask
+
+    def _own_axis(self, axis: str, j: int | None) -> torch.Tensor | None:
+        """Along one axis of target layer ``j`` (None: a global axis), where S holds its own unit,
+        per element (units expanded to their width); None where S lacks none. Kept per (axis, j):
+        the tensors of a layer share their axes."""
+        if (axis, j) not in self._own_axes:
+            m = axis_map(self.maps_small, axis, j)
+            keep = None
+            if m is not None and any(m.new):
+                keep = [not n for n in m.new]
+                if axis == "kv":  # a copy of one of S's kv heads that S's own query heads read is S's
+                    r, q = self.target.kv_group_size, self.maps_small.q[j].new
+                    keep = [own or not all(q[g * r:(g + 1) * r]) for g, own in enumerate(keep)]
+                keep = torch.tensor(keep).repeat_interleave(arch.unit(self.target, axis))
+            self._own_axes[(axis, j)] = keep
+        return self._own_axes[(axis, j)]
 
     def tensor(self, name: str, alpha: Alpha | None = None, rows: slice | None = None, *,
                alloc: Alloc = fresh) -> torch.Tensor:
