@@ -172,7 +172,7 @@ REFIT_FINGERPRINT = {  # tensor|shape: (norm, sum / sqrt(n), position-weighted s
 
 
 def fingerprint(t: torch.Tensor) -> tuple[float, float, float]:
-    """(norm, mean-weighted sum, position-weighted sum) of a tensor, in float64."""
+    """(norm, sum / sqrt(n), position-weighted sum / sqrt(n)) of a tensor's n entries, in float64."""
     x = t.detach().double().flatten()
     w = torch.linspace(-1.0, 1.0, x.numel(), dtype=torch.float64)
     return (float(x.norm()), float(x.sum()) / x.numel() ** 0.5, float((x * w).sum()) / x.numel() ** 0.5)

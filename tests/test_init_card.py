@@ -254,7 +254,6 @@ def test_random_init_loss_is_measured_once_per_shape_and_batch(random_chain, cbd
     from collections import OrderedDict
 
     from cbd.core.spec import make_spec
-    from cbd.inits import calibration
 
     monkeypatch.setattr(calibration, "_random_losses", OrderedDict())
     batches = validation_batches(random_chain, cbd_home / "chains")
