@@ -255,6 +255,31 @@ def test_a_good_shape_runs_to_a_finished_job_whose_link_serves_the_file(watched,
     assert job_id == plan["id"]
 
 
+def test_the_card_box_unchecked_asks_for_no_card(watched, services):
+    """Unchecking "Init card" sends ``"card": false``: the job finishes without a card, the page says it
+    was not measured, and the snippets repeat the whole body (``cbd fetch --spec``)."""
+    base = services["open"]
+    page = watched(base).page
+    page.goto(base + "/")
+    page.wait_for_selector("#plan-body dl")
+    fill_shape(page, 3, 48, 3, 1, 40)
+    assert page.is_checked("#f-card")  # measured unless the user says otherwise
+    page.uncheck("#f-card")
+    page.click("#submit")
+    link = page.locator('.files a[download="model.safetensors"]')
+    link.wait_for(timeout=120_000)
+    job_id = link.get_attribute("href").split("/checkpoints/")[1].split("/")[0]
+    answer = httpx.get(f"{base}/jobs/{job_id}").json()
+    assert answer["status"] == "finished" and answer.get("card") is None  # (a null is left out)
+    assert "not measured" in page.locator("#no-card").inner_text() and page.locator("#init-card").count() == 0
+    snippets = page.locator(".snippet pre").all_inner_texts()
+    assert any('"card":false' in s and "cbd fetch --spec" in s for s in snippets)
+    body = {"architecture": {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 3,
+                             "num_key_value_heads": 1, "intermediate_size": 40}}
+    assert httpx.post(base + "/plan", json=body | {"card": False}).json()["id"] == job_id  # the body it sent
+    assert httpx.post(base + "/plan", json=body).json()["id"] != job_id
+
+
 def test_plan_enqueues_nothing_and_says_what_initialize_would_do(services):
     base = services["keys"]  # no key needed: it changes nothing
     before = httpx.get(base + "/jobs").json()["jobs"]

@@ -346,6 +346,12 @@ PAGE = """<!doctype html>
 this alpha:</label> <input name="alpha" id="f-alpha" type="number" step="0.01" value="0.5" aria-label="alpha (0 to 1)"></div>
 </fieldset>
 <fieldset>
+<legend>Init card</legend>
+<label class="inline"><input type="checkbox" name="card" id="f-card" value="1" checked> measure it: the init's
+step-0 loss beside each single anchor's and a random init's (forward passes of the target, most of
+a quick miss's time; off: the fastest miss, no card)</label>
+</fieldset>
+<fieldset>
 <legend>API key</legend>
 <label>X-API-Key <input name="api_key" id="f-key" type="password" autocomplete="off"
 aria-describedby="key-help"></label>

@@ -61,6 +61,7 @@
     if (f.get("dtype") !== "float32") body.dtype = f.get("dtype");
     const mode = f.get("alpha_mode");
     if (mode === "alpha0") body.calibrate = false;
+    if (!f.get("card")) body.card = false;
     if (mode === "alpha") {
       const a = num("alpha");
       body.alpha = a === undefined ? null : a;
@@ -429,6 +430,9 @@
       kids.push(el("p", { text: `Anchors: ${j.anchors.map((a) => a.name || JSON.stringify(a)).join(", ")}` }));
     }
     if (j.warnings && j.warnings.length) kids.push(el("ul", { class: "warnings" }, ...j.warnings.map((w) => el("li", { text: w }))));
+    if (!j.card && body && body.card === false) {
+      kids.push(el("p", { id: "no-card", text: "Init card: not measured (the request said \"card\": false)." }));
+    }
     kids.push(...cardNodes(j.card), ...snippets(j, body));
     jobResult.replaceChildren(...kids);
     refreshJobs();
