@@ -12,7 +12,9 @@ runs) and scored at step 0 on the held-out work of *every* corpus of the chain's
 
 - ``single small`` / ``single big``: one anchor's Trans onto the target (alpha 1 / 0);
 - ``global``: one alpha picked on the chain's validation batch (the grid of ``alpha_grid``);
-- ``blocks``: an alpha per block of layers (``cbd.inits.calibration.calibrate_blocks``);
+- ``blocks``: an alpha per block of layers (``cbd.inits.calibration.calibrate_blocks``), kept only
+  where it also beats the global alpha on the chain's calibration batch (the service's default), and
+  ``blocks unchecked``: the same search without that check (the service before session 12);
 - each with ``repair`` none (plain Trans, the service before repair) or ridge (``cbd.repair``), and
   ``blend`` fade (the default: the smaller anchor's term holds the bigger's units it lacks, faded in)
   or plain (the smaller anchor grown by clones, every parameter blended: the service before);
@@ -105,16 +107,20 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
             inits = {f"single small (alpha 1), repair {tag}": (1.0, grid[1.0]),
                      f"single big (alpha 0), repair {tag}": (0.0, grid[0.0]),
                      f"global alpha, repair {tag}": (alpha, grid[alpha])}
+            # the service's choice (checked on the calibration batch), then the same search unchecked
+            inits[f"blocks alpha, repair {tag}"] = (calib["alphas"], calib["alphas_loss"])
+            check = calib["alphas_search"].get("check")
             t1 = time.perf_counter()
             blocks, bloss, passes = calibrate_blocks(li, val, alpha, grid[alpha])
-            inits[f"blocks alpha, repair {tag}"] = (blocks, bloss)
+            inits[f"blocks alpha unchecked, repair {tag}"] = (blocks, bloss)
             block_s = time.perf_counter() - t1
             for method, (a, vloss) in inits.items():
                 r = score(plan.target, li.state(a), windows)
                 rows.append({"target": tname, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,
                              "method": method, "alpha": a, "validation_loss": round(vloss, 4), **r,
-                             "prepare_s": round(prep_s, 2), **({"blocks_s": round(block_s, 2),
-                                                                "blocks_passes": passes} if "blocks" in method else {})})
+                             "prepare_s": round(prep_s, 2),
+                             **({"blocks_s": round(block_s, 2), "blocks_passes": passes} if "unchecked" in method else {}),
+                             **({"check": check} if method.startswith("blocks alpha, ") and check else {})})
                 print(f"{tname:22s} {method:40s} val {vloss:.3f}  held-out {r['mean']:.3f} ± {r['std']:.3f}  "
                       + " ".join(f"{d} {v:.2f}" for d, v in r["by_domain"].items()), flush=True)
         r = score(plan.target, random_state(plan.target, 0), windows)
@@ -168,6 +174,8 @@ def report(chain: str, tag: str | None = None) -> str:
         old = next((r for r in rows if r["method"] in ("global alpha, repair none, plain blend",
                                                        "global alpha, repair none")), None)
         plain = next((r for r in rows if r["method"] == "blocks alpha, repair ridge, plain blend"), None)
+        one = next((r for r in rows if r["method"] == "global alpha, repair ridge"), None)
+        unchecked = next((r for r in rows if r["method"] == "blocks alpha unchecked, repair ridge"), None)
         lines.append(f"| {t} | | *default minus best single anchor (by validation: {best_single['method']})* | | "
                      f"{dflt['mean'] - best_single['mean']:+.3f}{paired(dflt, best_single)} | "
                      + " | ".join(f"{dflt['by_domain'][x] - best_single['by_domain'][x]:+.3f}" for x in domains) + " |")
@@ -179,6 +187,13 @@ def report(chain: str, tag: str | None = None) -> str:
             lines.append(f"| {t} | | *default minus the plain blend (blocks alpha, repair ridge, plain blend)* | | "
                          f"{dflt['mean'] - plain['mean']:+.3f}{paired(dflt, plain)} | "
                          + " | ".join(f"{dflt['by_domain'][x] - plain['by_domain'][x]:+.3f}" for x in domains) + " |")
+        for label, other in (("one alpha (global alpha, repair ridge)", one),
+                             ("the unchecked search (blocks alpha unchecked, repair ridge)", unchecked)):
+            if other is not None:
+                lines.append(f"| {t} | | *default minus {label}* | | {dflt['mean'] - other['mean']:+.3f}"
+                             f"{paired(dflt, other)} | "
+                             + " | ".join(f"{dflt['by_domain'][x] - other['by_domain'][x]:+.3f}" for x in domains)
+                             + " |")
     fig, ax = plt.subplots(figsize=(9, 4.5))
     methods = [m for m in dict.fromkeys(r["method"] for r in d["rows"]) if m != "random"]
     width = 0.8 / len(methods)
