@@ -12,9 +12,10 @@ runs) and scored at step 0 on the held-out work of *every* corpus of the chain's
 
 - ``single small`` / ``single big``: one anchor's Trans onto the target (alpha 1 / 0);
 - ``global``: one alpha picked on the chain's validation batch (the grid of ``alpha_grid``);
-- ``blocks``: an alpha per block of layers (``cbd.inits.calibration.calibrate_blocks``), kept only
-  where it also beats the global alpha on the chain's calibration batch (the service's default), and
-  ``blocks unchecked``: the same search without that check (the service before session 12);
+- ``blocks``: an alpha per block of layers (``cbd.inits.calibration.calibrate_blocks``), searched on
+  half of the validation batch and kept only where it also beats the global alpha on the other half
+  (the service's default), and ``blocks unchecked``: the search on the whole validation batch without
+  that check (the service before session 12);
 - each with ``repair`` none (plain Trans, the service before repair) or ridge (``cbd.repair``), and
   ``blend`` fade (the default: the smaller anchor's term holds the bigger's units it lacks, faded in)
   or plain (the smaller anchor grown by clones, every parameter blended: the service before);
@@ -107,7 +108,7 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
             inits = {f"single small (alpha 1), repair {tag}": (1.0, grid[1.0]),
                      f"single big (alpha 0), repair {tag}": (0.0, grid[0.0]),
                      f"global alpha, repair {tag}": (alpha, grid[alpha])}
-            # the service's choice (checked on the calibration batch), then the same search unchecked
+            # the service's choice (searched on half the validation batch, checked on the rest), then unchecked
             inits[f"blocks alpha, repair {tag}"] = (calib["alphas"], calib["alphas_loss"])
             check = calib["alphas_search"].get("check")
             t1 = time.perf_counter()

@@ -134,6 +134,23 @@ def test_bridge_plans_are_slow_and_hash_their_options(random_chain):
     assert not same.bridge and same.bridge_options is None
 
 
+def test_the_operators_bridge_budget_makes_the_services_bridge_plans(random_chain):
+    """``CBD_BRIDGE_STEPS`` sets a bridge job's steps (the service's plans use it, and it is in their
+    id); unset, the defaults; a plan in the chain's own tokenizer does not change."""
+    from app.core.config import Settings
+
+    assert Settings.from_env({}).bridge_options() is None
+    opts = Settings.from_env({"CBD_BRIDGE_STEPS": "30"}).bridge_options()
+    assert opts == BridgeOptions(steps=30)
+    with pytest.raises(ValueError, match="bridge_steps"):
+        Settings.from_env({"CBD_BRIDGE_STEPS": "-1"})
+    body = InitRequest(chain="test", architecture=ARCH, tokenizer="gpt2")
+    short, default = make_plan(body, random_chain, bridge_options=opts), make_plan(body, random_chain)
+    assert short.bridge_options.steps == 30 and default.bridge_options.steps == 120 and short.id != default.id
+    own = InitRequest(chain="test", architecture=ARCH)
+    assert make_plan(own, random_chain, bridge_options=opts) == make_plan(own, random_chain)
+
+
 def test_fvt_pieces_spell_each_token_under_a_byte_level_chain(gpt2):
     smol = load_tokenizer("smollm2")  # the real chain tokenizer
     vm = vocab_map(gpt2, smol, vocab_size=50304)
@@ -231,6 +248,7 @@ def test_same_plan_same_bytes_and_cached(random_chain, bridged, store, tmp_path)
 
 # ---- the real chain, through the service ------------------------------------------------------
 SERVICE_DB = 10
+BRIDGE_STEPS = 30  # CBD_BRIDGE_STEPS of the service below
 REAL_ARCH = dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=6, num_key_value_heads=2,
                  intermediate_size=1024)  # 28.8M parameters with GPT-2's vocabulary (19.3M: the tied embedding)
 
@@ -259,12 +277,14 @@ def test_real_tiny_chain_bridge_to_gpt2_through_the_service(tiny_chain, redis_se
     init by far and an FVT-only checkpoint of the same plan (0 bridge steps)."""
     manifest, root = tiny_chain
     env = {"CBD_CHAINS": str(root), "CBD_ARTIFACTS": str(tmp_path / "artifacts")}  # the real chain, our store
+    # the operator's bridge budget: 30 steps instead of 120 (a quarter of the suite's longest job; the
+    # gain over FVT alone is still several times the margin asserted below: docs/bridge.md)
     url = redis_db(redis_server, SERVICE_DB)
     # the worker is the only busy process while the job runs (this one polls): it gets every core, as
     # `cbd serve` gives its one worker (cbd.core.threads), not the one thread of side-by-side test children
     threads = str(usable_cpus())
     worker = children.worker(url, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **env)
-    base, _ = children.api(url, CBD_SYNC_WAIT_S="0", **env)
+    base, _ = children.api(url, CBD_SYNC_WAIT_S="0", CBD_BRIDGE_STEPS=str(BRIDGE_STEPS), **env)
     with httpx.Client(base_url=base, timeout=60) as client:
         deadline = time.monotonic() + 300
         while client.get("/healthz").json().get("workers", 0) < 1:  # the worker is up: its start-up is not timed
@@ -289,8 +309,9 @@ def test_real_tiny_chain_bridge_to_gpt2_through_the_service(tiny_chain, redis_se
     assert any(0 < f < 1 for _, f in seen), seen  # progress was reported while it ran
     assert "bridge distillation" in {s for s, _ in seen}, seen
 
-    plan = make_plan(InitRequest.model_validate(body), manifest)  # the plan the API made: same id
-    assert plan.id == job["id"] and plan.bridge
+    plan = make_plan(InitRequest.model_validate(body), manifest,  # the plan the API made: same id
+                     bridge_options=BridgeOptions(steps=BRIDGE_STEPS))
+    assert plan.id == job["id"] and plan.bridge and plan.id != make_plan(InitRequest.model_validate(body), manifest).id
     gpt2 = load_tokenizer("gpt2")
     folder = tmp_path / "ckpt"
     tok = AutoTokenizer.from_pretrained(folder)
@@ -306,6 +327,7 @@ def test_real_tiny_chain_bridge_to_gpt2_through_the_service(tiny_chain, redis_se
     plan0 = make_plan(InitRequest.model_validate(body), manifest, bridge_options=opts.model_copy(update={"steps": 0}))
     fvt_info = run_plan(plan0, chains_root=root, artifacts_root=tmp_path / "fvt")
     m = json.loads((folder / "recipe.json").read_text())["bridge"]  # what the job says it measured
+    assert m["steps"] == BRIDGE_STEPS, m
     heldout = heldout_batches(m["corpora"], "gpt2", opts)  # held-out text in GPT-2 tokens, every corpus of the mix
     loss = nll(model, heldout)
     loss_fvt = folder_nll(artifact_dir(fvt_info.id, tmp_path / "fvt"), heldout)

@@ -386,26 +386,33 @@ def test_parquet_column_and_jsonl_field_read_as_documents(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.teacher
-def test_real_teacher_as_a_path_builds_the_packaged_tiny_chain_bit_for_bit(tiny_chain, tmp_path):
+def test_real_teacher_as_a_path_builds_the_packaged_tiny_chain_bit_for_bit(tmp_path):
     """SmolLM2-135M given as ``path:`` (its converted folder) builds the same `tiny` anchors, tensor for
     tensor, as the packaged name (anchor files differ only in their metadata: the chain's name).
 
-    a0 (the source as read) and a1 (the one step that runs the source) are built and compared; a2 and
-    a3 are made from a1 by the same code whatever the source was, so they follow (and building them
-    again would cost the suite another three minutes)."""
+    a0 (the source as read) and a1 (the one step that runs the source: importance, prune, and
+    distillation steps against it as the teacher) are built both ways and compared, with the
+    recipe's steps cut to 3 (what differs between the two is how the teacher is read, which every
+    step uses alike; the packaged 40 would cost the suite minutes per build). a2 and a3 are made
+    from a1 by the same code whatever the source was, so they follow."""
     from cbd.chain.build import build_anchor
     from cbd.data.teachers import teacher_dir
     from cbd.tensors.reader import LazyReader
 
-    packaged, root = tiny_chain
-    recipe = load_recipe("tiny").model_copy(update={"name": "tiny-path", "source": f"path:{teacher_dir()}",
-                                                    "license": "apache-2.0"})
-    data: list = []
-    built = [build_anchor(recipe, name, root=tmp_path, data=data) for name in ("a0", "a1")]
-    assert [a.spec for a in built] == [a.spec for a in packaged.anchors[:2]]
-    for a in built:
-        mine = LazyReader(chain_dir("tiny-path", tmp_path) / a.name / "model.safetensors").load_all()
-        theirs = LazyReader(chain_dir("tiny", root) / a.name / "model.safetensors").load_all()
+    packaged = load_recipe("tiny")
+    short = packaged.model_copy(update={"train": packaged.train.model_copy(update={"steps": 3})})
+    path = short.model_copy(update={"name": "tiny-path", "source": f"path:{teacher_dir()}", "license": "apache-2.0"})
+    roots = {"named": tmp_path / "named", "path": tmp_path / "path"}
+    built = {}
+    for (kind, root), recipe in zip(roots.items(), (short, path), strict=True):
+        data: list = []
+        built[kind] = [build_anchor(recipe, name, root=root, data=data) for name in ("a0", "a1")]
+    assert [a.spec for a in built["path"]] == [a.spec for a in built["named"]]
+    steps = short.train.batch_size * short.train.seq_len * 3  # 3 steps' tokens: the cut recipe ran
+    assert built["named"][1].metrics["tokens"] == built["path"][1].metrics["tokens"] == steps
+    for a in built["path"]:
+        mine = LazyReader(chain_dir("tiny-path", roots["path"]) / a.name / "model.safetensors").load_all()
+        theirs = LazyReader(chain_dir("tiny", roots["named"]) / a.name / "model.safetensors").load_all()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), a.name
 
 

@@ -29,6 +29,7 @@ pydantic model still validates every value (a bad ``CBD_SYNC_WAIT_S`` fails at s
 | CBD_STORE_URL         | file://$CBD_HOME           | the store: a folder, or ``s3://bucket/prefix``       |
 | CBD_STORE_REDIRECT    | 0                          | 1: downloads from S3 redirect to presigned URLs      |
 | CBD_PRESIGN_EXPIRES_S | 3600                       | how long a presigned download URL is valid           |
+| CBD_BRIDGE_STEPS      | (unset: 120)               | distillation steps of a bridge job (its budget)      |
 
 A caller is its API key (by a non-secret name), or its client address when keys are off. An entry of
 ``CBD_API_KEYS`` may scope its key to chains: ``key:chain1|chain2`` (without ``:``, or ``key:*``: every
@@ -50,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from cbd.core import manifest, paths, recipe
 from cbd.core.names import NAME_PATTERN
+from cbd.core.plan import BridgeOptions
 from worker import queue, tokens
 
 ENV = {
@@ -61,7 +63,7 @@ ENV = {
     "token_ttl_s": "CBD_TOKEN_TTL_S", "store_redirect": "CBD_STORE_REDIRECT",
     "presign_expires_s": "CBD_PRESIGN_EXPIRES_S", **queue.LIMITS_ENV, "public_url": "CBD_PUBLIC_URL",
     "public_chains": "CBD_PUBLIC_CHAINS", "read_keys_required": "CBD_READ_KEYS_REQUIRED",
-    "access_log": "CBD_ACCESS_LOG", "answer_cache": "CBD_ANSWER_CACHE",
+    "access_log": "CBD_ACCESS_LOG", "answer_cache": "CBD_ANSWER_CACHE", "bridge_steps": "CBD_BRIDGE_STEPS",
 }
 CHAIN_LIST_RE = re.compile(r"^(\*|[a-z0-9][a-z0-9._-]{0,63}(\|[a-z0-9][a-z0-9._-]{0,63})*)$")
 
@@ -121,6 +123,8 @@ class Settings(BaseModel):
     read_keys_required: bool = False
     access_log: str = "-"
     answer_cache: int = Field(default=4096, ge=0)
+    bridge_steps: int | None = Field(default=None, ge=0, le=100_000,
+                                     description="distillation steps of a bridge job (unset: the default, 120)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -141,6 +145,11 @@ class Settings(BaseModel):
         if isinstance(secret, str) and len(secret) < tokens.MIN_KEY_CHARS:  # checked here: pydantic would echo it
             raise ValueError(f"CBD_SECRET_KEY must have at least {tokens.MIN_KEY_CHARS} characters")
         return cls.model_validate(data)
+
+    def bridge_options(self) -> BridgeOptions | None:
+        """The bridge budget plans are made with: ``CBD_BRIDGE_STEPS`` steps, else the defaults
+        (None). It is part of every bridge plan's id, so a changed budget makes new checkpoints."""
+        return None if self.bridge_steps is None else BridgeOptions(steps=self.bridge_steps)
 
     @property
     def keyed(self) -> bool:

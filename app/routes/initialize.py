@@ -169,7 +169,7 @@ def submit(body: InitRequest, token: str | None, settings: Settings, redis: Redi
                    "POST /initialize again when that job has finished.")
         return Submitted(views.job_view(job, base).model_copy(update={"message": message}), job)
     check_tokenizer(body.tokenizer, chain)
-    plan = make_plan(body, chain)
+    plan = make_plan(body, chain, bridge_options=settings.bridge_options())
     warnings = [*warnings, *plan.warnings]
     info = artifacts.load_artifact(plan.id)
     metrics.cache(hit=info is not None)

@@ -52,7 +52,7 @@ def plan_view(body: InitRequest, settings: Settings, caller: Caller | None = Non
         raise ChainNotBuiltError(f"chain {name!r} is not built yet; POST /initialize would build it from its "
                                  "recipe first (a slow job, one per anchor)", allowed={"recipe": name})
     check_tokenizer(body.tokenizer, chain)
-    p = make_plan(body, chain)
+    p = make_plan(body, chain, bridge_options=settings.bridge_options())
     job_queue = queue.queue_for(p)
     bridge = p.bridge
     # A bridge changes the vocabulary: the embedding's size is known only once the tokenizer is loaded.

@@ -4,6 +4,7 @@ request-time repair of both LInit terms (readers refit on each anchor's calibrat
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -101,14 +102,6 @@ def calibration_tokens(manifest: ChainManifest, chains_root: Path | None = None)
     if not path.is_file():
         return torch.cat(validation_batches(manifest, chains_root))
     return _tokens(path)
-
-
-def check_batches(manifest: ChainManifest, chains_root: Path | None = None) -> list[torch.Tensor] | None:
-    """The per-block alpha search's check (:func:`calibrate_blocks`): the chain's calibration
-    batch, in batches of 4 rows, a sample of the same mix as the validation batch that never chose
-    anything; ``None`` for a chain built before that batch was stored."""
-    path = chain_dir(manifest.name, chains_root) / "calibration.safetensors"
-    return list(_tokens(path).split(4)) if path.is_file() else None
 
 
 ANCHOR_CACHE_MAX_BYTES = 2 << 30  # CBD_ANCHOR_CACHE_MAX_BYTES: anchors whose outputs would take more are not cached
@@ -312,6 +305,15 @@ class Blend:
         self.traces: OrderedDict = OrderedDict()  # per-layer alphas -> per batch, the hidden states entering each layer
         self.layers_run = 0  # decoder layers run by search passes, over all batches (a pass runs n per batch)
 
+    def on(self, batches: list[torch.Tensor]) -> Blend:
+        """The same blend scored on other ``batches`` (part of the validation batch: the per-block
+        search's half): it shares the terms and the model, not the losses or traces."""
+        view = copy.copy(self)
+        view.batches, view.cache, view.traces, view.layers_run, view.passes = batches, {}, OrderedDict(), 0, 0
+        one = self.bf16 and batches and len({tuple(b.shape[1:]) for b in batches}) == 1
+        view.search_batches = [torch.cat(batches)] if one else batches
+        return view
+
     @property
     def layer_passes(self) -> float:
         """The decoder layers the search's passes ran, in whole passes over the batch."""
@@ -345,7 +347,8 @@ class Blend:
                 self.params[n].copy_(self.big[n])
             else:
                 torch.lerp(self.big[n], self.small[n], a, out=self.params[n].data)
-        self.was = {g: self._value(alpha, g) for g in set(self.groups.values())}
+        self.was.clear()  # in place: views (:meth:`on`) share the model, so they share what it holds
+        self.was.update({g: self._value(alpha, g) for g in set(self.groups.values())})
 
     def loss_on(self, alpha: Alpha, batches: list[torch.Tensor]) -> float:
         """The float32 loss at ``alpha`` on other ``batches`` than the blend's (the per-block
@@ -484,30 +487,34 @@ def layer_blocks(num_layers: int, blocks: int) -> list[list[int]]:
 
 def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_loss: float, *,
                      blocks: int = 6, values: tuple[float, ...] = (0.0, 0.5, 1.0), sweeps: int = 1,
-                     blend: Blend | None = None, check: list[torch.Tensor] | None = None,
+                     blend: Blend | None = None, split: bool = False,
                      notes: dict | None = None) -> tuple[dict[str, float], float, int]:
     """An alpha per group of tensors, from ``alpha`` (the global grid's best, float32 loss
-    ``base_loss``): coordinate descent over the groups (the outer tensors, then ``blocks``
-    contiguous blocks of target layers), each tried at ``values``, a change kept only when it
-    lowers the validation loss. Candidates are scored by ``blend.loss(.., search=True)`` (bf16
+    ``base_loss`` on ``batches``): coordinate descent over the groups (the outer tensors, then
+    ``blocks`` contiguous blocks of target layers), each tried at ``values``, a change kept only
+    when it lowers the search's loss. Candidates are scored by ``loss(.., search=True)`` (bf16
     where :func:`search_bf16` says, running only the layers a candidate changes); a result other
-    than the start is measured again in float32 and kept only if it beats ``base_loss`` there, so
-    the result is never worse in float32 on ``batches`` than any point of the grid, the single
-    anchors included.
+    than the start is measured again in float32 on all of ``batches`` and kept only if it beats
+    ``base_loss`` there, so the result is never worse in float32 on ``batches`` than any point of
+    the grid, the single anchors included.
 
-    ``check``: other batches of the same text (the service passes the chain's calibration batch):
-    the search's result is kept only if it also beats the start there in float32. The search
-    picks the best of up to ``(blocks + 1) * (len(values) - 1)`` candidates on the validation
-    batch (1,024 tokens in the packaged chains), and a gain found that way can be the batch's
-    noise: on ``default``'s upper pair target it was 0.011 nats on validation and 0.098 nats
-    *worse* on the held-out works (docs/results.md). The check costs two float32 passes over
-    ``check``, only when the search found something. ``notes`` (a dict) receives what it measured.
+    ``split`` (the service's default): the search runs on half of ``batches`` (every other batch:
+    the packaged chains' validation batch is two batches of one row per corpus) and its result is
+    kept only if it also beats the start on the other half, in float32. The search keeps the best
+    of up to ``(blocks + 1) * (len(values) - 1)`` candidates on the batches it sees, so part of
+    what it finds is their noise (on ``default``'s upper pair target the unchecked search gained
+    0.011 nats on the validation batch and lost 0.098 on the held-out works: docs/results.md); the
+    other half chose nothing in the search (the start, chosen on all of ``batches``, is favoured
+    by it if anything). ``notes`` (a dict) receives the check's losses.
 
-    Costs at most ``sweeps * (blocks + 1) * (len(values) - 1) + 2`` passes over ``batches`` (fewer
-    where ``blend`` has measured a point already; a block's candidates run the layers from that
-    block on), and two target-sized states in memory (each anchor's Trans, :class:`Blend`).
-    Returns (group -> alpha, its float32 loss, passes made)."""
+    Costs at most ``sweeps * (blocks + 1) * (len(values) - 1) + 2`` passes over the batches
+    searched (fewer where ``blend`` has measured a point already; a block's candidates run the
+    layers from that block on), two float32 passes over the other half when split, and two
+    target-sized states in memory (each anchor's Trans, :class:`Blend`).
+    Returns (group -> alpha, its float32 loss on ``batches``, passes made)."""
     blend = blend or Blend(li, batches)
+    split = split and len(batches) >= 2
+    search = blend.on(batches[0::2]) if split else blend
     cut = layer_blocks(li.target.num_hidden_layers, blocks)
     groups = ["outer"] + [f"B{k}" for k in range(len(cut))]
 
@@ -517,34 +524,42 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
             out |= {f"L{j}": current[f"B{k}"] for j in layers}
         return out
 
+    before = blend.passes
+
+    def passes() -> int:
+        if notes is not None:
+            notes["layer_passes"] = round(search.layer_passes, 2)
+        return blend.passes - before + (search.passes if split else 0)
+
     start = dict.fromkeys(groups, alpha)
-    current, before = dict(start), blend.passes
-    best = blend.loss(per_group(current), search=True)
+    current = dict(start)
+    best = search.loss(per_group(current), search=True)
     for _ in range(sweeps):
         changed = False
         for g in groups:
             for a in values:
                 if a == current[g]:
                     continue
-                loss = blend.loss(per_group(current | {g: a}), search=True)
+                loss = search.loss(per_group(current | {g: a}), search=True)
                 if loss < best - 1e-6:
                     best, current[g], changed = loss, a, True
         if not changed:
             break
     found = per_group(current)
     if current == start:
-        return found, base_loss, blend.passes - before
-    loss = blend.loss(found)  # float32, as the grid's
+        return found, base_loss, passes() - before
+    loss = blend.loss(found)  # float32 on every batch, as the grid's
     keep = loss < base_loss - 1e-6
-    if keep and check:
-        was, now = blend.loss_on(per_group(start), check), blend.loss_on(found, check)
+    if keep and split:
+        other = batches[1::2]
+        was, now = blend.loss_on(per_group(start), other), blend.loss_on(found, other)
         keep = now < was - 1e-6
         if notes is not None:
-            notes["check"] = {"start": round(was, 5), "found": round(now, 5), "validation_found": round(loss, 5),
-                              "kept": keep}
+            notes["check"] = {"half": "every other validation batch", "start": round(was, 5),
+                              "found": round(now, 5), "kept": keep}
     if keep:
-        return found, loss, blend.passes - before
-    return per_group(start), base_loss, blend.passes - before
+        return found, loss, passes() - before
+    return per_group(start), base_loss, passes() - before
 
 
 def grid_losses(li: LInit, batches: list[torch.Tensor], blend: Blend | None = None) -> dict[float, float]:

@@ -10,7 +10,6 @@ from cbd.core.plan import Plan
 from cbd.inits.calibration import (
     Blend,
     calibrate_blocks,
-    check_batches,
     grid_losses,
     init_card,
     repair_terms,
@@ -70,11 +69,10 @@ def prepare(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_r
     if plan.calibrate and plan.alpha_scheme == "blocks":
         progress({"stage": "calibrating alpha per block", "fraction": 0.07})
         notes: dict = {}
-        alphas, loss, passes = calibrate_blocks(li, batches, alpha, scores[alpha], blend=blend, notes=notes,
-                                                check=check_batches(manifest, chains_root))
+        alphas, loss, passes = calibrate_blocks(li, batches, alpha, scores[alpha], blend=blend, split=True,
+                                                notes=notes)
         calib |= {"alphas": alphas, "alphas_loss": round(loss, 5), "alphas_passes": passes,
-                  "alphas_search": {"precision": "bf16" if bf16 else "float32",
-                                    "layer_passes": round(blend.layer_passes, 2), **notes}}
+                  "alphas_search": {"precision": "bf16" if bf16 else "float32", **notes}}
     if card:
         progress({"stage": "measuring the init card", "fraction": 0.09})
         calib["card"] = init_card(li, alphas or alpha, names, batches, repair=plan.trans.repair,
