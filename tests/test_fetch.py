@@ -112,3 +112,28 @@ def test_second_fetch_uses_the_cache(client_state, tmp_path):
     state["polls"] = 5
     fetch({"architecture": {}}, tmp_path / "b", url="http://cbd", client=client)
     assert sum(1 for _, p, _ in state["calls"] if p.startswith("/checkpoints/")) == n
+
+
+def test_fetch_posts_only_what_the_user_gave(tmp_path):
+    """``cbd fetch`` sends the fields given (flags, a spec file), not every default of this version's
+    request model: an older service, whose model forbids fields it does not know, still answers a
+    request that uses none of them. The body means the same request to the service."""
+    import json
+
+    from cbd.cli.fetch import request_body
+    from cbd.cli.options import request_from
+    from cbd.core.request import InitRequest
+
+    req = request_from(None, 4, 256, 4, None, None, chain=None, dtype=None)
+    body = request_body(req)
+    assert body == {"architecture": {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4}}
+    assert InitRequest.model_validate(body) == req
+    spec = tmp_path / "shape.json"
+    spec.write_text(json.dumps({"architecture": {"num_hidden_layers": 2, "hidden_size": 64,
+                                                 "num_attention_heads": 2}, "card": False, "repair": False}))
+    req = request_from(spec, None, None, None, 1, None, chain="tiny", dtype="bfloat16")
+    body = request_body(req)
+    assert body == {"architecture": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
+                                     "num_key_value_heads": 1},
+                    "card": False, "repair": False, "chain": "tiny", "dtype": "bfloat16"}
+    assert InitRequest.model_validate(body) == req and "calibrate" not in body and "blend" not in body

@@ -30,6 +30,7 @@ import typer
 from cbd.cli.options import Ffn, Heads, Hidden, KvHeads, Layers, SpecFile, request_from
 from cbd.core import paths
 from cbd.core.files import sha256_file
+from cbd.core.request import InitRequest
 from cbd.errors import (
     FetchChecksumError,
     FetchJobFailedError,
@@ -57,9 +58,16 @@ def fetch_command(
 ) -> None:
     """Fetch an initialisation from a cbd service into OUT (resumable, verified, cached)."""
     req = request_from(spec, layers, hidden, heads, kv_heads, ffn, chain=chain, dtype=dtype)
-    folder = fetch(req.model_dump(mode="json", exclude_none=True), out, url=url, timeout=timeout,
+    folder = fetch(request_body(req), out, url=url, timeout=timeout,
                    api_key=os.environ.get("CBD_API_KEY"), progress=sys.stderr.isatty())
     typer.echo(str(folder))  # a FetchError leaves by cbd.cli.main: its exit code is EXIT's
+
+
+def request_body(req: InitRequest) -> dict:
+    """What ``cbd fetch`` POSTs: the fields the user gave (checked here by the same model the
+    service uses), not the defaults, so a newer client talks to an older service as long as it
+    asks only for what that service knows (the service fills in its own defaults)."""
+    return req.model_dump(mode="json", exclude_unset=True, exclude_none=True)
 
 
 def fetch(body: dict, out: Path, *, url: str, timeout: float = 3600.0, api_key: str | None = None,
