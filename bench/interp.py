@@ -12,10 +12,10 @@ runs) and scored at step 0 on the held-out work of *every* corpus of the chain's
 
 - ``single small`` / ``single big``: one anchor's Trans onto the target (alpha 1 / 0);
 - ``global``: one alpha picked on the chain's validation batch (the grid of ``alpha_grid``);
-- ``blocks``: an alpha per block of layers (``cbd.inits.calibration.calibrate_blocks``), searched on
-  half of the validation batch and kept only where it also beats the global alpha on the other half
-  (the service's default), and ``blocks unchecked``: the search on the whole validation batch without
-  that check (the service before session 12);
+- ``blocks``: an alpha per block of layers (``cbd.inits.calibration.calibrate_blocks``) with the
+  service's check (``BLOCK_CHECK``), and the other checks: ``unchecked`` (the search on the whole
+  validation batch: the service before session 12), ``half-checked`` (searched on half, kept only
+  where the other half agrees), ``twofold-checked`` (searched on each half, checked on the other);
 - each with ``repair`` none (plain Trans, the service before repair) or ridge (``cbd.repair``), and
   ``blend`` fade (the default: the smaller anchor's term holds the bigger's units it lacks, faded in)
   or plain (the smaller anchor grown by clones, every parameter blended: the service before);
@@ -40,7 +40,7 @@ from cbd.core.plan import make_plan
 from cbd.core.recipe import chain_corpora
 from cbd.core.request import InitRequest
 from cbd.data import batches as data
-from cbd.inits.calibration import calibrate_blocks, validation_batches
+from cbd.inits.calibration import BLOCK_CHECK, calibrate_blocks, validation_batches
 from cbd.inits.run import prepare
 from cbd.train.models import build_model, eval_loss, random_state
 
@@ -49,6 +49,7 @@ from bench.quality import DATA, TARGETS  # noqa: E402
 
 # (repair, blend): the service before repair, before the fading blend, and today's
 VARIANTS = ((False, "plain"), (True, "plain"), (False, "fade"), (True, "fade"))
+CHECK_NAMES = {"none": "unchecked", "half": "half-checked", "twofold": "twofold-checked"}
 
 EXTRA = {  # between the first anchor and the source
     "tiny": {"upper (18x448)": dict(num_hidden_layers=18, hidden_size=448, num_attention_heads=7,
@@ -108,20 +109,22 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
             inits = {f"single small (alpha 1), repair {tag}": (1.0, grid[1.0]),
                      f"single big (alpha 0), repair {tag}": (0.0, grid[0.0]),
                      f"global alpha, repair {tag}": (alpha, grid[alpha])}
-            # the service's choice (searched on half the validation batch, checked on the rest), then unchecked
+            # the service's choice (cbd.inits.calibration.BLOCK_CHECK), then the other checks
             inits[f"blocks alpha, repair {tag}"] = (calib["alphas"], calib["alphas_loss"])
-            check = calib["alphas_search"].get("check")
-            t1 = time.perf_counter()
-            blocks, bloss, passes = calibrate_blocks(li, val, alpha, grid[alpha])
-            inits[f"blocks alpha unchecked, repair {tag}"] = (blocks, bloss)
-            block_s = time.perf_counter() - t1
+            check = calib["alphas_search"]
+            block_s, passes = {}, {}
+            for mode in (m for m in ("none", "half", "twofold") if m != BLOCK_CHECK):
+                t1 = time.perf_counter()
+                blocks, bloss, passes[mode] = calibrate_blocks(li, val, alpha, grid[alpha], check=mode)
+                inits[f"blocks alpha {CHECK_NAMES[mode]}, repair {tag}"] = (blocks, bloss)
+                block_s[mode] = round(time.perf_counter() - t1, 2)
             for method, (a, vloss) in inits.items():
                 r = score(plan.target, li.state(a), windows)
                 rows.append({"target": tname, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,
                              "method": method, "alpha": a, "validation_loss": round(vloss, 4), **r,
                              "prepare_s": round(prep_s, 2),
-                             **({"blocks_s": round(block_s, 2), "blocks_passes": passes} if "unchecked" in method else {}),
-                             **({"check": check} if method.startswith("blocks alpha, ") and check else {})})
+                             **({"blocks_s": block_s, "blocks_passes": passes} if method.startswith("blocks alpha ") else {}),
+                             **({"search": check} if method.startswith("blocks alpha, ") else {})})
                 print(f"{tname:22s} {method:40s} val {vloss:.3f}  held-out {r['mean']:.3f} ± {r['std']:.3f}  "
                       + " ".join(f"{d} {v:.2f}" for d, v in r["by_domain"].items()), flush=True)
         r = score(plan.target, random_state(plan.target, 0), windows)
@@ -176,7 +179,8 @@ def report(chain: str, tag: str | None = None) -> str:
                                                        "global alpha, repair none")), None)
         plain = next((r for r in rows if r["method"] == "blocks alpha, repair ridge, plain blend"), None)
         one = next((r for r in rows if r["method"] == "global alpha, repair ridge"), None)
-        unchecked = next((r for r in rows if r["method"] == "blocks alpha unchecked, repair ridge"), None)
+        others = [(f"the {name} search (blocks alpha {name}, repair ridge)", r) for name in CHECK_NAMES.values()
+                  for r in rows if r["method"] == f"blocks alpha {name}, repair ridge"]
         lines.append(f"| {t} | | *default minus best single anchor (by validation: {best_single['method']})* | | "
                      f"{dflt['mean'] - best_single['mean']:+.3f}{paired(dflt, best_single)} | "
                      + " | ".join(f"{dflt['by_domain'][x] - best_single['by_domain'][x]:+.3f}" for x in domains) + " |")
@@ -188,8 +192,7 @@ def report(chain: str, tag: str | None = None) -> str:
             lines.append(f"| {t} | | *default minus the plain blend (blocks alpha, repair ridge, plain blend)* | | "
                          f"{dflt['mean'] - plain['mean']:+.3f}{paired(dflt, plain)} | "
                          + " | ".join(f"{dflt['by_domain'][x] - plain['by_domain'][x]:+.3f}" for x in domains) + " |")
-        for label, other in (("one alpha (global alpha, repair ridge)", one),
-                             ("the unchecked search (blocks alpha unchecked, repair ridge)", unchecked)):
+        for label, other in [("one alpha (global alpha, repair ridge)", one), *others]:
             if other is not None:
                 lines.append(f"| {t} | | *default minus {label}* | | {dflt['mean'] - other['mean']:+.3f}"
                              f"{paired(dflt, other)} | "

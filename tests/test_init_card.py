@@ -77,7 +77,9 @@ def test_blocks_never_lose_to_the_global_alpha(made):
     cg = json.loads((glob / "artifact.json").read_text())["metrics"]
     assert cb["card"]["step0_loss"] <= cg["card"]["step0_loss"] + 1e-6
     assert set(cb["alphas"]) == {"outer"} | {f"L{j}" for j in range(ARCH["num_hidden_layers"])}
-    assert cb["alphas_passes"] <= 3 * (1 + 3)  # values x (outer + blocks), one sweep
+    # twofold: per half, the start and 2 other values x (outer + 3 blocks) over the half, one sweep, then
+    # its result in float32 over the whole batch and the check (start and result over the other half)
+    assert cb["alphas_passes"] <= 2 * (1 + 2 * (1 + 3)) + 2 + 4
 
 
 def test_block_alphas_apply_per_group(random_chain, cbd_home):
@@ -211,8 +213,8 @@ def test_a_bf16_search_keeps_only_what_float32_confirms(random_chain, cbd_home):
     assert passes <= 1 + 3 * (1 + 3) + 1  # the start, values x groups, the float32 check
 
 
-def test_the_split_block_search_is_kept_only_where_the_other_half_agrees(random_chain, cbd_home, monkeypatch):
-    """``split``: the per-block search runs on every other validation batch and its result must also
+def test_the_half_block_search_is_kept_only_where_the_other_half_agrees(random_chain, cbd_home, monkeypatch):
+    """``"half"``: the per-block search runs on every other validation batch and its result must also
     beat the start on the rest, in float32. Kept, it does (and beats it on the whole batch); where the
     other half says the blocks lose, the start comes back. The half's view shares the model with the
     blend: losses measured after it are still those of ``LInit.state``."""
@@ -226,11 +228,11 @@ def test_the_split_block_search_is_kept_only_where_the_other_half_agrees(random_
     blend = Blend(li, batches)
     base = blend.loss(0.5)
     notes: dict = {}
-    got, loss, passes = calibrate_blocks(li, batches, 0.5, base, blend=blend, split=True, notes=notes)
-    assert len(set(got.values())) > 1 and notes["check"]["kept"] is True, notes
+    got, loss, passes = calibrate_blocks(li, batches, 0.5, base, blend=blend, check="half", notes=notes)
+    assert len(set(got.values())) > 1 and notes["checks"]["first"]["kept"] is True, notes
     other = batches[1::2]
     assert state_loss(plan.target, li.state(got), other) < state_loss(plan.target, li.state(0.5), other)
-    assert notes["check"]["found"] == pytest.approx(state_loss(plan.target, li.state(got), other), abs=1e-4)
+    assert notes["checks"]["first"]["found"] == pytest.approx(state_loss(plan.target, li.state(got), other), abs=1e-4)
     assert loss < base and state_loss(plan.target, li.state(got), batches) == pytest.approx(loss, abs=1e-5)
     for a in (0.5, got, 1.0, got):  # the view set the shared model: the blend's own losses still hold
         blend.cache.clear()
@@ -242,9 +244,35 @@ def test_the_split_block_search_is_kept_only_where_the_other_half_agrees(random_
     monkeypatch.setattr(Blend, "loss_on", lambda self, alpha, b: measured(self, alpha, b)
                         + (100.0 if isinstance(alpha, dict) and len(set(alpha.values())) > 1 else 0.0))
     notes = {}
-    back, back_loss, _ = calibrate_blocks(li, batches, 0.5, base, blend=Blend(li, batches), split=True, notes=notes)
-    assert set(back.values()) == {0.5} and back_loss == base
-    assert notes["check"]["kept"] is False and notes["check"]["found"] > notes["check"]["start"]
+    for mode in ("half", "twofold"):
+        notes = {}
+        back, back_loss, _ = calibrate_blocks(li, batches, 0.5, base, blend=Blend(li, batches), check=mode, notes=notes)
+        assert set(back.values()) == {0.5} and back_loss == base
+        assert notes["checks"] and all(not c["kept"] and c["found"] > c["start"] for c in notes["checks"].values())
+
+
+def test_the_twofold_block_search_keeps_the_better_checked_half(random_chain, cbd_home):
+    """``twofold`` (the service's): a search on each half, each checked on the other; of the results
+    that pass, the one with the lower float32 loss on the whole batch. The answer is that result,
+    at that loss."""
+    from cbd.inits.calibration import Blend
+
+    plan = make_plan(InitRequest(chain="test", architecture=ARCH, repair=False), random_chain)
+    li = linit_for(plan, random_chain, cbd_home / "chains")
+    batches = validation_batches(random_chain, cbd_home / "chains")
+    batches = batches if len(batches) >= 2 else list(torch.cat(batches).split(1))
+    blend = Blend(li, batches)
+    base = blend.loss(0.5)
+    notes: dict = {}
+    got, loss, _ = calibrate_blocks(li, batches, 0.5, base, blend=blend, check="twofold", notes=notes)
+    checks = notes["checks"]
+    assert notes["check"] == "twofold" and set(checks) <= {"first", "second"} and checks
+    kept = [c for c in checks.values() if c["kept"]]
+    assert kept and all(c["found"] < c["start"] for c in kept)
+    assert loss == pytest.approx(min(c["loss"] for c in kept), abs=1e-5) and loss < base
+    assert state_loss(plan.target, li.state(got), batches) == pytest.approx(loss, abs=1e-5)
+    half, _, _ = calibrate_blocks(li, batches, 0.5, base, blend=Blend(li, batches), check="half")
+    assert loss <= state_loss(plan.target, li.state(half), batches) + 1e-5  # "half" is its first fold
 
 
 @pytest.mark.parametrize("value,want", [("0", False), ("off", False), ("1", True), ("on", True)])

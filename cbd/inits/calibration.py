@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -485,9 +486,13 @@ def layer_blocks(num_layers: int, blocks: int) -> list[list[int]]:
     return [list(range(num_layers * k // n, num_layers * (k + 1) // n)) for k in range(n)] if n else []
 
 
+BlockCheck = Literal["none", "half", "twofold"]
+BLOCK_CHECK: BlockCheck = "twofold"  # the service's (cbd.inits.run.prepare): docs/results.md measures all three
+
+
 def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_loss: float, *,
                      blocks: int = 6, values: tuple[float, ...] = (0.0, 0.5, 1.0), sweeps: int = 1,
-                     blend: Blend | None = None, split: bool = False,
+                     blend: Blend | None = None, check: BlockCheck = "none",
                      notes: dict | None = None) -> tuple[dict[str, float], float, int]:
     """An alpha per group of tensors, from ``alpha`` (the global grid's best, float32 loss
     ``base_loss`` on ``batches``): coordinate descent over the groups (the outer tensors, then
@@ -498,23 +503,28 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
     ``base_loss`` there, so the result is never worse in float32 on ``batches`` than any point of
     the grid, the single anchors included.
 
-    ``split`` (the service's default): the search runs on half of ``batches`` (every other batch:
-    the packaged chains' validation batch is two batches of one row per corpus) and its result is
-    kept only if it also beats the start on the other half, in float32. The search keeps the best
-    of up to ``(blocks + 1) * (len(values) - 1)`` candidates on the batches it sees, so part of
-    what it finds is their noise (on ``default``'s upper pair target the unchecked search gained
-    0.011 nats on the validation batch and lost 0.098 on the held-out works: docs/results.md); the
-    other half chose nothing in the search (the start, chosen on all of ``batches``, is favoured
-    by it if anything). ``notes`` (a dict) receives the check's losses.
+    The search keeps the best of up to ``(blocks + 1) * (len(values) - 1)`` candidates on the text
+    it sees, so part of what it finds is that text's noise (on ``default``'s upper pair target the
+    search on the whole validation batch gained 0.011 nats there and lost 0.098 on the held-out
+    works: docs/results.md). ``check`` says what guards against that:
 
-    Costs at most ``sweeps * (blocks + 1) * (len(values) - 1) + 2`` passes over the batches
-    searched (fewer where ``blend`` has measured a point already; a block's candidates run the
-    layers from that block on), two float32 passes over the other half when split, and two
-    target-sized states in memory (each anchor's Trans, :class:`Blend`).
+    - ``"none"``: the search runs on all of ``batches``;
+    - ``"half"``: it runs on every other batch (the packaged chains' validation batch is two
+      batches of one row per corpus) and its result is kept only if it also beats the start on the
+      rest, in float32;
+    - ``"twofold"`` (the service's): it runs on each half, each result is checked on the other half
+      as above, and of those that pass, the one with the lower float32 loss on all of ``batches``
+      is kept. Every token helps choose and none judges what it chose.
+
+    The start, chosen by the grid on all of ``batches``, is favoured by a check if anything.
+    ``notes`` (a dict) receives the checks' losses and the search's layer passes. Costs at most
+    ``sweeps * (blocks + 1) * (len(values) - 1) + 1`` passes over the text searched (a half, twice
+    for ``"twofold"``; fewer where ``blend`` has measured a point already, and a block's candidates
+    run the layers from that block on), two float32 passes over a half per result checked, one over
+    ``batches`` per result, and two target-sized states in memory (each anchor's Trans, :class:`Blend`).
     Returns (group -> alpha, its float32 loss on ``batches``, passes made)."""
     blend = blend or Blend(li, batches)
-    split = split and len(batches) >= 2
-    search = blend.on(batches[0::2]) if split else blend
+    check = check if len(batches) >= 2 else "none"
     cut = layer_blocks(li.target.num_hidden_layers, blocks)
     groups = ["outer"] + [f"B{k}" for k in range(len(cut))]
 
@@ -524,42 +534,54 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
             out |= {f"L{j}": current[f"B{k}"] for j in layers}
         return out
 
-    before = blend.passes
-
-    def passes() -> int:
-        if notes is not None:
-            notes["layer_passes"] = round(search.layer_passes, 2)
-        return blend.passes - before + (search.passes if split else 0)
-
     start = dict.fromkeys(groups, alpha)
-    current = dict(start)
-    best = search.loss(per_group(current), search=True)
-    for _ in range(sweeps):
-        changed = False
-        for g in groups:
-            for a in values:
-                if a == current[g]:
-                    continue
-                loss = search.loss(per_group(current | {g: a}), search=True)
-                if loss < best - 1e-6:
-                    best, current[g], changed = loss, a, True
-        if not changed:
-            break
-    found = per_group(current)
-    if current == start:
-        return found, base_loss, passes() - before
-    loss = blend.loss(found)  # float32 on every batch, as the grid's
-    keep = loss < base_loss - 1e-6
-    if keep and split:
-        other = batches[1::2]
-        was, now = blend.loss_on(per_group(start), other), blend.loss_on(found, other)
-        keep = now < was - 1e-6
-        if notes is not None:
-            notes["check"] = {"half": "every other validation batch", "start": round(was, 5),
-                              "found": round(now, 5), "kept": keep}
-    if keep:
-        return found, loss, passes() - before
-    return per_group(start), base_loss, passes() - before
+
+    def descend(search: Blend) -> dict[str, float]:
+        current = dict(start)
+        best = search.loss(per_group(current), search=True)
+        for _ in range(sweeps):
+            changed = False
+            for g in groups:
+                for a in values:
+                    if a == current[g]:
+                        continue
+                    loss = search.loss(per_group(current | {g: a}), search=True)
+                    if loss < best - 1e-6:
+                        best, current[g], changed = loss, a, True
+            if not changed:
+                break
+        return current
+
+    before = blend.passes
+    halves = {"first": batches[0::2], "second": batches[1::2]}
+    searched = {"none": {"all": blend}, "half": {"first": blend.on(halves["first"])},
+                "twofold": {k: blend.on(b) for k, b in halves.items()}}[check]
+    kept: list[tuple[float, dict[str, float]]] = []
+    checks = {}
+    for part, search in searched.items():
+        current = descend(search)
+        if current == start:
+            continue
+        found = per_group(current)
+        loss = blend.loss(found)  # float32 on every batch, as the grid's
+        keep = loss < base_loss - 1e-6
+        if keep and part != "all":
+            other = halves["second" if part == "first" else "first"]
+            was, now = blend.loss_on(per_group(start), other), blend.loss_on(found, other)
+            keep = now < was - 1e-6
+            checks[part] = {"start": round(was, 5), "found": round(now, 5), "loss": round(loss, 5), "kept": keep}
+        if keep:
+            kept.append((loss, found))
+    passes = blend.passes - before + sum(v.passes for v in searched.values() if v is not blend)
+    if notes is not None:
+        notes["check"] = check
+        notes["layer_passes"] = round(sum(v.layer_passes for v in searched.values()) / (1 if check == "none" else 2), 2)
+        if checks:
+            notes["checks"] = checks
+    if kept:
+        loss, found = min(kept, key=lambda x: x[0])
+        return found, loss, passes
+    return per_group(start), base_loss, passes
 
 
 def grid_losses(li: LInit, batches: list[torch.Tensor], blend: Blend | None = None) -> dict[float, float]:

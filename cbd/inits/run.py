@@ -8,6 +8,7 @@ from cbd.core.artifacts import ArtifactInfo
 from cbd.core.manifest import ChainManifest
 from cbd.core.plan import Plan
 from cbd.inits.calibration import (
+    BLOCK_CHECK,
     Blend,
     calibrate_blocks,
     grid_losses,
@@ -69,7 +70,7 @@ def prepare(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_r
     if plan.calibrate and plan.alpha_scheme == "blocks":
         progress({"stage": "calibrating alpha per block", "fraction": 0.07})
         notes: dict = {}
-        alphas, loss, passes = calibrate_blocks(li, batches, alpha, scores[alpha], blend=blend, split=True,
+        alphas, loss, passes = calibrate_blocks(li, batches, alpha, scores[alpha], blend=blend, check=BLOCK_CHECK,
                                                 notes=notes)
         calib |= {"alphas": alphas, "alphas_loss": round(loss, 5), "alphas_passes": passes,
                   "alphas_search": {"precision": "bf16" if bf16 else "float32", **notes}}
