@@ -40,7 +40,7 @@ from cbd.core.plan import make_plan
 from cbd.core.recipe import chain_corpora
 from cbd.core.request import InitRequest
 from cbd.data import batches as data
-from cbd.inits.calibration import BLOCK_CHECK, calibrate_blocks, validation_batches
+from cbd.inits.calibration import BLOCK_CHECK, Blend, calibrate_blocks, search_bf16, validation_batches
 from cbd.inits.run import prepare
 from cbd.train.models import build_model, eval_loss, random_state
 
@@ -115,7 +115,9 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
             block_s, passes = {}, {}
             for mode in (m for m in ("none", "half", "twofold") if m != BLOCK_CHECK):
                 t1 = time.perf_counter()
-                blocks, bloss, passes[mode] = calibrate_blocks(li, val, alpha, grid[alpha], check=mode)
+                # the service's search precision (bf16 where the CPU has it), a blend of its own
+                blocks, bloss, passes[mode] = calibrate_blocks(li, val, alpha, grid[alpha], check=mode,
+                                                               blend=Blend(li, val, bf16=search_bf16()))
                 inits[f"blocks alpha {CHECK_NAMES[mode]}, repair {tag}"] = (blocks, bloss)
                 block_s[mode] = round(time.perf_counter() - t1, 2)
             for method, (a, vloss) in inits.items():
@@ -230,13 +232,15 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--only", help="comma-separated target names")
     ap.add_argument("--repaired-only", action="store_true", help="only the variants with repair (both blends)")
+    ap.add_argument("--default-only", action="store_true", help="only the service's variant (repair, fading blend)")
     ap.add_argument("--name", help="a suffix of the data file and plot (docs/data/interp-<chain>-<name>.json), "
                                    "so a run of some targets keeps the full run's file")
     args = ap.parse_args()
     if args.report:
         print(report(args.chain, args.name))
         return
-    variants = tuple(v for v in VARIANTS if v[0]) if args.repaired_only else VARIANTS
+    variants = tuple(v for v in VARIANTS if v[0] and (v[1] == "fade" or not args.default_only)) \
+        if args.repaired_only or args.default_only else VARIANTS
     out = run(args.chain, args.seeds, args.batches, args.seq_len, args.only.split(",") if args.only else None,
               variants)
     out["command"] = "python bench/interp.py " + " ".join(sys.argv[1:])
