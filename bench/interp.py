@@ -113,7 +113,7 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
             inits[f"blocks alpha, repair {tag}"] = (calib["alphas"], calib["alphas_loss"])
             check = calib["alphas_search"]
             block_s, passes = {}, {}
-            for mode in (m for m in ("none", "half", "twofold") if m != BLOCK_CHECK):
+            for mode in (m for m in CHECK_NAMES if m != BLOCK_CHECK):
                 t1 = time.perf_counter()
                 # the service's search precision (bf16 where the CPU has it), a blend of its own
                 blocks, bloss, passes[mode] = calibrate_blocks(li, val, alpha, grid[alpha], check=mode,

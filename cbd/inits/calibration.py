@@ -300,9 +300,7 @@ class Blend:
         self.layers = self.model.get_submodule(arch.layer_prefix(li.target).split(".{i}")[0])
         self.was: dict[str, float] = {}  # group -> the alpha its parameters hold now
         self.cache: dict = {}  # (bf16, alpha key) -> loss
-        # bf16 search passes run the batches as one (autocast casts every weight once per forward)
-        one = bf16 and batches and len({tuple(b.shape[1:]) for b in batches}) == 1
-        self.search_batches = [torch.cat(batches)] if one else batches
+        self.search_batches = self._search_batches(batches)
         self.traces: OrderedDict = OrderedDict()  # per-layer alphas -> per batch, the hidden states entering each layer
         self.layers_run = 0  # decoder layers run by search passes, over all batches (a pass runs n per batch)
 
@@ -311,9 +309,13 @@ class Blend:
         search's half): it shares the terms and the model, not the losses or traces."""
         view = copy.copy(self)
         view.batches, view.cache, view.traces, view.layers_run, view.passes = batches, {}, OrderedDict(), 0, 0
-        one = self.bf16 and batches and len({tuple(b.shape[1:]) for b in batches}) == 1
-        view.search_batches = [torch.cat(batches)] if one else batches
+        view.search_batches = self._search_batches(batches)
         return view
+
+    def _search_batches(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """bf16 search passes run the batches as one (autocast casts every weight once per forward)."""
+        one = self.bf16 and batches and len({tuple(b.shape[1:]) for b in batches}) == 1
+        return [torch.cat(batches)] if one else batches
 
     @property
     def layer_passes(self) -> float:
@@ -555,8 +557,8 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
 
     before = blend.passes
     halves = {"first": batches[0::2], "second": batches[1::2]}
-    searched = {"none": {"all": blend}, "half": {"first": blend.on(halves["first"])},
-                "twofold": {k: blend.on(b) for k, b in halves.items()}}[check]
+    parts = {"none": (), "half": ("first",), "twofold": ("first", "second")}[check]
+    searched = {k: blend.on(halves[k]) for k in parts} if parts else {"all": blend}
     kept: list[tuple[float, dict[str, float]]] = []
     checks = {}
     for part, search in searched.items():
