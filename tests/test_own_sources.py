@@ -155,7 +155,8 @@ def test_sharded_reader_opens_one_shard_per_tensor_read(own):
 
 def test_qwen3_folder_chain_from_a_recipe_file_anywhere(own, service, tmp_path):
     path = own / "qwen.toml"  # not in anchors/: `cbd chain build PATH.toml`, relative paths from its folder
-    path.write_text(recipe_text("own-qwen3", "path:qwen3"))
+    # eval_every: each anchor's learning curve lands in its metrics
+    path.write_text(recipe_text("own-qwen3", "path:qwen3").replace("ckpt_every = 0", "ckpt_every = 0\neval_every = 1"))
     r = CliRunner().invoke(cli, ["chain", "build", str(path)])
     assert r.exit_code == 0, r.output + repr(r.exception)
     m = load_manifest("own-qwen3")
@@ -168,6 +169,10 @@ def test_qwen3_folder_chain_from_a_recipe_file_anywhere(own, service, tmp_path):
     assert m.anchors[0].metrics["source"] == {"source": f"path:{own / 'qwen3'}", "kind": "path",
                                               "license": "apache-2.0", "license_from": "model card"}
     assert all(a.metrics["license"] == "apache-2.0" for a in m.anchors)
+    for a in m.anchors[1:]:  # a held-out reading at the start and after each step, the last the anchor's
+        curve = a.metrics["heldout_curve"]
+        assert [t for t, _ in curve] == [0, 64, 128], curve  # the start, then 2 steps of 2 x 32 tokens
+        assert curve[-1][1] == a.metrics["heldout_loss"]
     assert set(m.anchors[1].metrics["heldout_loss_by_domain"]) == {"files:" + str(own / "text/*.txt"),
                                                                    "jsonl:" + str(own / "notes.jsonl") + ":body"}
     a2 = m.anchors[2].spec

@@ -484,6 +484,8 @@ def _build_anchor(recipe: Recipe, a: AnchorRecipe, parent: AnchorEntry, parent_s
                "tokens_per_s": round(result.tokens_per_s, 1) if result else 0.0,
                "autocast": autocast_of(step_config(recipe, a, steps)) if steps else None,
                "wall_s": round(time.perf_counter() - t0, 1)}
+    if result and len(result.eval_loss) > 2:  # [train] eval_every: the learning curve (tokens, held-out loss)
+        metrics["heldout_curve"] = [[int(t), round(v, 4)] for t, v in result.eval_loss]
     if "license" in parent.metrics:  # the source's licence travels down the chain
         metrics["license"] = parent.metrics["license"]
     log.info("anchor %s done: held-out loss %.3f (%s)", a.name, metrics["heldout_loss"], metrics)
