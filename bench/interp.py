@@ -133,7 +133,23 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
         rows.append({"target": tname, "method": "random", **r})
         print(f"{tname:22s} {'random':40s} held-out {r['mean']:.3f}", flush=True)
     return {"chain": chain, "seeds": seeds, "windows": f"{batches} x 4 x {seq_len} per domain per seed",
-            "domains": list(chain_corpora(manifest.recipe)), "rows": rows}
+            "domains": list(chain_corpora(manifest.recipe)), "rows": rows, "anchors": anchors(manifest, windows)}
+
+
+def anchors(manifest, windows: list[dict[str, list[torch.Tensor]]]) -> dict[str, dict]:
+    """Each anchor of the chain (the source a0 included) scored on the same windows as the inits: the
+    levels a target's init is held to ("within 1.0 nat of the source", "within 0.5 of the smallest
+    anchor") on equal text, not on the build's own (longer) windows."""
+    from cbd.shape import arch
+    from cbd.store.anchors import load_anchor
+
+    out = {}
+    for a in manifest.anchors:
+        anchor = load_anchor(manifest, a.name)
+        out[a.name] = {"shape": list(a.spec.shape),
+                       **score(a.spec, {n: anchor.read(n) for n in arch.param_names(a.spec)}, windows)}
+        print(f"anchor {a.name:16s} held-out {out[a.name]['mean']:.3f} ± {out[a.name]['std']:.3f}", flush=True)
+    return out
 
 
 def paired(a: dict, b: dict) -> str:
@@ -161,6 +177,17 @@ def report(chain: str, tag: str | None = None) -> str:
              f"held-out works of {', '.join(domains)} (± std over seeds of that mean), then each domain.", "",
              "| target | anchors | init | validation (chooses) | held-out mean | " + " | ".join(domains) + " |",
              "|---|---|---|---|---|" + "---|" * len(domains)]
+    refs = d.get("anchors", {})
+    for name, r in refs.items():  # the anchors themselves, on the same windows
+        lines.append(f"| anchor {name} ({'x'.join(map(str, r['shape'][:2]))}) | | the anchor itself | | "
+                     f"{r['mean']:.3f} ± {r['std']:.3f} | " + " | ".join(f"{r['by_domain'][x]:.3f}" for x in domains) + " |")
+
+    def minus_anchor(t: str, r: dict, name: str, what: str) -> None:
+        if name in refs:
+            lines.append(f"| {t} | | *{r['method'].split(',')[0]} minus {what} ({name}, same windows)* | | "
+                         f"{r['mean'] - refs[name]['mean']:+.3f}{paired(r, refs[name])} | "
+                         + " | ".join(f"{r['by_domain'][x] - refs[name]['by_domain'][x]:+.3f}" for x in domains) + " |")
+
     targets = list(dict.fromkeys(r["target"] for r in d["rows"]))
     for t in targets:
         rows = [r for r in d["rows"] if r["target"] == t]
@@ -173,8 +200,14 @@ def report(chain: str, tag: str | None = None) -> str:
             lines.append(f"| {t} | {pair} | {name} | {val} | {r['mean']:.3f} ± {r['std']:.3f} | "
                          + " | ".join(f"{r['by_domain'][x]:.3f}" if x in r["by_domain"] else "" for x in domains) + " |")
         dflt = next((r for r in rows if r["method"] == "blocks alpha, repair ridge"), None)
-        if dflt is None:  # one anchor
+        if dflt is None:  # one anchor: held to that anchor's own loss
+            one_anchor = next((r for r in rows if r["method"] == "single anchor {}, repair ridge".format(
+                r.get("small") or r.get("big"))), None)
+            if one_anchor is not None:
+                minus_anchor(t, one_anchor, one_anchor.get("small") or one_anchor.get("big"), "its anchor's own loss")
             continue
+        if refs and dflt.get("big") == next(iter(refs)):  # between the first anchor and the source
+            minus_anchor(t, dflt, dflt["big"], "the source")
         best_single = min((r for r in rows if r["method"].startswith("single") and "validation_loss" in r),
                           key=lambda r: r["validation_loss"])
         old = next((r for r in rows if r["method"] in ("global alpha, repair none, plain blend",
@@ -235,7 +268,21 @@ def main() -> None:
     ap.add_argument("--default-only", action="store_true", help="only the service's variant (repair, fading blend)")
     ap.add_argument("--name", help="a suffix of the data file and plot (docs/data/interp-<chain>-<name>.json), "
                                    "so a run of some targets keeps the full run's file")
+    ap.add_argument("--add-anchors", action="store_true",
+                    help="score the chain's anchors on the saved file's windows and add them to it (a file "
+                         "from before anchors were part of every run)")
     args = ap.parse_args()
+    if args.add_anchors:
+        path = DATA / f"{stem(args.chain, args.name)}.json"
+        d = json.loads(path.read_text())
+        manifest = load_manifest(args.chain)
+        windows = [heldout(manifest, s, batches=args.batches, seq_len=args.seq_len) for s in range(d["seeds"])]
+        if d["windows"] != f"{args.batches} x 4 x {args.seq_len} per domain per seed":
+            raise SystemExit(f"{path.name} was scored on {d['windows']}: pass its --batches and --seq-len")
+        d["anchors"] = anchors(manifest, windows)
+        d["command"] += f"; python bench/interp.py {' '.join(sys.argv[1:])}"
+        path.write_text(json.dumps(d, indent=1) + "\n")
+        return
     if args.report:
         print(report(args.chain, args.name))
         return
