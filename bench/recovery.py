@@ -3,15 +3,19 @@ init, each trained on the same tokens (a benchmark; issue 14's recovery row).
 
     OMP_NUM_THREADS=1 python bench/recovery.py --chain tiny --target "both (8x320)" --tokens 500000
         # -> docs/data/recovery-tiny.json, docs/recovery-tiny.png
+    # one init per process (one core each), merged into the same file:
+    OMP_NUM_THREADS=1 python bench/recovery.py --chain default --target "both (14x320)" --inits default &
+    OMP_NUM_THREADS=1 python bench/recovery.py --chain default --target "both (14x320)" --inits single,random
 
 For one paired target of ``bench/quality.py``: the init a ``POST /initialize`` hands out (``make_plan``
-+ ``cbd.inits.run.prepare``: repair, calibration, the blend), the best single anchor (the repaired term
++ ``cbd.inits.run.prepare``: repair, calibration, the blend at the per-block alphas ``run_linit``
+writes), the best single anchor (the repaired term
 the chain's validation batch prefers, as ``bench/interp.py`` names it) and transformers' random init.
 Each is trained with cross-entropy on the chain's training mix (``bench/study.recovery``: AdamW, lr
 1e-3, 10 warm-up steps, cosine, batches of 4 x 128 tokens, the same batches for every init), and
 scored on the held-out work of every domain (2 x 4 x 256 tokens per domain; mean over domains) every
 ``--eval-every`` tokens. One training seed: the spread of the step-0 scores over evaluation windows is
-``bench/interp.py``'s.
+``bench/interp.py``'s. ``--plot`` redraws the plot from the saved file.
 """
 
 from __future__ import annotations
@@ -35,19 +39,32 @@ from bench.study import context, recovery, tokens_to_reach  # noqa: E402
 
 
 def plot(out: dict, path: Path) -> None:
+    """Left: every init's held-out curve; right: the default init minus each other init, per point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, curve in out["curves"].items():
+    curves = out["curves"]
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(10, 4.0))
+    for name, curve in curves.items():
         ax.plot([t for t, _ in curve], [v for _, v in curve], marker=".", label=name)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out loss, mean over domains (nats/token)")
-    ax.set_title(f"{out['chain']}: {out['target']}, training seed {out['seed']}")
-    ax.set_yscale("log")
-    ax.legend()
+    ax.set_title(f"{out['chain']}: {out['target']}, training seed {out['seed']}", fontsize=10)
+    ax.legend(fontsize=8)
+    dflt = curves.get("default init")
+    if dflt:
+        for name, curve in curves.items():
+            if name == "default init" or name == "random" or len(curve) != len(dflt):
+                continue
+            dx.plot([t for t, _ in dflt], [a - b for (_, a), (_, b) in zip(dflt, curve, strict=True)], marker=".",
+                    label=f"default init minus {name}")
+        dx.axhline(0.0, color="grey", linestyle=":")
+        dx.set_xlabel("training tokens")
+        dx.set_ylabel("difference (nats/token; below 0: the default is ahead)")
+        dx.set_title("the default init against the best single anchor", fontsize=10)
+        dx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -59,7 +76,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=500_000)
     ap.add_argument("--eval-every", type=int, default=50_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--inits", default="default,single,random",
+                    help="which inits to train (comma separated: default, single, random); the others already "
+                         "in the file for the same chain, target, tokens and seed are kept")
+    ap.add_argument("--plot", action="store_true", help="only redraw the plot from the saved data")
     args = ap.parse_args()
+    path = DATA / f"recovery-{args.chain}.json"
+    if args.plot:
+        plot(json.loads(path.read_text()), DATA.parent / f"recovery-{args.chain}.png")
+        return
     manifest = load_manifest(args.chain)
     ctx = context(manifest)
     arch = {**TARGETS[args.chain], **EXTRA[args.chain]}[args.target]
@@ -67,25 +92,49 @@ def main() -> None:
     li, alpha, calib = prepare(plan, manifest, progress=lambda _: None)
     grid = {float(a): v for a, v in calib["calibration_loss"].items()}
     best = min((0.0, 1.0), key=grid.get)  # the repaired term the validation batch prefers
-    inits = {"default init": li.state(alpha), f"best single anchor (alpha {best:g})": li.state(best),
-             "random": random_state(plan.target, args.seed)}
-    curves, seconds = {}, {}
-    for name, state in inits.items():
+    blend = calib.get("alphas", alpha)  # what run_linit writes: the per-block alphas where the plan searched them
+    makers = {"default": ("default init", lambda: li.state(blend)),
+              "single": (f"best single anchor (alpha {best:g})", lambda: li.state(best)),
+              "random": ("random", lambda: random_state(plan.target, args.seed))}
+    wanted = [w.strip() for w in args.inits.split(",") if w.strip()]
+    unknown = sorted(set(wanted) - set(makers))
+    if unknown:
+        raise SystemExit(f"--inits: unknown {unknown}; choose from {sorted(makers)}")
+    same = ("chain", "target", "tokens", "seed")
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if old and any(old.get(k) != getattr(args, k) for k in same):
+        old = {}  # another run's file: start afresh
+    curves, seconds = dict(old.get("curves", {})), {r["init"]: r["seconds"] for r in old.get("rows", [])}
+    commands = set(old.get("commands", []))
+    for key in wanted:
+        name, make = makers[key]
+        state = make()
         t0 = time.perf_counter()
         curves[name] = recovery(ctx, plan.target, state, tokens=args.tokens, eval_every_tokens=args.eval_every,
                                 seed=args.seed, label=name, heldout_batches=2 * len(ctx.corpora))
         seconds[name] = round(time.perf_counter() - t0, 1)
+        # another process may have written its inits meanwhile: merge with what the file holds now
+        now = json.loads(path.read_text()) if path.is_file() else {}
+        if now and all(now.get(k) == getattr(args, k) for k in same):
+            for other, curve in now.get("curves", {}).items():
+                if other not in curves:
+                    curves[other] = curve
+                    seconds[other] = next(r["seconds"] for r in now["rows"] if r["init"] == other)
+            commands |= set(now.get("commands", []))
+    command = "OMP_NUM_THREADS=1 python bench/recovery.py " + " ".join(
+        a if a.startswith("-") or " " not in a else repr(a) for a in sys.argv[1:])
     rows = []
     for name, curve in curves.items():
+        rand = curves.get("random")
         rows.append({"init": name, "step0": round(curve[0][1], 4), "final": round(curve[-1][1], 4),
                      "tokens": curve[-1][0], "seconds": seconds[name],
-                     "random_tokens_to_reach_its_step0": tokens_to_reach(curves["random"], curve[0][1])})
+                     "random_tokens_to_reach_its_step0": tokens_to_reach(rand, curve[0][1]) if rand else None})
         print(f"{name:36s} step 0 {curve[0][1]:.3f}  after {curve[-1][0]:,} tokens {curve[-1][1]:.3f}", flush=True)
-    out = {"command": "OMP_NUM_THREADS=1 python bench/recovery.py " + " ".join(sys.argv[1:]), "chain": args.chain,
+    out = {"commands": sorted(commands | {command}), "chain": args.chain,
            "target": args.target, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,
-           "alpha": alpha if isinstance(alpha, float) else "per block", "seed": args.seed, "tokens": args.tokens,
+           "alpha": alpha, "alphas": calib.get("alphas"), "seed": args.seed, "tokens": args.tokens,
            "windows": "2 x 4 x 256 per domain (held-out), mean over domains", "rows": rows, "curves": curves}
-    (DATA / f"recovery-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
+    path.write_text(json.dumps(out, indent=1) + "\n")
     plot(out, DATA.parent / f"recovery-{args.chain}.png")
 
 
