@@ -201,8 +201,8 @@ def report(chain: str, tag: str | None = None) -> str:
                          + " | ".join(f"{r['by_domain'][x]:.3f}" if x in r["by_domain"] else "" for x in domains) + " |")
         dflt = next((r for r in rows if r["method"] == "blocks alpha, repair ridge"), None)
         if dflt is None:  # one anchor: held to that anchor's own loss
-            one_anchor = next((r for r in rows if r["method"] == "single anchor {}, repair ridge".format(
-                r.get("small") or r.get("big"))), None)
+            one_anchor = next((r for r in rows if r["method"].startswith("single anchor")
+                               and r["method"].endswith("repair ridge")), None)
             if one_anchor is not None:
                 minus_anchor(t, one_anchor, one_anchor.get("small") or one_anchor.get("big"), "its anchor's own loss")
             continue
@@ -275,10 +275,10 @@ def main() -> None:
     if args.add_anchors:
         path = DATA / f"{stem(args.chain, args.name)}.json"
         d = json.loads(path.read_text())
-        manifest = load_manifest(args.chain)
-        windows = [heldout(manifest, s, batches=args.batches, seq_len=args.seq_len) for s in range(d["seeds"])]
         if d["windows"] != f"{args.batches} x 4 x {args.seq_len} per domain per seed":
             raise SystemExit(f"{path.name} was scored on {d['windows']}: pass its --batches and --seq-len")
+        manifest = load_manifest(args.chain)
+        windows = [heldout(manifest, s, batches=args.batches, seq_len=args.seq_len) for s in range(d["seeds"])]
         d["anchors"] = anchors(manifest, windows)
         d["command"] += f"; python bench/interp.py {' '.join(sys.argv[1:])}"
         path.write_text(json.dumps(d, indent=1) + "\n")
