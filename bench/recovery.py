@@ -63,7 +63,7 @@ def plot(out: dict, path: Path) -> None:
         dx.axhline(0.0, color="grey", linestyle=":")
         dx.set_xlabel("training tokens")
         dx.set_ylabel("difference (nats/token; below 0: the default is ahead)")
-        dx.set_title("the default init against the best single anchor", fontsize=10)
+        dx.set_title("the default init against the other trained inits", fontsize=10)
         dx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -100,40 +100,34 @@ def main() -> None:
     unknown = sorted(set(wanted) - set(makers))
     if unknown:
         raise SystemExit(f"--inits: unknown {unknown}; choose from {sorted(makers)}")
-    same = ("chain", "target", "tokens", "seed")
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    if old and any(old.get(k) != getattr(args, k) for k in same):
-        old = {}  # another run's file: start afresh
-    curves, seconds = dict(old.get("curves", {})), {r["init"]: r["seconds"] for r in old.get("rows", [])}
-    commands = set(old.get("commands", []))
+    curves, seconds = {}, {}
     for key in wanted:
         name, make = makers[key]
-        state = make()
         t0 = time.perf_counter()
-        curves[name] = recovery(ctx, plan.target, state, tokens=args.tokens, eval_every_tokens=args.eval_every,
+        curves[name] = recovery(ctx, plan.target, make(), tokens=args.tokens, eval_every_tokens=args.eval_every,
                                 seed=args.seed, label=name, heldout_batches=2 * len(ctx.corpora))
         seconds[name] = round(time.perf_counter() - t0, 1)
-        # another process may have written its inits meanwhile: merge with what the file holds now
-        now = json.loads(path.read_text()) if path.is_file() else {}
-        if now and all(now.get(k) == getattr(args, k) for k in same):
-            for other, curve in now.get("curves", {}).items():
-                if other not in curves:
-                    curves[other] = curve
-                    seconds[other] = next(r["seconds"] for r in now["rows"] if r["init"] == other)
-            commands |= set(now.get("commands", []))
+    # the other inits of the same run (chain, target, tokens, seed), as the file holds them now: another
+    # process may have written its inits meanwhile
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if any(saved.get(k) != getattr(args, k) for k in ("chain", "target", "tokens", "seed")):
+        saved = {}
+    for r in saved.get("rows", []):
+        if r["init"] not in curves:
+            curves[r["init"]], seconds[r["init"]] = saved["curves"][r["init"]], r["seconds"]
     command = "OMP_NUM_THREADS=1 python bench/recovery.py " + " ".join(
         a if a.startswith("-") or " " not in a else repr(a) for a in sys.argv[1:])
-    rows = []
+    rand, rows = curves.get("random"), []
     for name, curve in curves.items():
-        rand = curves.get("random")
         rows.append({"init": name, "step0": round(curve[0][1], 4), "final": round(curve[-1][1], 4),
                      "tokens": curve[-1][0], "seconds": seconds[name],
                      "random_tokens_to_reach_its_step0": tokens_to_reach(rand, curve[0][1]) if rand else None})
         print(f"{name:36s} step 0 {curve[0][1]:.3f}  after {curve[-1][0]:,} tokens {curve[-1][1]:.3f}", flush=True)
-    out = {"commands": sorted(commands | {command}), "chain": args.chain,
+    out = {"commands": sorted(set(saved.get("commands", [])) | {command}), "chain": args.chain,
            "target": args.target, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,
            "alpha": alpha, "alphas": calib.get("alphas"), "seed": args.seed, "tokens": args.tokens,
-           "windows": "2 x 4 x 256 per domain (held-out), mean over domains", "rows": rows, "curves": curves}
+           "windows": "2 x 4 x 256 per domain (held-out), mean over domains", "rows": rows, "curves": curves,
+           **({"note": saved["note"]} if "note" in saved else {})}
     path.write_text(json.dumps(out, indent=1) + "\n")
     plot(out, DATA.parent / f"recovery-{args.chain}.png")
 
