@@ -40,7 +40,14 @@ from cbd.core.plan import make_plan
 from cbd.core.recipe import chain_corpora
 from cbd.core.request import InitRequest
 from cbd.data import batches as data
-from cbd.inits.calibration import BLOCK_CHECK, Blend, calibrate_blocks, search_bf16, validation_batches
+from cbd.inits.calibration import (
+    BLOCK_CHECK,
+    Blend,
+    block_values,
+    calibrate_blocks,
+    search_bf16,
+    validation_batches,
+)
 from cbd.inits.run import prepare
 from cbd.train.models import build_model, eval_loss, random_state
 
@@ -117,6 +124,7 @@ def run(chain: str, seeds: int, batches: int, seq_len: int, only: list[str] | No
                 t1 = time.perf_counter()
                 # the service's search precision (bf16 where the CPU has it), a blend of its own
                 blocks, bloss, passes[mode] = calibrate_blocks(li, val, alpha, grid[alpha], check=mode,
+                                                               blocks=check["blocks"], values=block_values(alpha),
                                                                blend=Blend(li, val, bf16=search_bf16()))
                 inits[f"blocks alpha {CHECK_NAMES[mode]}, repair {tag}"] = (blocks, bloss)
                 block_s[mode] = round(time.perf_counter() - t1, 2)

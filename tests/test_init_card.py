@@ -21,7 +21,13 @@ from cbd.core.files import canonical_json
 from cbd.core.plan import FORMAT_VERSION, make_plan
 from cbd.core.request import InitRequest
 from cbd.inits import calibration
-from cbd.inits.calibration import calibrate_blocks, layer_blocks, validation_batches
+from cbd.inits.calibration import (
+    BLOCK_STEPS,
+    block_values,
+    calibrate_blocks,
+    layer_blocks,
+    validation_batches,
+)
 from cbd.inits.run import linit_for
 from cbd.run import run_plan
 from cbd.shape.linit import alpha_group
@@ -80,6 +86,40 @@ def test_blocks_never_lose_to_the_global_alpha(made):
     # the start and 2 other values x (outer + 3 blocks) over half the batch, one sweep, then the
     # result in float32 over the whole batch and the check (start and result over the other half)
     assert cb["alphas_passes"] <= (1 + 2 * (1 + 3)) + 1 + 2
+    # each group keeps the grid's best or moves one of the service's steps from it
+    alpha = float(json.loads((blocks / "artifact.json").read_text())["alpha"])  # the grid's best
+    assert cb["alphas_search"]["moves"] == list(BLOCK_STEPS) and cb["alphas_search"]["blocks"] == 3
+    assert set(cb["alphas"].values()) <= {float(alpha), *block_values(float(alpha))}
+
+
+def test_the_search_gives_big_targets_fewer_blocks_within_its_budget():
+    """search_blocks: one block per layer for small targets (up to SEARCH_BLOCKS), fewer as a pass
+    grows, never none; the budget holds for every answer but the floor of one block."""
+    from cbd.core.spec import make_spec
+    from cbd.inits.calibration import SEARCH_BLOCKS, SEARCH_BUDGET_MACS, search_blocks
+
+    base = make_spec(dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                          intermediate_size=1536, vocab_size=49152))
+    got = {}
+    for shape in [(12, 256, 4, 2, 704), (14, 320, 5, 1, 896), (16, 448, 7, 1, 1280), (24, 512, 8, 4, 1280),
+                  (28, 576, 9, 3, 1536), (3, 64, 1, 1, 128)]:
+        t = base.with_shape(num_hidden_layers=shape[0], hidden_size=shape[1], num_attention_heads=shape[2],
+                            num_key_value_heads=shape[3], intermediate_size=shape[4])
+        k = search_blocks(t, 1024)
+        per_pass = (t.non_embedding_params() + t.vocab_size * t.hidden_size) * 512
+        assert 1 <= k <= min(SEARCH_BLOCKS, t.num_hidden_layers)
+        assert k == 1 or (k + 1) * len(BLOCK_STEPS) * per_pass <= SEARCH_BUDGET_MACS
+        assert k == min(SEARCH_BLOCKS, t.num_hidden_layers) or (k + 2) * len(BLOCK_STEPS) * per_pass > SEARCH_BUDGET_MACS
+        got[shape[:2]] = k
+    assert got == {(12, 256): 12, (14, 320): 12, (16, 448): 6, (24, 512): 3, (28, 576): 2, (3, 64): 3}
+    assert search_blocks(base, 10**9) == 1  # the floor
+
+
+@pytest.mark.parametrize("alpha,want", [(0.5, (0.375, 0.625)), (0.0, (0.125,)), (1.0, (0.875,)),
+                                        (0.125, (0.0, 0.25))])
+def test_block_moves_are_the_steps_around_the_start_within_0_and_1(alpha, want):
+    assert block_values(alpha) == want
+    assert block_values(0.5, (-0.25, 0.25, 0.75)) == (0.25, 0.75, 1.0)
 
 
 def test_block_alphas_apply_per_group(random_chain, cbd_home):

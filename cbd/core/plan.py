@@ -34,7 +34,7 @@ from cbd.errors import ChainIncompatibleError, ShapeError
 
 # Bump when the bytes a plan produces change for the same request: old artifacts stay valid
 # under their old ids and new requests get new ids.
-FORMAT_VERSION = 7  # 7: the per-block alpha search run on half the validation batch, checked on the other half; 6: the fading blend (LInitOptions.blend), its grid's interior; 5: the refit solved in float32, no interior alpha grid, the per-block search scored in bf16; 4: the in-situ repair computed layer by layer (repaired inits move by float rounding); 3: TransOptions.repair; 2: the id is the hash of the whole plan (cbd 0.1: of a summary)
+FORMAT_VERSION = 8  # 8: the per-block search moves each group 0.125 either side of the grid's best (was: to 0, 0.5, 1), over up to 12 blocks within a budget (was: 6); 7: the per-block alpha search run on half the validation batch, checked on the other half; 6: the fading blend (LInitOptions.blend), its grid's interior; 5: the refit solved in float32, no interior alpha grid, the per-block search scored in bf16; 4: the in-situ repair computed layer by layer (repaired inits move by float rounding); 3: TransOptions.repair; 2: the id is the hash of the whole plan (cbd 0.1: of a summary)
 # Largest target relative to the chain's largest anchor (non-embedding parameters).
 MAX_GROWTH = 4.0
 

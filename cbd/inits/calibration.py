@@ -488,6 +488,44 @@ def layer_blocks(num_layers: int, blocks: int) -> list[list[int]]:
     return [list(range(num_layers * k // n, num_layers * (k + 1) // n)) for k in range(n)] if n else []
 
 
+# the per-block search's moves: each group tries the grid's best alpha this far either side (clipped
+# to [0, 1]). The values 0, 0.5 and 1 (the service until session 14) are three candidates per group
+# from an interior start instead of two, and were never better on held-out text; wider moves (0.25)
+# overfit the validation batch as often as they helped (docs/results.md, "The per-block search's
+# moves and blocks")
+BLOCK_STEPS = (-0.125, 0.125)
+
+
+def block_values(alpha: float, steps: tuple[float, ...] = BLOCK_STEPS) -> tuple[float, ...]:
+    """The alphas each group of the per-block search tries from ``alpha``: ``alpha + step`` for each
+    of ``steps``, clipped to [0, 1], without ``alpha`` itself."""
+    return tuple(sorted({min(1.0, max(0.0, round(alpha + s, 6))) for s in steps} - {alpha}))
+
+
+# how many blocks of layers the per-block search gives an alpha of their own: up to SEARCH_BLOCKS
+# (one layer each for targets of up to 12 layers), fewer where the candidates would pass
+# SEARCH_BUDGET_MACS (search_blocks). On `default` one layer per block gained 0.045 nats over 6
+# blocks on its depth-only target (docs/results.md, "The per-block search's moves")
+SEARCH_BLOCKS = 12
+SEARCH_BUDGET_MACS = 4.5e11
+
+
+def search_blocks(target, tokens: int, moves: int = len(BLOCK_STEPS)) -> int:
+    """The blocks of layers the per-block search uses for ``target`` over a validation batch of
+    ``tokens`` predicted tokens: the most, up to :data:`SEARCH_BLOCKS` and the target's layers,
+    whose candidates fit :data:`SEARCH_BUDGET_MACS` multiply-accumulates, counting each of the
+    ``(blocks + 1) * moves`` candidates as a whole pass over half the batch (the target's
+    non-embedding parameters and its head per token; a candidate runs only the layers from its
+    block on, so this is an upper bound). At least one block. A function of the shape and the
+    batch alone, so the same request always searches the same way. On the packaged chains'
+    1,024 validation tokens: 12 blocks up to ~34M multiply-accumulates per token (every target
+    of docs/results.md below `default`'s first anchor: 14x320 is 31M), 6 for a ~30M target
+    (16x448: 57M), 3 for 24x512 (91M), 2 for the teacher's size (127M)."""
+    per_pass = (target.non_embedding_params() + target.vocab_size * target.hidden_size) * tokens / 2
+    fit = int(SEARCH_BUDGET_MACS // (max(1, moves) * per_pass)) - 1
+    return max(1, min(SEARCH_BLOCKS, target.num_hidden_layers, fit))
+
+
 BlockCheck = Literal["none", "half", "twofold"]
 BLOCK_CHECK: BlockCheck = "half"  # the service's (cbd.inits.run.prepare): docs/results.md measures all three
 
@@ -498,14 +536,15 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
                      notes: dict | None = None) -> tuple[dict[str, float], float, int]:
     """An alpha per group of tensors, from ``alpha`` (the global grid's best, float32 loss
     ``base_loss`` on ``batches``): coordinate descent over the groups (the outer tensors, then
-    ``blocks`` contiguous blocks of target layers), each tried at ``values``, a change kept only
+    ``blocks`` contiguous blocks of target layers), each tried at ``values`` (the service passes
+    :func:`block_values` of the start and :func:`search_blocks` blocks), a change kept only
     when it lowers the search's loss. Candidates are scored by ``loss(.., search=True)`` (bf16
     where :func:`search_bf16` says, running only the layers a candidate changes); a result other
     than the start is measured again in float32 on all of ``batches`` and kept only if it beats
     ``base_loss`` there, so the result is never worse in float32 on ``batches`` than any point of
     the grid, the single anchors included.
 
-    The search keeps the best of up to ``(blocks + 1) * (len(values) - 1)`` candidates on the text
+    The search keeps the best of up to ``(blocks + 1) * len(values)`` candidates on the text
     it sees, so part of what it finds is that text's noise (on ``default``'s upper pair target the
     search on the whole validation batch gained 0.011 nats there and lost 0.098 on the held-out
     works: docs/results.md). ``check`` says what guards against that:
@@ -521,7 +560,7 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
 
     The start, chosen by the grid on all of ``batches``, is favoured by a check if anything.
     ``notes`` (a dict) receives the checks' losses and the search's layer passes. Costs at most
-    ``sweeps * (blocks + 1) * (len(values) - 1) + 1`` passes over the text searched (a half, twice
+    ``sweeps * (blocks + 1) * len(values) + 1`` passes over the text searched (a half, twice
     for ``"twofold"``; fewer where ``blend`` has measured a point already, and a block's candidates
     run the layers from that block on), two float32 passes over a half per result checked, one over
     ``batches`` per result, and two target-sized states in memory (each anchor's Trans, :class:`Blend`).

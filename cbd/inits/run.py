@@ -9,12 +9,15 @@ from cbd.core.manifest import ChainManifest
 from cbd.core.plan import Plan
 from cbd.inits.calibration import (
     BLOCK_CHECK,
+    BLOCK_STEPS,
     Blend,
+    block_values,
     calibrate_blocks,
     grid_losses,
     init_card,
     repair_terms,
     search_bf16,
+    search_blocks,
     validation_batches,
 )
 from cbd.inits.publish import Progress, publish_checkpoint, recipe_of
@@ -70,10 +73,12 @@ def prepare(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_r
     if plan.calibrate and plan.alpha_scheme == "blocks":
         progress({"stage": "calibrating alpha per block", "fraction": 0.07})
         notes: dict = {}
-        alphas, loss, passes = calibrate_blocks(li, batches, alpha, scores[alpha], blend=blend, check=BLOCK_CHECK,
+        blocks = search_blocks(li.target, sum(int(b[:, 1:].numel()) for b in batches))
+        alphas, loss, passes = calibrate_blocks(li, batches, alpha, scores[alpha], blocks=blocks,
+                                                values=block_values(alpha), blend=blend, check=BLOCK_CHECK,
                                                 notes=notes)
         calib |= {"alphas": alphas, "alphas_loss": round(loss, 5), "alphas_passes": passes,
-                  "alphas_search": {"precision": "bf16" if bf16 else "float32", **notes}}
+                  "alphas_search": {"precision": "bf16" if bf16 else "float32", "moves": list(BLOCK_STEPS), "blocks": blocks, **notes}}
     if card:
         progress({"stage": "measuring the init card", "fraction": 0.09})
         calib["card"] = init_card(li, alphas or alpha, names, batches, repair=plan.trans.repair,
