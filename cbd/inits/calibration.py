@@ -20,6 +20,7 @@ import torch
 from cbd.core import paths
 from cbd.core.files import file_version
 from cbd.core.manifest import ChainManifest, chain_dir
+from cbd.core.spec import ModelSpec
 from cbd.errors import IntegrityError
 from cbd.shape import arch
 from cbd.shape.linit import Alpha, LInit, alpha_grid, alpha_group
@@ -505,12 +506,12 @@ def block_values(alpha: float, steps: tuple[float, ...] = BLOCK_STEPS) -> tuple[
 # how many blocks of layers the per-block search gives an alpha of their own: up to SEARCH_BLOCKS
 # (one layer each for targets of up to 12 layers), fewer where the candidates would pass
 # SEARCH_BUDGET_MACS (search_blocks). On `default` one layer per block gained 0.045 nats over 6
-# blocks on its depth-only target (docs/results.md, "The per-block search's moves")
+# blocks on its depth-only target (docs/results.md, "The per-block search's moves and blocks")
 SEARCH_BLOCKS = 12
 SEARCH_BUDGET_MACS = 4.5e11
 
 
-def search_blocks(target, tokens: int, moves: int = len(BLOCK_STEPS)) -> int:
+def search_blocks(target: ModelSpec, tokens: int, moves: int = len(BLOCK_STEPS)) -> int:
     """The blocks of layers the per-block search uses for ``target`` over a validation batch of
     ``tokens`` predicted tokens: the most, up to :data:`SEARCH_BLOCKS` and the target's layers,
     whose candidates fit :data:`SEARCH_BUDGET_MACS` multiply-accumulates, counting each of the
