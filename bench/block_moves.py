@@ -31,19 +31,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.interp import EXTRA, heldout, score  # noqa: E402
 from bench.quality import DATA, TARGETS  # noqa: E402
-
-
-def rel(a: float, steps: tuple[float, ...]) -> tuple[float, ...]:
-    return tuple(sorted({min(1.0, max(0.0, round(a + s, 4))) for s in steps} - {a}))
-
+from cbd.inits.calibration import block_values  # noqa: E402
 
 VARIANTS = {
     "global": None,
     "b6 v(0,.5,1)": lambda a: dict(blocks=6, values=(0.0, 0.5, 1.0)),
-    "b6 rel.125": lambda a: dict(blocks=6, values=rel(a, (-0.125, 0.125))),
-    "b3 rel.125/.25": lambda a: dict(blocks=3, values=rel(a, (-0.25, -0.125, 0.125, 0.25))),
-    "b6 rel.125/.25": lambda a: dict(blocks=6, values=rel(a, (-0.25, -0.125, 0.125, 0.25))),
-    "b12 rel.125": lambda a: dict(blocks=12, values=rel(a, (-0.125, 0.125))),
+    "b6 rel.125": lambda a: dict(blocks=6, values=block_values(a, (-0.125, 0.125))),
+    "b3 rel.125/.25": lambda a: dict(blocks=3, values=block_values(a, (-0.25, -0.125, 0.125, 0.25))),
+    "b6 rel.125/.25": lambda a: dict(blocks=6, values=block_values(a, (-0.25, -0.125, 0.125, 0.25))),
+    "b12 rel.125": lambda a: dict(blocks=12, values=block_values(a, (-0.125, 0.125))),
 }
 OLD = "b6 v(0,.5,1)"
 
@@ -124,7 +120,7 @@ def plot(d: dict, path: Path) -> None:
     by: dict[str, dict[str, dict]] = {}
     for r in d["rows"]:
         by.setdefault(r["target"], {})[r["variant"]] = r
-    names = [k for k in VARIANTS]
+    names = list(VARIANTS)
     fig, ax = plt.subplots(figsize=(9, 4.2))
     width = 0.8 / len(names)
     for k, name in enumerate(names):
