@@ -14,7 +14,9 @@ pruned: on this random chain that refit no longer beats plain Trans on the valid
 ``repaired`` now pins the guard's choice, and ``test_the_refit_tensors_are_the_pinned_ones`` pins
 the refit's own tensors; and again when the per-block alpha search began moving each group 0.125
 either side of the grid's best instead of to 0, 0.5 or 1, pinned on an AVX2 machine, where the
-search scores in float32). The first cases ask for ``"blend": "plain"``, the blend they pinned; ``faded`` pins the fading blend at one alpha. A
+search scores in float32; and again when the prune of a residual width began rotating the channels it
+may drop onto their principal directions first, ``"carry": "pca"``). The first cases ask for
+``"carry": "none"`` (the prune by importance they pinned) and ``"blend": "plain"``, the blend they pinned; ``faded`` pins the fading blend at one alpha. A
 refactoring that changes any of them changed what users get. A change that is *meant* to change
 the bytes updates them in the same commit and says why.
 """
@@ -39,26 +41,26 @@ from cbd.run import run_plan
 
 ARCH_A = dict(num_hidden_layers=3, hidden_size=80, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72)
 CASES = {  # name: (request body, sha256 of every tensor's name, dtype, shape and bytes)
-    "calibrated": ({"architecture": ARCH_A, "repair": False, "alpha_scheme": "global", "blend": "plain"},
+    "calibrated": ({"architecture": ARCH_A, "repair": False, "alpha_scheme": "global", "blend": "plain", "carry": "none"},
                    "c86acdca14905d4c56c7578edaa43bf4b29012584212bfe8e6c7cc5dbfdbe617"),
-    "alpha0": ({"architecture": ARCH_A, "calibrate": False, "repair": False, "blend": "plain"},
+    "alpha0": ({"architecture": ARCH_A, "calibrate": False, "repair": False, "blend": "plain", "carry": "none"},
                "5e5d33310c427e29d5ece5b010a22e7e4f90c7afe59d397cfb0cceaf07df967e"),
     "explicit": ({"architecture": dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=3,
-                                       num_key_value_heads=1), "alpha": 0.3, "repair": False, "blend": "plain"},
+                                       num_key_value_heads=1), "alpha": 0.3, "repair": False, "blend": "plain", "carry": "none"},
                  "9dc37328707df819c8612006128480612cf25b133b1dff137f4686eda49bf97c"),
     "below": ({"architecture": dict(num_hidden_layers=1, hidden_size=16, num_attention_heads=1,
-                                    intermediate_size=24), "repair": False},
+                                    intermediate_size=24), "repair": False, "carry": "none"},
               "3f82893e0cc0287fdaa4be35da89b9b14c647b812ee70b4a944c6d48863a812c"),
     "above": ({"architecture": dict(num_hidden_layers=5, hidden_size=128, num_attention_heads=8,
-                                    num_key_value_heads=4, intermediate_size=160), "repair": False},
+                                    num_key_value_heads=4, intermediate_size=160), "repair": False, "carry": "none"},
               "043b147e1e28c059caf6c66f404b697f8534aceb262d086396d743a91ed832c2"),
     "bf16": ({"architecture": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4), "dtype": "bfloat16",
-              "repair": False, "alpha_scheme": "global", "blend": "plain"},
+              "repair": False, "alpha_scheme": "global", "blend": "plain", "carry": "none"},
              "d076fd008909993ef5854e6846029c75d4183e0780585635dfbb58b7c51875d9"),
     "faded": ({"architecture": dict(num_hidden_layers=3, hidden_size=48, num_attention_heads=3, num_key_value_heads=1),
-               "alpha": 0.3, "repair": False},
+               "alpha": 0.3, "repair": False, "carry": "none"},
               "b296c9febfae6ed2d521cda65238e0c8fc5ad3f415db0b71701201cf1b47ecdb"),
-    "repaired": ({"architecture": ARCH_A}, "203fa8418d79a7bee51f37b8f644703d6c87d3e05f6b9bceda24d98edcd0470d"),
+    "repaired": ({"architecture": ARCH_A}, "9306d493d30d3a6e887790901d8163ed56ab185ea149c3a199670286cf6b1e47"),
 }
 
 

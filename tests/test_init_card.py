@@ -189,7 +189,8 @@ def test_anchor_outputs_are_cached_beside_the_chain_and_give_the_same_repair(ran
         f.unlink()
     first = repaired()
     assert first, "this target prunes the bigger anchor: something is refit"
-    files = sorted(folder.glob(f"test.{plan.big}.*.safetensors"))
+    tag = linit_for(plan, random_chain, cbd_home / "chains").big.tag  # a0 as the request maps it (rotated)
+    files = sorted(folder.glob(f"test.{plan.big}.{tag}.*.in.safetensors"))
     assert len(files) == 1 and files[0].stat().st_size > 0
     stamp = files[0].stat().st_mtime_ns
 

@@ -402,6 +402,10 @@
     if (card.alpha_scheme) fact("alpha scheme", SCHEME[card.alpha_scheme] || card.alpha_scheme);
     if (card.repair) fact("repair", REPAIR[card.repair] || card.repair);
     if (card.blend) fact("blend", BLEND[card.blend] || card.blend);
+    for (const c of Object.values(card.carry || {})) {
+      fact("carry", `${c.anchor}: ${c.rotated} residual channels turned onto their principal directions, the top `
+        + `${c.kept} kept (${Math.round(c.energy_kept * 100)}% of their energy)`);
+    }
     const help = el("p", { class: "help", text: "Mean next-token loss before any training, on training text of every "
       + "corpus of the chain's recipe (never held out); lower is better. The single anchors are each one mapped "
       + "onto the same target shape alone." });

@@ -34,7 +34,7 @@ from cbd.errors import ChainIncompatibleError, ShapeError
 
 # Bump when the bytes a plan produces change for the same request: old artifacts stay valid
 # under their old ids and new requests get new ids.
-FORMAT_VERSION = 8  # 8: the per-block search moves each group 0.125 either side of the grid's best (was: to 0, 0.5, 1), over up to 12 blocks within a budget (was: 6); 7: the per-block alpha search run on half the validation batch, checked on the other half; 6: the fading blend (LInitOptions.blend), its grid's interior; 5: the refit solved in float32, no interior alpha grid, the per-block search scored in bf16; 4: the in-situ repair computed layer by layer (repaired inits move by float rounding); 3: TransOptions.repair; 2: the id is the hash of the whole plan (cbd 0.1: of a summary)
+FORMAT_VERSION = 9  # 9: the residual channels a prune may drop are rotated onto their principal directions first (LInitOptions.carry); 8: the per-block search moves each group 0.125 either side of the grid's best (was: to 0, 0.5, 1), over up to 12 blocks within a budget (was: 6); 7: the per-block alpha search run on half the validation batch, checked on the other half; 6: the fading blend (LInitOptions.blend), its grid's interior; 5: the refit solved in float32, no interior alpha grid, the per-block search scored in bf16; 4: the in-situ repair computed layer by layer (repaired inits move by float rounding); 3: TransOptions.repair; 2: the id is the hash of the whole plan (cbd 0.1: of a summary)
 # Largest target relative to the chain's largest anchor (non-embedding parameters).
 MAX_GROWTH = 4.0
 
@@ -65,6 +65,12 @@ class LInitOptions(TransOptions):
                             "bigger anchor's units with their writes into the residual stream at 0 (the smaller "
                             "anchor's function exactly), so alpha fades them in; plain: Trans(S) fills them "
                             "(width_expand) and every parameter is blended")
+    carry: Literal["pca", "none"] = Field(
+        "pca", description="pca: before an anchor's residual width is pruned, the channels the prune may drop "
+                           "(the bigger anchor's that the smaller lacks) are rotated onto their principal "
+                           "directions on the chain's calibration text, function-preserving (cbd.repair.carry), "
+                           "so the channels kept carry most of what the dropped ones held; none: the prune keeps "
+                           "channels by importance")
 
 
 class BridgeOptions(Trains):
@@ -210,7 +216,8 @@ def make_plan(req: InitRequest, manifest: ChainManifest, *, tokenizer: str | Non
                 alpha_requested=req.alpha is not None, calibrate=calibrate,
                 alpha_scheme=req.alpha_scheme if calibrate else "global", card=req.card, dtype=req.dtype,
                 tokenizer=tok,
-                bridge_options=bopts, trans=LInitOptions(repair="ridge" if req.repair else "none", blend=req.blend),
+                bridge_options=bopts, trans=LInitOptions(repair="ridge" if req.repair else "none", blend=req.blend,
+                                                    carry=req.carry),
                 warnings=warnings)
 
 

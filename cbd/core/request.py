@@ -80,6 +80,12 @@ class InitRequest(BaseModel):
                     "writes into the residual stream at 0, so alpha fades them in (its loss is often lowest "
                     "between the anchors); plain: the smaller anchor grown by clones of its own units, every "
                     "parameter blended (cbd before 0.2)")
+    carry: Literal["pca", "none"] = Field(
+        default="pca",
+        description="pca: where an anchor's residual width is pruned, the channels the prune may drop are "
+                    "first rotated onto their principal directions on the chain's calibration text "
+                    "(function-preserving), so the channels kept carry most of what the dropped ones held; "
+                    "none: the prune keeps channels by importance (inits of format 8 and before)")
     card: bool = Field(
         default=True,
         description="measure the init card: the init's step-0 loss on the chain's validation batch beside the "

@@ -23,7 +23,7 @@ from cbd.core.manifest import ChainManifest, chain_dir
 from cbd.core.spec import ModelSpec
 from cbd.errors import IntegrityError
 from cbd.shape import arch
-from cbd.shape.linit import Alpha, LInit, alpha_grid, alpha_group
+from cbd.shape.linit import Alpha, Anchor, LInit, alpha_grid, alpha_group
 from cbd.tensors.reader import LazyReader
 from cbd.tensors.writer import write_safetensors
 from cbd.train.models import (
@@ -109,7 +109,8 @@ def calibration_tokens(manifest: ChainManifest, chains_root: Path | None = None)
 ANCHOR_CACHE_MAX_BYTES = 2 << 30  # CBD_ANCHOR_CACHE_MAX_BYTES: anchors whose outputs would take more are not cached
 
 
-def anchor_cache(manifest: ChainManifest, name: str, tokens: torch.Tensor, chains_root: Path | None = None):
+def anchor_cache(manifest: ChainManifest, name: str, tokens: torch.Tensor, chains_root: Path | None = None,
+                 tag: str = ""):
     """The anchor's own outputs over the calibration batch, cached beside the chain (they are the
     same for every request that prunes this anchor): a drop-in for
     :func:`cbd.repair.refit.anchor_outputs`. The first call computes every reader's and block's
@@ -117,14 +118,15 @@ def anchor_cache(manifest: ChainManifest, name: str, tokens: torch.Tensor, chain
     answer is the computed one bit for bit), named by the anchor's sha256 and the batch's; later
     calls read only what they need. An anchor whose outputs would pass
     ``CBD_ANCHOR_CACHE_MAX_BYTES`` (default 2 GiB; 0 turns the cache off), a cache that cannot be
-    written or a file that cannot be read fall back to computing what is needed."""
+    written or a file that cannot be read fall back to computing what is needed. ``tag`` names a
+    re-parametrisation of the anchor (:attr:`cbd.shape.linit.Anchor.tag`): its outputs are its own."""
     from cbd.repair.refit import anchor_outputs
 
     entry = manifest.anchor(name)
     digest = tokens_digest(tokens)[:16]
     folder = (chains_root or paths.chains_dir()) / ".anchor-outputs"  # no manifest: never listed as a chain
     # ".in": the residual readers' inputs are in it too (a cache written before them lacks them)
-    path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{digest}.in.safetensors"
+    path = folder / f"{manifest.name}.{name}{'.' + tag if tag else ''}.{entry.sha256[:16]}.{digest}.in.safetensors"
     limit = int(os.environ.get("CBD_ANCHOR_CACHE_MAX_BYTES", ANCHOR_CACHE_MAX_BYTES))
 
     def key(k: int, what: tuple) -> str:
@@ -157,6 +159,72 @@ def anchor_cache(manifest: ChainManifest, name: str, tokens: torch.Tensor, chain
         return [{w: held[w] for w in wanted} for held in full]
 
     return provide
+
+
+def anchor_moment(manifest: ChainManifest, name: str, anchor: Anchor, chains_root: Path | None = None) -> torch.Tensor:
+    """The second moment of anchor ``name``'s residual stream over the chain's calibration batch
+    (:func:`cbd.repair.carry.resid_moment`): computed once (one forward pass), kept beside the chain
+    in ``.anchor-outputs/`` like :func:`anchor_cache` (d x d float64: under 3 MB for the teacher),
+    and in memory for the process."""
+    from cbd.repair.carry import resid_moment
+
+    entry = manifest.anchor(name)
+    tokens = calibration_tokens(manifest, chains_root)
+    folder = (chains_root or paths.chains_dir()) / ".anchor-outputs"
+    path = folder / f"{manifest.name}.{name}.{entry.sha256[:16]}.{tokens_digest(tokens)[:16]}.moment.safetensors"
+    with _MOMENTS_LOCK:
+        if str(path) in _MOMENTS:
+            return _MOMENTS[str(path)]
+    moment = None
+    if path.is_file():
+        try:
+            moment = LazyReader(path, keep_dtype=True)("moment").clone()
+        except Exception as exc:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
+            log.warning("residual moment cache %s unreadable (%s): recomputing it", path.name, exc)
+    if moment is None:
+        state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
+        moment = resid_moment(anchor.spec, state, list(tokens.split(4)))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            write_safetensors(tmp, {"moment": moment})
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("residual moment cache not written (%s)", exc)
+    with _MOMENTS_LOCK:
+        _MOMENTS[str(path)] = moment
+    return moment
+
+
+_MOMENTS: dict[str, torch.Tensor] = {}
+_MOMENTS_LOCK = threading.Lock()
+
+
+def carried(manifest: ChainManifest, name: str, anchor: Anchor, target: ModelSpec,
+            aligned: list[int] | None = None, chains_root: Path | None = None) -> Anchor:
+    """Anchor ``name`` re-parametrised for a prune of its residual width to ``target``'s
+    (:mod:`cbd.repair.carry`): the channels the prune may drop rotated onto their principal
+    directions, ranked by energy, so the prune keeps the top ones. ``aligned``: the channels the
+    smaller anchor shares, which stay where they are. The anchor itself when nothing is pruned, its
+    family cannot be rotated, or the prune keeps none of the rotated channels. What was done is in
+    the returned anchor's ``notes["carry"]``."""
+    from cbd.repair.carry import carried_importance, carry_rotation, fixed_channels, rotatable, rotated_reader
+
+    spec, width = anchor.spec, target.hidden_size
+    if not rotatable(spec) or width >= spec.hidden_size:
+        return anchor
+    fixed = fixed_channels(spec, width, anchor.importance, aligned)
+    if len(fixed) >= width:
+        return anchor
+    rot = carry_rotation(anchor_moment(manifest, name, anchor, chains_root), fixed)
+    if rot is None:
+        return anchor
+    kept = width - len(fixed)
+    tag = "carry-" + hashlib.sha256(rot.rotated.numpy().tobytes()).hexdigest()[:12]
+    return Anchor(spec=spec, read=rotated_reader(spec, anchor.read, rot),
+                  importance=carried_importance(anchor.importance, spec.hidden_size, rot), tag=tag,
+                  notes={"carry": {"anchor": name, "method": "pca", "fixed": len(fixed), "rotated": len(rot.rotated),
+                                   "kept": kept, "energy_kept": round(rot.kept_energy(kept), 4)}})
 
 
 def ridge_trial(manifest: ChainManifest, name: str, target,
@@ -240,8 +308,8 @@ def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifes
         per_layer, report = insitu_refits(anchor.spec, state, li.target, maps, list(tokens.split(4)), check=check,
                                           ridge=INSITU_RIDGE if ridge is None else ridge,
                                           width_expand=li.width_expand(term), depth_expand=li.opts.depth_expand,
-                                          outputs=anchor_cache(manifest, names[term], tokens, chains_root)
-                                          if names.get(term) else None)
+                                          outputs=anchor_cache(manifest, names[term], tokens, chains_root,
+                                                               tag=anchor.tag) if names.get(term) else None)
         report["ridge_from"] = "tried" if ridge is None else "anchor"
         check_loss = report.pop("check_loss", None)
         if report["refit"]:
@@ -446,6 +514,9 @@ def init_card(li: LInit, alpha, names: dict[str, str | None], batches: list[torc
         "random_init_loss": round(random_init_loss(li.target, batches), 4),
         "alpha": alpha, "alpha_scheme": scheme, "repair": repair,
         "blend": ("fade" if li.fades else "plain") if li.small is not None and li.big is not None else None,
+        # the anchors whose residual width was carried (cbd.repair.carry): how much of it was kept
+        "carry": {t: a.notes["carry"] for t, a in (("small", li.small), ("big", li.big))
+                  if a is not None and "carry" in a.notes} or None,
         "gain_over_best_single_anchor": round(best["loss"] - own, 4),
         "validation": {"what": "the chain's validation batch (training text of every corpus of its recipe)",
                        "tokens": tokens, "precision": "float32"},

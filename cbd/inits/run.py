@@ -13,6 +13,7 @@ from cbd.inits.calibration import (
     Blend,
     block_values,
     calibrate_blocks,
+    carried,
     grid_losses,
     init_card,
     repair_terms,
@@ -57,6 +58,9 @@ def prepare(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_r
     names = {"small": plan.small, "big": plan.big}
     alpha, calib, scores, measured = plan.alpha, {}, {}, {}
     bf16 = search_bf16()
+    carry = {term: a.notes["carry"] for term, a in (("small", li.small), ("big", li.big)) if a and "carry" in a.notes}
+    if carry:
+        calib["carry"] = carry
     if plan.trans.repair == "ridge":
         progress({"stage": "repairing pruned units", "fraction": 0.02})
         calib |= repair_terms(li, names, manifest, chains_root, measured)
@@ -91,4 +95,9 @@ def linit_for(plan: Plan, manifest: ChainManifest, chains_root: Path | None = No
     small = load_anchor(manifest, plan.small, chains_root) if plan.small else None
     big = load_anchor(manifest, plan.big, chains_root) if plan.big and plan.big != plan.small else None
     alignment = load_alignment(manifest, plan.small, plan.big, chains_root) if small and big else None
+    if getattr(plan.trans, "carry", "none") == "pca":  # the anchor whose residual width is pruned
+        if big is not None:
+            big = carried(manifest, plan.big, big, plan.target, list(alignment.resid) if alignment else None, chains_root)
+        elif small is not None:
+            small = carried(manifest, plan.small, small, plan.target, None, chains_root)
     return make_linit(plan.target, small, big, alpha=plan.alpha, alignment=alignment, opts=plan.trans)

@@ -36,6 +36,10 @@ class Anchor:
     spec: ModelSpec
     read: Reader
     importance: Importance | None = None
+    # a function-preserving re-parametrisation of the stored anchor (cbd.repair.carry): its name, so
+    # what is cached of the anchor's outputs is cached apart, and what it did, for the recipe
+    tag: str = ""
+    notes: dict = field(default_factory=dict)
 
     def reader(self) -> Reader:
         return getattr(self.read, "view", self.read)
