@@ -183,3 +183,19 @@ def test_a_request_records_the_rotation_and_none_is_the_prune_by_importance(rand
     li_none, _, calib_none = prepare(none, random_chain, progress=lambda _: None, chains_root=root)
     assert "carry" not in calib_none and li_none.big.tag == ""
     assert not torch.equal(li.state(0.0)["model.embed_tokens.weight"], li_none.state(0.0)["model.embed_tokens.weight"])
+
+
+def test_the_reader_rotates_a_tensor_read_in_blocks_once_and_says_which_tensors_are_its_own():
+    """A streamed write reads the embedding block by block: the rotated tensor is kept for the
+    next read of the same name, and LInit is told (``is_view``) that it and its slices must be
+    copied before anything writes over them."""
+    spec = _llama_spec(tie_word_embeddings=False)
+    state = _perturbed(spec, 0)
+    carry = carry_rotation(resid_moment(spec, state, [_batch(spec, 1)]), list(range(0, spec.hidden_size, 2)))
+    reads = []
+    r = rotated_reader(spec, lambda n: reads.append(n) or state[n], carry)
+    e = r("model.embed_tokens.weight")
+    assert r("model.embed_tokens.weight") is e and reads == ["model.embed_tokens.weight"]
+    assert r.is_view(e) and r.is_view(e[3:9]) and not r.is_view(e.clone())
+    r("lm_head.weight")  # another tensor: the embedding is no longer kept
+    assert not r.is_view(e)

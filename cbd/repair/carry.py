@@ -43,7 +43,7 @@ from cbd.shape import arch
 from cbd.shape.maps import Importance
 from cbd.train.models import build_model
 
-__all__ = ["Carry", "carried_importance", "carry_rotation", "fixed_channels", "resid_moment", "rotatable",
+__all__ = ["Carry", "RotatedReader", "carried_importance", "carry_rotation", "fixed_channels", "resid_moment", "rotatable",
            "rotated_reader"]
 
 Reader = Callable[[str], Tensor]
@@ -148,45 +148,68 @@ NORM_READERS = {
 }
 
 
-def rotated_reader(spec: ModelSpec, read: Reader, carry: Carry) -> Reader:
-    """The anchor re-parametrised by ``carry`` (module docstring), one tensor at a time: a reader
-    of the same names and shapes (float32 math, each tensor back in its own dtype). Nothing is
-    kept: each call computes its tensor from ``read``."""
-    if not rotatable(spec):
-        raise ValueError(f"{spec.model_type}: a LayerNorm family's residual stream is not rotated")
-    c, q = carry.rotated, carry.q
-    norm_of = {r: n for n, rs in NORM_READERS.items() for r in rs}
-    tied = spec.tie_word_embeddings
+class RotatedReader:
+    """The anchor re-parametrised by a :class:`Carry` (module docstring), one tensor at a time: a
+    reader of the same names and shapes (float32 math, each tensor back in its own dtype).
 
-    def along(t: Tensor, dim: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        out = t.float().movedim(dim, 0).clone()
-        part = out[c]
-        out[c] = fn(part.reshape(len(c), -1)).reshape(part.shape)
-        return out.movedim(0, dim).to(t.dtype).contiguous()
+    The last tensor computed is kept, so reading a big tensor block by block (the embedding, in a
+    streamed write) rotates it once; ``is_view`` tells LInit which tensors are that kept copy, so
+    it copies them before it writes over anything (:class:`cbd.shape.linit.Anchor`)."""
 
-    def rotated(name: str) -> Tensor:
+    def __init__(self, spec: ModelSpec, read: Reader, carry: Carry):
+        if not rotatable(spec):
+            raise ValueError(f"{spec.model_type}: a LayerNorm family's residual stream is not rotated")
+        self.spec, self.read, self.carry = spec, read, carry
+        self._norm_of = {r: n for n, rs in NORM_READERS.items() for r in rs}
+        self._last: tuple[str, Tensor] | None = None
+
+    def __call__(self, name: str) -> Tensor:
+        last = self._last
+        if last is not None and last[0] == name:
+            return last[1]
+        t = self._rotated(name)
+        self._last = (name, t)
+        return t
+
+    def is_view(self, t: Tensor) -> bool:
+        last = self._last
+        return last is not None and t.numel() > 0 and \
+            t.untyped_storage().data_ptr() == last[1].untyped_storage().data_ptr()
+
+    def _rotated(self, name: str) -> Tensor:
+        spec, read, c, q = self.spec, self.read, self.carry.rotated, self.carry.q
         layer, key = arch.split_name(name)
         t = read(name)
-        roles = arch.roles(spec, name)
         prefix = "" if layer is None else arch.layer_prefix(spec).format(i=layer)
-        for dim, (axis, io) in enumerate(roles):
+        for dim, (axis, io) in enumerate(arch.roles(spec, name)):
             if axis != "resid":
                 continue
             if io == "out":  # a writer: R on its output rows
-                t = along(t, dim, lambda p: q @ p)
+                t = _along(t, dim, c, lambda p: q @ p)
             elif io == "in":  # a reader: its norm's weight folded in, then R^T
-                norm = norm_of.get(key)
+                norm = self._norm_of.get(key)
                 g = read(prefix + norm).float()[c] if norm is not None else torch.ones(len(c))
-                t = along(t, dim, lambda p, g=g: q @ (p * g[:, None]))
+                t = _along(t, dim, c, lambda p, g=g: q @ (p * g[:, None]))
             elif io == "norm":
-                folded = key in NORM_READERS and not (tied and key == "model.norm.weight")
-                t = along(t, dim, lambda p, folded=folded: torch.ones_like(p) if folded
-                          else torch.diagonal(q @ torch.diag(p.reshape(-1)) @ q.T).reshape(-1, 1))
+                folded = key in NORM_READERS and not (spec.tie_word_embeddings and key == "model.norm.weight")
+                t = _along(t, dim, c, lambda p, folded=folded: torch.ones_like(p) if folded
+                           else torch.diagonal(q @ torch.diag(p.reshape(-1)) @ q.T).reshape(-1, 1))
             else:
                 raise ValueError(f"{name}: residual role {io!r} is not rotated")
         return t
 
-    return rotated
+
+def rotated_reader(spec: ModelSpec, read: Reader, carry: Carry) -> RotatedReader:
+    """``read`` re-parametrised by ``carry``: :class:`RotatedReader`."""
+    return RotatedReader(spec, read, carry)
+
+
+def _along(t: Tensor, dim: int, c: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``t`` with the entries at ``c`` along ``dim`` replaced by ``fn`` of them (as ``(len(c), -1)``)."""
+    out = t.float().movedim(dim, 0).clone()
+    part = out[c]
+    out[c] = fn(part.reshape(len(c), -1)).reshape(part.shape)
+    return out.movedim(0, dim).to(t.dtype).contiguous()
 
 
 def _final_norm(spec: ModelSpec) -> str:
