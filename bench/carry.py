@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python bench/carry.py --chain tiny       # -> docs/data/carry-tiny.json
     OMP_NUM_THREADS=1 python bench/carry.py --chain default
     python bench/carry.py --chain tiny --report                # markdown table, docs/carry-tiny.png
+    OMP_NUM_THREADS=1 python bench/carry.py --chain default --lone   # below the smallest anchor's width
 
 For every target of ``bench/interp.py``'s list whose init prunes an anchor's residual width, the
 service's own code (``cbd.inits.run.prepare``: repair, calibration, the per-block search) makes the
@@ -10,7 +11,8 @@ init twice, with ``"carry": "none"`` (the prune keeps channels by importance: th
 and ``"pca"`` (the channels the prune may drop turned onto their principal directions first:
 ``cbd.repair.carry``), and scores on the held-out work of every corpus, 3 seeds of windows, paired:
 each single anchor's Trans (alpha 1 and 0) and the default init. The validation batch chooses, the
-held-out works only score.
+held-out works only score. ``--lone``: targets narrower than the smallest anchor (one anchor's
+subset, whose most important channels stay fixed and the rest turn), the service's init each way.
 """
 
 from __future__ import annotations
@@ -33,6 +35,50 @@ from bench.quality import DATA, TARGETS  # noqa: E402
 from bench.study import save  # noqa: E402
 
 METHODS = ("single small (alpha 1)", "single big (alpha 0)", "default")
+# --lone: targets narrower than the smallest anchor, one anchor's subset (the anchor keeps its most
+# important channels fixed and turns the rest: cbd.repair.carry.fixed_channels)
+LONE = {
+    "tiny": {"2x64": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=1, num_key_value_heads=1,
+                          intermediate_size=256),
+             "3x64 (a3's depth)": dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=1, num_key_value_heads=1,
+                                       intermediate_size=384)},
+    "default": {"8x64": dict(num_hidden_layers=8, hidden_size=64, num_attention_heads=1, num_key_value_heads=1,
+                             intermediate_size=512),
+                "12x64 (a3's depth)": dict(num_hidden_layers=12, hidden_size=64, num_attention_heads=1,
+                                           num_key_value_heads=1, intermediate_size=640)},
+}
+
+
+def run_lone(chain: str, seeds: int) -> dict:
+    """The service's init of each LONE target with ``carry`` none and pca, scored as ``run``."""
+    manifest = load_manifest(chain)
+    windows = [heldout(manifest, s, batches=2, seq_len=128) for s in range(seeds)]
+    rows = []
+    for tname, arch in LONE[chain].items():
+        for carry in ("none", "pca"):
+            plan = make_plan(InitRequest(chain=chain, architecture=arch, carry=carry), manifest)
+            li, alpha, calib = prepare(plan, manifest, progress=lambda _: None, card=True)
+            r = score(plan.target, li.state(alpha), windows)
+            rows.append({"target": tname, "shape": list(plan.target.shape), "anchor": plan.small or plan.big,
+                         "carry": carry, "validation_loss": calib["card"]["step0_loss"], **r, "note": calib.get("carry")})
+            print(f"{tname:22s} carry {carry:4s} val {rows[-1]['validation_loss']:.3f} held-out {r['mean']:.3f} ± {r['std']:.3f}",
+                  flush=True)
+    return {"chain": chain, "seeds": seeds, "windows": "2 x 4 x 128 per domain per seed",
+            "domains": list(chain_corpora(manifest.recipe)), "rows": rows}
+
+
+def report_lone(chain: str) -> str:
+    d = json.loads((DATA / f"carry-{chain}-lone.json").read_text())
+    lines = [f"Command: `{d['command']}`; {d['seeds']} seeds ({d['windows']}); held-out mean over the domains.", "",
+             "| target | anchor | turned (fixed, kept of rotated, energy kept) | validation: none -> pca "
+             "| held-out: none -> pca |", "|---|---|---|---|---|"]
+    for t in dict.fromkeys(r["target"] for r in d["rows"]):
+        n, p = (next(r for r in d["rows"] if r["target"] == t and r["carry"] == c) for c in ("none", "pca"))
+        note = next(iter(p["note"].values()))
+        lines.append(f"| {t} | {n['anchor']} | {note['fixed']}, {note['kept']} of {note['rotated']}, {note['energy_kept']:.2f} "
+                     f"| {n['validation_loss']:.3f} -> {p['validation_loss']:.3f} "
+                     f"| {n['mean']:.3f} -> {p['mean']:.3f} ({p['mean'] - n['mean']:+.3f}{paired(p, n)}) |")
+    return "\n".join(lines)
 
 
 def run(chain: str, seeds: int, only: list[str] | None) -> dict:
@@ -117,7 +163,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--only", help="comma-separated target names")
     ap.add_argument("--report", action="store_true", help="table and plot from the saved data only")
+    ap.add_argument("--lone", action="store_true", help="the targets narrower than the smallest anchor "
+                                                        "(docs/data/carry-<chain>-lone.json)")
     args = ap.parse_args()
+    if args.lone:
+        if not args.report:
+            out = run_lone(args.chain, args.seeds)
+            out["command"] = "OMP_NUM_THREADS=1 python bench/carry.py " + " ".join(sys.argv[1:])
+            save(out, DATA / f"carry-{args.chain}-lone.json")
+        print(report_lone(args.chain))
+        return
     if args.report:
         print(report(args.chain))
         return
