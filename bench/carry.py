@@ -67,6 +67,38 @@ def run_lone(chain: str, seeds: int) -> dict:
             "domains": list(chain_corpora(manifest.recipe)), "rows": rows}
 
 
+def run_shares(chain: str, seeds: int, shares: list[float]) -> dict:
+    """The LONE targets with a lone anchor's fixed channels at other shares of the target's width
+    than the service's half (``cbd.repair.carry.fixed_channels``, swapped here for the run)."""
+    import math
+
+    import cbd.repair.carry as carry
+
+    manifest = load_manifest(chain)
+    windows = [heldout(manifest, s, batches=2, seq_len=128) for s in range(seeds)]
+    rows, own = [], carry.fixed_channels
+    try:
+        for share in shares:
+            def fixed(spec, width, importance, aligned=None, share=share):
+                if aligned is not None:
+                    return own(spec, width, importance, aligned)
+                n = max(2 * width - spec.hidden_size, math.ceil(width * share))
+                return sorted(importance["resid"].argsort(descending=True)[:n].tolist())
+
+            carry.fixed_channels = fixed
+            for tname, arch in LONE[chain].items():
+                plan = make_plan(InitRequest(chain=chain, architecture=arch), manifest)
+                li, alpha, calib = prepare(plan, manifest, progress=lambda _: None, card=True)
+                r = score(plan.target, li.state(alpha), windows)
+                rows.append({"target": tname, "share": share, "validation_loss": calib["card"]["step0_loss"], **r,
+                             "note": calib.get("carry")})
+                print(f"{tname:22s} share {share:.2f} val {rows[-1]['validation_loss']:.3f} held-out {r['mean']:.3f}",
+                      flush=True)
+    finally:
+        carry.fixed_channels = own
+    return {"chain": chain, "seeds": seeds, "rows": rows}
+
+
 def report_lone(chain: str) -> str:
     d = json.loads((DATA / f"carry-{chain}-lone.json").read_text())
     lines = [f"Command: `{d['command']}`; {d['seeds']} seeds ({d['windows']}); held-out mean over the domains.", "",
@@ -165,7 +197,15 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="table and plot from the saved data only")
     ap.add_argument("--lone", action="store_true", help="the targets narrower than the smallest anchor "
                                                         "(docs/data/carry-<chain>-lone.json)")
+    ap.add_argument("--shares", help="with --lone: comma-separated shares of the target's width a lone anchor "
+                                     "keeps fixed, each run in place of the service's 0.5 "
+                                     "(docs/data/carry-<chain>-shares.json)")
     args = ap.parse_args()
+    if args.lone and args.shares:
+        out = run_shares(args.chain, args.seeds, [float(x) for x in args.shares.split(",")])
+        out["command"] = "OMP_NUM_THREADS=1 python bench/carry.py " + " ".join(sys.argv[1:])
+        save(out, DATA / f"carry-{args.chain}-shares.json")
+        return
     if args.lone:
         if not args.report:
             out = run_lone(args.chain, args.seeds)
