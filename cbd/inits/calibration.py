@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 from cbd.core import paths
-from cbd.core.files import file_version
+from cbd.core.files import atomic_write_bytes, file_version
 from cbd.core.manifest import ChainManifest, chain_dir
 from cbd.core.spec import ModelSpec
 from cbd.errors import IntegrityError
@@ -185,10 +186,7 @@ def anchor_moment(manifest: ChainManifest, name: str, anchor: Anchor, chains_roo
         state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
         moment = resid_moment(anchor.spec, state, list(tokens.split(4)))
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            write_safetensors(tmp, {"moment": moment})
-            os.replace(tmp, path)
+            atomic_write_bytes(path, safetensors_bytes({"moment": moment}))
         except OSError as exc:
             log.warning("residual moment cache not written (%s)", exc)
     with _MOMENTS_LOCK:
@@ -198,6 +196,11 @@ def anchor_moment(manifest: ChainManifest, name: str, anchor: Anchor, chains_roo
 
 _MOMENTS: dict[str, torch.Tensor] = {}
 _MOMENTS_LOCK = threading.Lock()
+
+
+def carry_notes(li: LInit) -> dict:
+    """What the carry did to each term of ``li`` ("small"/"big" -> its note; empty: nothing turned)."""
+    return {t: a.notes["carry"] for t, a in (("small", li.small), ("big", li.big)) if a is not None and "carry" in a.notes}
 
 
 def carried(manifest: ChainManifest, name: str, anchor: Anchor, target: ModelSpec,
@@ -515,8 +518,7 @@ def init_card(li: LInit, alpha, names: dict[str, str | None], batches: list[torc
         "alpha": alpha, "alpha_scheme": scheme, "repair": repair,
         "blend": ("fade" if li.fades else "plain") if li.small is not None and li.big is not None else None,
         # the anchors whose residual width was carried (cbd.repair.carry): how much of it was kept
-        "carry": {t: a.notes["carry"] for t, a in (("small", li.small), ("big", li.big))
-                  if a is not None and "carry" in a.notes} or None,
+        "carry": carry_notes(li) or None,
         "gain_over_best_single_anchor": round(best["loss"] - own, 4),
         "validation": {"what": "the chain's validation batch (training text of every corpus of its recipe)",
                        "tokens": tokens, "precision": "float32"},

@@ -14,6 +14,7 @@ from cbd.inits.calibration import (
     block_values,
     calibrate_blocks,
     carried,
+    carry_notes,
     grid_losses,
     init_card,
     repair_terms,
@@ -58,7 +59,7 @@ def prepare(plan: Plan, manifest: ChainManifest, *, progress: Progress, chains_r
     names = {"small": plan.small, "big": plan.big}
     alpha, calib, scores, measured = plan.alpha, {}, {}, {}
     bf16 = search_bf16()
-    carry = {term: a.notes["carry"] for term, a in (("small", li.small), ("big", li.big)) if a and "carry" in a.notes}
+    carry = carry_notes(li)
     if carry:
         calib["carry"] = carry
     if plan.trans.repair == "ridge":
