@@ -51,7 +51,8 @@ def plot(out: dict, path: Path) -> None:
         ax.plot([t for t, _ in curve], [v for _, v in curve], marker=".", label=name)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out loss, mean over domains (nats/token)")
-    ax.set_title(f"{out['chain']}: {out['target']}, training seed {out['seed']}", fontsize=10)
+    ax.set_title(f"{out['chain']}: {out['target']}, training seed {out['seed']}, lr {out.get('lr', 1e-3):g} after "
+                 f"{out.get('warmup', 10)} warm-up steps", fontsize=9)
     ax.legend(fontsize=8)
     dflt = curves.get("default init")
     if dflt:
@@ -76,14 +77,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=500_000)
     ap.add_argument("--eval-every", type=int, default=50_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every run (AdamW, cosine)")
+    ap.add_argument("--warmup", type=int, default=10, help="linear warm-up steps of every run")
     ap.add_argument("--inits", default="default,single,random",
                     help="which inits to train (comma separated: default, single, random); the others already "
                          "in the file for the same chain, target, tokens and seed are kept")
     ap.add_argument("--plot", action="store_true", help="only redraw the plot from the saved data")
     args = ap.parse_args()
-    path = DATA / f"recovery-{args.chain}.json"
+    # the schedule of issue 14's recovery row (lr 1e-3, 10 warm-up steps) keeps the old file names
+    tag = args.chain + ("" if (args.lr, args.warmup) == (1e-3, 10) else f"-lr{args.lr:g}-w{args.warmup}")
+    path = DATA / f"recovery-{tag}.json"
     if args.plot:
-        plot(json.loads(path.read_text()), DATA.parent / f"recovery-{args.chain}.png")
+        plot(json.loads(path.read_text()), DATA.parent / f"recovery-{tag}.png")
         return
     manifest = load_manifest(args.chain)
     ctx = context(manifest)
@@ -105,12 +110,15 @@ def main() -> None:
         name, make = makers[key]
         t0 = time.perf_counter()
         curves[name] = recovery(ctx, plan.target, make(), tokens=args.tokens, eval_every_tokens=args.eval_every,
-                                seed=args.seed, label=name, heldout_batches=2 * len(ctx.corpora))
+                                seed=args.seed, lr=args.lr, warmup=args.warmup, label=name,
+                                heldout_batches=2 * len(ctx.corpora))
         seconds[name] = round(time.perf_counter() - t0, 1)
     # the other inits of the same run (chain, target, tokens, seed), as the file holds them now: another
     # process may have written its inits meanwhile
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    if any(saved.get(k) != getattr(args, k) for k in ("chain", "target", "tokens", "seed")):
+    # (a file from before the schedule was an option holds issue 14's: lr 1e-3, 10 warm-up steps)
+    if any(saved.get(k) != getattr(args, k) for k in ("chain", "target", "tokens", "seed")) \
+            or (saved.get("lr", 1e-3), saved.get("warmup", 10)) != (args.lr, args.warmup):
         saved = {}
     for r in saved.get("rows", []):
         if r["init"] not in curves:
@@ -126,10 +134,11 @@ def main() -> None:
     out = {"commands": sorted(set(saved.get("commands", [])) | {command}), "chain": args.chain,
            "target": args.target, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,
            "alpha": alpha, "alphas": calib.get("alphas"), "seed": args.seed, "tokens": args.tokens,
+           "lr": args.lr, "warmup": args.warmup,
            "windows": "2 x 4 x 256 per domain (held-out), mean over domains", "rows": rows, "curves": curves,
            **({"note": saved["note"]} if "note" in saved else {})}
     path.write_text(json.dumps(out, indent=1) + "\n")
-    plot(out, DATA.parent / f"recovery-{args.chain}.png")
+    plot(out, DATA.parent / f"recovery-{tag}.png")
 
 
 if __name__ == "__main__":

@@ -186,19 +186,19 @@ def alpha_sweep(ctx: Context, target: ModelSpec, *, grid: int = 11, seed: int = 
 
 
 def recovery(ctx: Context, target: ModelSpec, state: State, *, tokens: int, eval_every_tokens: int, seed: int = 0,
-             batch_size: int = 4, seq_len: int = 128, lr: float = 1e-3, label: str = "",
+             batch_size: int = 4, seq_len: int = 128, lr: float = 1e-3, warmup: int = 10, label: str = "",
              heldout_batches: int = 2) -> list[tuple[int, float]]:
     """Continued pretraining (cross-entropy only) from ``state``; held-out loss every N tokens.
 
-    Every method gets the same optimiser (AdamW), schedule (warmup 10 steps, cosine), batches
-    and evaluation windows.
+    Every method gets the same optimiser (AdamW), schedule (``warmup`` steps, cosine to a tenth of
+    ``lr``), batches and evaluation windows.
     """
     from cbd.train.config import DistillConfig
     from cbd.train.loop import distill
 
     tok = batch_size * seq_len
     steps = max(1, tokens // tok)
-    cfg = DistillConfig(kl_weight=0.0, ce_weight=1.0, lr=lr, warmup_steps=min(10, steps), batch_size=batch_size,
+    cfg = DistillConfig(kl_weight=0.0, ce_weight=1.0, lr=lr, warmup_steps=min(warmup, steps), batch_size=batch_size,
                         seq_len=seq_len, total_steps=steps, eval_every=max(1, eval_every_tokens // tok),
                         ckpt_every=0, seed=seed)
     model = build_model(target, state).train()
