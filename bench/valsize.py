@@ -18,6 +18,7 @@ same text) and the service's init. The held-out works only score.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -53,7 +54,8 @@ def run(chain: str, rows: list[int], seeds: int, only: list[str] | None, path: P
     """Every paired target (``only``: those named), the service's init and one per ``rows``; the file
     at ``path`` is written after each target, so a run cut short keeps what it measured."""
     res = {"chain": chain, "seeds": seeds, "windows": "2 x 4 x 128 per domain per seed",
-           "command": "OMP_NUM_THREADS=1 python bench/valsize.py " + " ".join(sys.argv[1:]), "rows": []}
+           "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/valsize.py "
+                      + " ".join(a if " " not in a else repr(a) for a in sys.argv[1:]), "rows": []}
     manifest = load_manifest(chain)
     windows = [heldout(manifest, s, batches=2, seq_len=128) for s in range(seeds)]
     out = res["rows"]
