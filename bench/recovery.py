@@ -12,7 +12,8 @@ For one paired target of ``bench/quality.py``: the init a ``POST /initialize`` h
 writes), the best single anchor (the repaired term
 the chain's validation batch prefers, as ``bench/interp.py`` names it) and transformers' random init.
 Each is trained with cross-entropy on the chain's training mix (``bench/study.recovery``: AdamW, lr
-1e-3, 10 warm-up steps, cosine, batches of 4 x 128 tokens, the same batches for every init), and
+1e-3, 10 warm-up steps, cosine, batches of 4 x 128 tokens, the same batches for every init; ``--lr``
+and ``--warmup`` set another schedule, written to ``recovery-<chain>-lr<lr>-w<warmup>.json``), and
 scored on the held-out work of every domain (2 x 4 x 256 tokens per domain; mean over domains) every
 ``--eval-every`` tokens. One training seed: the spread of the step-0 scores over evaluation windows is
 ``bench/interp.py``'s. ``--plot`` redraws the plot from the saved file.
