@@ -26,12 +26,21 @@ from pathlib import Path
 
 import torch
 
+from cbd.chain.build import ChainData
 from cbd.core.manifest import load_manifest
 from cbd.core.plan import make_plan
-from cbd.core.recipe import chain_corpora
+from cbd.core.recipe import Recipe
 from cbd.core.request import InitRequest
-from cbd.data import batches as data
-from cbd.inits.calibration import BLOCK_CHECK, Blend, block_values, calibrate_blocks, grid_losses, search_bf16
+from cbd.data.mix import mixed_fixed_batch
+from cbd.inits.calibration import (
+    BLOCK_CHECK,
+    Blend,
+    block_values,
+    calibrate_blocks,
+    grid_losses,
+    search_bf16,
+    validation_batches,
+)
 from cbd.inits.run import prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,12 +51,15 @@ from bench.study import save  # noqa: E402
 SEED = 7919  # the extra validation rows' windows: no build draws with it
 
 
-def training_rows(manifest, rows: int, seq_len: int = 128, seed: int = SEED) -> list[torch.Tensor]:
-    """``rows`` windows per corpus of the training split, dealt into batches of one row per corpus
-    (the validation batch's layout)."""
-    per = [data.eval_batches(data.token_file(name, manifest.tokenizer, "train"), batch_size=rows, seq_len=seq_len,
-                             num_batches=1, seed=seed)[0] for name in chain_corpora(manifest.recipe)]
-    return [torch.stack([p[k] for p in per]) for k in range(rows)]
+def training_rows(manifest, rows: int, seed: int = SEED) -> list[torch.Tensor]:
+    """``rows`` windows per corpus of the chain's training split, drawn and dealt as the build draws
+    the validation batch (``cbd.data.mix.mixed_fixed_batch``, rows by the recipe's shares), in
+    batches of one row per corpus."""
+    recipe = Recipe.model_validate(manifest.recipe)
+    cd = ChainData(recipe)
+    n = len(cd.domains)
+    return list(mixed_fixed_batch(list(cd.train_by_domain.values()), cd.shares, n_rows=rows * n,
+                                  seq_len=recipe.data.calibration_seq_len, seed=seed).split(n))
 
 
 def run(chain: str, rows: list[int], seeds: int, only: list[str] | None, path: Path) -> dict:
@@ -58,6 +70,7 @@ def run(chain: str, rows: list[int], seeds: int, only: list[str] | None, path: P
                       + " ".join(a if " " not in a else repr(a) for a in sys.argv[1:]), "rows": []}
     manifest = load_manifest(chain)
     windows = [heldout(manifest, s, batches=2, seq_len=128) for s in range(seeds)]
+    val_tokens = sum(int(b[:, 1:].numel()) for b in validation_batches(manifest))
     out = res["rows"]
     for tname, arch in {**TARGETS[chain], **EXTRA[chain]}.items():
         if only and tname not in only:
@@ -73,7 +86,7 @@ def run(chain: str, rows: list[int], seeds: int, only: list[str] | None, path: P
         base = {"target": tname, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big}
         service = score(plan.target, li.state(calib["alphas"]), windows)
         one = score(plan.target, li.state(single), windows)
-        out.append(base | {"rows_per_corpus": "service", "tokens": 1024, "single": single, "alpha": alpha,
+        out.append(base | {"rows_per_corpus": "service", "tokens": val_tokens, "single": single, "alpha": alpha,
                            "alphas": calib["alphas"], "default": service, "best_single": one,
                            "seconds": round(time.perf_counter() - t0, 1)})
         print(f"{tname:24s} service   default {service['mean']:.3f}  single({single:.0f}) {one['mean']:.3f}  "
