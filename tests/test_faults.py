@@ -56,7 +56,7 @@ from cbd.errors import IntegrityError, StorageFullError
 from worker import queue
 
 DB = 6
-KILLS = int(os.environ.get("CBD_FAULT_KILLS", "3"))  # jobs killed once each, then one killed on every try
+KILLS = int(os.environ.get("CBD_FAULT_KILLS", "2"))  # jobs killed once each, then one killed on every try
 BRIDGE_KILLS = int(os.environ.get("CBD_FAULT_KILLS", "2"))  # the same for bridge jobs (each costs ~30 s)
 RESTARTS = int(os.environ.get("CBD_FAULT_RESTARTS", "1"))  # Redis restarts per signal
 # CBD_ABANDON_AFTER_S of the workers: a killed worker's job is re-queued 20-40 s after its last
