@@ -22,6 +22,7 @@ scored on the held-out work of every domain (2 x 4 x 256 tokens per domain; mean
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import sys
 import time
@@ -115,30 +116,34 @@ def main() -> None:
                                 heldout_batches=2 * len(ctx.corpora))
         seconds[name] = round(time.perf_counter() - t0, 1)
     # the other inits of the same run (chain, target, tokens, seed), as the file holds them now: another
-    # process may have written its inits meanwhile
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    # (a file from before the schedule was an option holds issue 14's: lr 1e-3, 10 warm-up steps)
-    if any(saved.get(k) != getattr(args, k) for k in ("chain", "target", "tokens", "seed")) \
-            or (saved.get("lr", 1e-3), saved.get("warmup", 10)) != (args.lr, args.warmup):
-        saved = {}
-    for r in saved.get("rows", []):
-        if r["init"] not in curves:
-            curves[r["init"]], seconds[r["init"]] = saved["curves"][r["init"]], r["seconds"]
-    command = "OMP_NUM_THREADS=1 python bench/recovery.py " + " ".join(
-        a if a.startswith("-") or " " not in a else repr(a) for a in sys.argv[1:])
-    rand, rows = curves.get("random"), []
-    for name, curve in curves.items():
-        rows.append({"init": name, "step0": round(curve[0][1], 4), "final": round(curve[-1][1], 4),
-                     "tokens": curve[-1][0], "seconds": seconds[name],
-                     "random_tokens_to_reach_its_step0": tokens_to_reach(rand, curve[0][1]) if rand else None})
-        print(f"{name:36s} step 0 {curve[0][1]:.3f}  after {curve[-1][0]:,} tokens {curve[-1][1]:.3f}", flush=True)
-    out = {"commands": sorted(set(saved.get("commands", [])) | {command}), "chain": args.chain,
-           "target": args.target, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,
-           "alpha": alpha, "alphas": calib.get("alphas"), "seed": args.seed, "tokens": args.tokens,
-           "lr": args.lr, "warmup": args.warmup,
-           "windows": "2 x 4 x 256 per domain (held-out), mean over domains", "rows": rows, "curves": curves,
-           **({"note": saved["note"]} if "note" in saved else {})}
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    # process may have written its inits meanwhile; read, merged and written under an exclusive lock on
+    # the file, so two processes finishing together cannot each write back what it read without the other's
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        saved = json.loads(text) if (text := path.read_text()).strip() else {}
+        # (a file from before the schedule was an option holds issue 14's: lr 1e-3, 10 warm-up steps)
+        if any(saved.get(k) != getattr(args, k) for k in ("chain", "target", "tokens", "seed")) \
+                or (saved.get("lr", 1e-3), saved.get("warmup", 10)) != (args.lr, args.warmup):
+            saved = {}
+        for r in saved.get("rows", []):
+            if r["init"] not in curves:
+                curves[r["init"]], seconds[r["init"]] = saved["curves"][r["init"]], r["seconds"]
+        command = "OMP_NUM_THREADS=1 python bench/recovery.py " + " ".join(
+            a if a.startswith("-") or " " not in a else repr(a) for a in sys.argv[1:])
+        rand, rows = curves.get("random"), []
+        for name, curve in curves.items():
+            rows.append({"init": name, "step0": round(curve[0][1], 4), "final": round(curve[-1][1], 4),
+                         "tokens": curve[-1][0], "seconds": seconds[name],
+                         "random_tokens_to_reach_its_step0": tokens_to_reach(rand, curve[0][1]) if rand else None})
+            print(f"{name:36s} step 0 {curve[0][1]:.3f}  after {curve[-1][0]:,} tokens {curve[-1][1]:.3f}", flush=True)
+        out = {"commands": sorted(set(saved.get("commands", [])) | {command}), "chain": args.chain,
+               "target": args.target, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,
+               "alpha": alpha, "alphas": calib.get("alphas"), "seed": args.seed, "tokens": args.tokens,
+               "lr": args.lr, "warmup": args.warmup,
+               "windows": "2 x 4 x 256 per domain (held-out), mean over domains", "rows": rows, "curves": curves,
+               **({"note": saved["note"]} if "note" in saved else {})}
+        path.write_text(json.dumps(out, indent=1) + "\n")
     plot(out, DATA.parent / f"recovery-{tag}.png")
 
 
