@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -46,6 +47,9 @@ CARD = "---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# tiny\n"
 
 def _sentences(rng: random.Random, n: int) -> str:
     return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + " ." for _ in range(n))
+
+
+SHARED_ASSETS = os.environ.get("CBD_ASSETS")  # before ``own`` points it at a private folder
 
 
 @pytest.fixture(scope="module")
@@ -405,6 +409,12 @@ def test_real_teacher_as_a_path_builds_the_packaged_tiny_chain_bit_for_bit(tmp_p
     from cbd.tensors.reader import LazyReader
     from cbd.train.loop import _Run
 
+    # the shared asset cache (the converted teacher, the tokenized corpora), not ``own``'s private one,
+    # which this module's earlier tests leave set: there both builds converted and tokenized it all again
+    if SHARED_ASSETS is None:
+        monkeypatch.delenv("CBD_ASSETS", raising=False)
+    else:
+        monkeypatch.setenv("CBD_ASSETS", SHARED_ASSETS)
     # the held-out readings (the source's, and a1's before and after its steps: half of each build)
     # read the weights and change none of them; they are not what this test compares
     monkeypatch.setattr(ChainData, "evaluate_heldout", lambda self, model: (float("nan"), {}))
