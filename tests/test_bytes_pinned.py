@@ -15,8 +15,10 @@ pruned: on this random chain that refit no longer beats plain Trans on the valid
 the refit's own tensors; and again when the per-block alpha search began moving each group 0.125
 either side of the grid's best instead of to 0, 0.5 or 1, pinned on an AVX2 machine, where the
 search scores in float32; and again when the prune of a residual width began rotating the channels it
-may drop onto their principal directions first, ``"carry": "pca"``). That rotation comes from an eigendecomposition whose last bits differ between
-CPUs' LAPACK kernels (AVX2 against AVX-512: a sha256 pinned on one failed CI on the other), so
+may drop onto their principal directions first, ``"carry": "pca"``). That rotation comes from an eigendecomposition and matrix
+products whose last bits differ between CPUs' kernels (AVX2 against AVX-512: a sha256 pinned on one
+failed CI on the other; this machine's AVX2 and baseline kernels moved each tensor by at most 3e-8
+of its norm), so
 ``repaired`` is pinned like the refit's tensors below, by three numbers per tensor to 1e-4 of its
 norm, and bit for bit only between processes on one machine. The first cases ask for
 ``"carry": "none"`` (the prune by importance they pinned) and ``"blend": "plain"``, the blend they pinned; ``faded`` pins the fading blend at one alpha. A
