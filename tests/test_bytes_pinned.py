@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from cbd.core.artifacts import artifact_dir
 from cbd.core.plan import make_plan
@@ -95,8 +96,6 @@ def run_case(body: dict, manifest, chains: Path, artifacts: Path) -> Path:
 
 def digests(chains: Path, artifacts: Path) -> dict:
     """Every case's sha256, and the ``repaired`` request's sha256 and fingerprints."""
-    from safetensors.torch import load_file
-
     from cbd.core.manifest import load_manifest
 
     m = load_manifest("test", chains)
@@ -112,8 +111,6 @@ def test_tensors_are_the_pinned_ones(random_chain, cbd_home, tmp_path, name):
 
 
 def test_the_default_requests_tensors_are_the_pinned_ones(random_chain, cbd_home, tmp_path):
-    from safetensors.torch import load_file
-
     path = run_case(REPAIRED, random_chain, cbd_home / "chains", tmp_path)
     assert_fingerprints(fingerprints(load_file(str(path))), REPAIRED_FINGERPRINT)
 

@@ -1,7 +1,7 @@
 """The same checkpoint loads in transformers 5.x and 4.57 with equal logits.
 
 transformers 4.57 and what it needs (its own huggingface_hub 0.x, tokenizers, numpy) are installed
-once into ``$CBD_HOME/transformers-4.57`` (outside git; pip only needs PyPI) and run by this
+once into ``$CBD_HOME/transformers-<VERSION>`` (outside git; pip only needs PyPI) and run by this
 environment's Python with that folder first on ``sys.path``: the same torch, without installing it
 a second time (a full second virtual environment cost the suite ~50 s). The checkpoint, made by
 this environment's transformers 5, is loaded there by a plain script and its logits are compared

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from cbd.chain.build import build_chain
 from cbd.cli.main import app as cli
 from cbd.core.ladder import resolve_anchors, shape_for
 from cbd.core.manifest import chain_dir, load_manifest
+from cbd.core.paths import assets_dir
 from cbd.core.plan import make_plan, target_spec
 from cbd.core.recipe import Recipe, load_recipe
 from cbd.core.request import InitRequest
@@ -49,7 +49,7 @@ def _sentences(rng: random.Random, n: int) -> str:
     return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + " ." for _ in range(n))
 
 
-SHARED_ASSETS = os.environ.get("CBD_ASSETS")  # before ``own`` points it at a private folder
+SHARED_ASSETS = assets_dir()  # resolved before ``own`` points CBD_ASSETS at a private folder
 
 
 @pytest.fixture(scope="module")
@@ -411,10 +411,7 @@ def test_real_teacher_as_a_path_builds_the_packaged_tiny_chain_bit_for_bit(tmp_p
 
     # the shared asset cache (the converted teacher, the tokenized corpora), not ``own``'s private one,
     # which this module's earlier tests leave set: there both builds converted and tokenized it all again
-    if SHARED_ASSETS is None:
-        monkeypatch.delenv("CBD_ASSETS", raising=False)
-    else:
-        monkeypatch.setenv("CBD_ASSETS", SHARED_ASSETS)
+    monkeypatch.setenv("CBD_ASSETS", str(SHARED_ASSETS))
     # the held-out readings (the source's, and a1's before and after its steps: half of each build)
     # read the weights and change none of them; they are not what this test compares
     monkeypatch.setattr(ChainData, "evaluate_heldout", lambda self, model: (float("nan"), {}))
