@@ -31,7 +31,7 @@ from cbd.inits.calibration import (
 from cbd.inits.run import linit_for
 from cbd.run import run_plan
 from cbd.shape.linit import alpha_group
-from cbd.train.models import random_state, state_loss
+from cbd.train.models import eval_loss, mean_nll, random_state, state_loss
 
 ARCH = dict(num_hidden_layers=3, hidden_size=80, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72)
 
@@ -160,10 +160,40 @@ def test_blend_losses_are_those_of_linit_states(random_chain, cbd_home):
         assert blend.loss(a) == pytest.approx(state_loss(plan.target, li.state(a), batches), abs=1e-6), a
     passes = blend.passes
     assert blend.loss(0.3) == blend.loss(0.3) and blend.passes == passes
-    # the repair's own measurement of a repaired term is the loss of that term alone
+    # the repair's own measurement of a repaired term is the loss of that term alone, per batch
     assert done and measured
-    for a, loss in measured.items():
-        assert loss == pytest.approx(state_loss(plan.target, li.state(a), batches), abs=1e-6)
+    for a, sums in measured.items():
+        assert len(sums) == len(batches)
+        assert mean_nll(sums) == pytest.approx(state_loss(plan.target, li.state(a), batches), abs=1e-6)
+
+
+def test_a_part_of_the_batch_already_measured_is_not_run_again(random_chain, cbd_home):
+    """The per-block search's check scores the start and the result on half of the validation batch:
+    where a full float32 pass at that alpha (or the repair's check of a term) has run, its per-batch
+    sums give the half's loss with no pass, and that loss is ``eval_loss`` of the half, bit for bit."""
+    from cbd.inits.calibration import Blend, repair_terms
+
+    plan = make_plan(InitRequest(chain="test", architecture=ARCH), random_chain)
+    li = linit_for(plan, random_chain, cbd_home / "chains")
+    measured = {}
+    repair_terms(li, {"small": plan.small, "big": plan.big}, random_chain, cbd_home / "chains", measured)
+    batches = validation_batches(random_chain, cbd_home / "chains")
+    batches = batches if len(batches) >= 2 else list(torch.cat(batches).split(1))
+    blend = Blend(li, batches)
+    blend.remember(measured)
+    half = batches[1::2]
+    for a in (0.3, {"outer": 0.3, "L0": 1.0, "L1": 0.0, "L2": 0.5}):
+        whole = blend.loss(a)
+        passes = blend.passes
+        got = blend.loss_on(a, half)
+        assert blend.passes == passes  # read off the full pass
+        blend.set(a)
+        assert got == eval_loss(blend.model, half, chunked=True)
+        assert whole == eval_loss(blend.model, batches, chunked=True)
+    for a in measured:  # the repaired terms: measured by the repair, never by the blend
+        assert blend.loss_on(a, half) == pytest.approx(state_loss(plan.target, li.state(a), half), abs=1e-6)
+    assert blend.passes == passes
+    assert blend.loss_on(0.6, half) > 0 and blend.passes == passes + 1  # new: one pass, over the half only
 
 
 def test_anchor_outputs_are_cached_beside_the_chain_and_give_the_same_repair(random_chain, cbd_home):
@@ -277,6 +307,7 @@ def test_the_half_block_search_is_kept_only_where_the_other_half_agrees(random_c
     assert loss < base and state_loss(plan.target, li.state(got), batches) == pytest.approx(loss, abs=1e-5)
     for a in (0.5, got, 1.0, got):  # the view set the shared model: the blend's own losses still hold
         blend.cache.clear()
+        blend.sums.clear()
         assert blend.loss(a) == pytest.approx(state_loss(plan.target, li.state(a), batches), abs=1e-5)
     assert passes <= 1 + 3 * (1 + 3) + 1 + 2  # the start, values x groups, float32 on all, the check
     # the random chain's blocks win on every text tried (random tokens, the anchors' greedy text), so

@@ -28,10 +28,12 @@ from cbd.shape.linit import Alpha, Anchor, LInit, alpha_grid, alpha_group
 from cbd.tensors.reader import LazyReader
 from cbd.tensors.writer import write_safetensors
 from cbd.train.models import (
+    batch_sums,
     bf16_autocast,
     build_model,
     eval_loss,
     forward_nll,
+    mean_nll,
 )
 
 log = logging.getLogger("cbd.inits")
@@ -288,16 +290,17 @@ def anchor_ridge(manifest: ChainManifest, name: str, chains_root: Path | None = 
 
 
 def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifest, chains_root: Path | None = None,
-                 losses: dict[float, float] | None = None) -> dict:
+                 losses: dict[float, list[tuple[float, int]]] | None = None) -> dict:
     """Refit, for each anchor term of ``li`` (``names``: "small"/"big" -> anchor name), the readers of
     the units its map prunes, in situ (``cbd.repair.refit.insitu_refits``: on the inputs they get
     inside that anchor's Trans onto the target, toward the anchor's own outputs, over the chain's
     calibration batch; no teacher, no gradients), into ``li.replaced``; a refit that does not lower
     the term's loss on the chain's validation batch is dropped (the ridge is chosen there too:
     ``cbd.repair.refit.INSITU_RIDGE``). Returns what was done, for the recipe and the card; into
-    ``losses`` (alpha -> validation loss) it puts each term's loss as repaired (alpha 1: the small
-    term alone, 0: the big), measured on the validation batch while choosing the ridge, so
-    :class:`Blend` need not measure them again."""
+    ``losses`` (alpha -> per-batch sums over the validation batch, :func:`cbd.train.models.batch_sums`)
+    it puts each term's loss as repaired (alpha 1: the small term alone, 0: the big), measured on
+    the validation batch while choosing the ridge, so :class:`Blend` need not measure them again,
+    on the whole batch or part of it."""
     from cbd.repair.refit import INSITU_RIDGE, insitu_refits
 
     tokens, check, done = None, None, {}
@@ -308,18 +311,20 @@ def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifes
             tokens, check = calibration_tokens(manifest, chains_root), validation_batches(manifest, chains_root)
         state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
         ridge = anchor_ridge(manifest, names[term], chains_root) if names.get(term) else None
+        sums: list[tuple[float, int]] = []
         per_layer, report = insitu_refits(anchor.spec, state, li.target, maps, list(tokens.split(4)), check=check,
                                           ridge=INSITU_RIDGE if ridge is None else ridge,
                                           width_expand=li.width_expand(term), depth_expand=li.opts.depth_expand,
                                           outputs=anchor_cache(manifest, names[term], tokens, chains_root,
-                                                               tag=anchor.tag) if names.get(term) else None)
+                                                               tag=anchor.tag) if names.get(term) else None,
+                                          check_sums=sums)
         report["ridge_from"] = "tried" if ridge is None else "anchor"
-        check_loss = report.pop("check_loss", None)
+        report.pop("check_loss", None)
         if report["refit"]:
             li.replaced[term] = per_layer
             done[term] = {"anchor": names[term], **report}
-            if losses is not None and check_loss is not None:
-                losses[1.0 if term == "small" else 0.0] = check_loss
+            if losses is not None and sums:
+                losses[1.0 if term == "small" else 0.0] = sums
     return {"repair": {"method": "ridge, in situ", "terms": done}} if done else {}
 
 
@@ -372,6 +377,7 @@ class Blend:
         self.layers = self.model.get_submodule(arch.layer_prefix(li.target).split(".{i}")[0])
         self.was: dict[str, float] = {}  # group -> the alpha its parameters hold now
         self.cache: dict = {}  # (bf16, alpha key) -> loss
+        self.sums: dict = {}  # (alpha key, batch digest) -> float32 (summed NLL, tokens): shared with views
         self.search_batches = self._search_batches(batches)
         self.traces: OrderedDict = OrderedDict()  # per-layer alphas -> per batch, the hidden states entering each layer
         self.layers_run = 0  # decoder layers run by search passes, over all batches (a pass runs n per batch)
@@ -402,9 +408,15 @@ class Blend:
             return float(values.pop()) if len(values) == 1 else tuple(sorted(alpha.items()))
         return float(alpha)
 
-    def remember(self, losses: Mapping[float, float]) -> None:
-        """float32 losses measured elsewhere on the same batch and weights (the repair's checks)."""
-        self.cache |= {(False, self.key(a)): v for a, v in losses.items()}
+    def remember(self, losses: Mapping[float, float | list[tuple[float, int]]]) -> None:
+        """float32 losses measured elsewhere on the blend's batches and the same weights (the
+        repair's checks): per alpha, the loss over all of them, or better their per-batch sums in
+        order (:func:`cbd.train.models.batch_sums`), which also score any part of the batches."""
+        for a, got in losses.items():
+            if isinstance(got, (int, float)):
+                self.cache[(False, self.key(a))] = float(got)
+            elif len(got) == len(self.batches):
+                self.sums |= {(self.key(a), tokens_digest(b)): v for b, v in zip(self.batches, got, strict=True)}
 
     @staticmethod
     def _value(alpha: Alpha, group: str) -> float:
@@ -427,24 +439,33 @@ class Blend:
 
     def loss_on(self, alpha: Alpha, batches: list[torch.Tensor]) -> float:
         """The float32 loss at ``alpha`` on other ``batches`` than the blend's (the per-block
-        search's check): a full pass, cached by alpha and the batches' tokens."""
-        key = ("on", tokens_digest(*batches), self.key(alpha))
-        if key not in self.cache:
+        search's check: part of the validation batch), from per-batch sums: a batch that a full
+        pass at ``alpha`` (or the repair's check) already ran is not run again."""
+        return self._float32(alpha, batches)
+
+    def _float32(self, alpha: Alpha, batches: list[torch.Tensor]) -> float:
+        """The float32 loss at ``alpha`` over ``batches``: :func:`eval_loss`'s, bit for bit (the
+        per-batch sums added in order), running only the batches not yet measured at ``alpha``."""
+        key = self.key(alpha)
+        keys = [(key, tokens_digest(b)) for b in batches]
+        todo = [(k, b) for k, b in zip(keys, batches, strict=True) if k not in self.sums]
+        if todo:
             self.set(alpha)
-            self.cache[key] = eval_loss(self.model, batches, chunked=True)
+            self.sums |= dict(zip((k for k, _ in todo), batch_sums(self.model, [b for _, b in todo], chunked=True),
+                                  strict=True))
             self.passes += 1
-        return self.cache[key]
+        return mean_nll(self.sums[k] for k in keys)
 
     def loss(self, alpha: Alpha, *, search: bool = False) -> float:
         half = self.bf16 and search
         key = (half, self.key(alpha))
-        if key not in self.cache:
-            self.set(alpha)
-            if search:
-                self.cache[key] = self._search_pass(alpha, half)
-            else:
-                self.cache[key] = eval_loss(self.model, self.batches, chunked=True)
-            self.passes += 1
+        if key in self.cache:
+            return self.cache[key]
+        if not half and (not search or all((key[1], tokens_digest(b)) in self.sums for b in self.batches)):
+            return self._float32(alpha, self.batches)  # a float32 search point already measured in full
+        self.set(alpha)
+        self.cache[key] = self._search_pass(alpha, half)
+        self.passes += 1
         return self.cache[key]
 
     @torch.no_grad()
@@ -636,8 +657,10 @@ def calibrate_blocks(li: LInit, batches: list[torch.Tensor], alpha: float, base_
     ``notes`` (a dict) receives the checks' losses and the search's layer passes. Costs at most
     ``sweeps * (blocks + 1) * len(values) + 1`` passes over the text searched (a half, twice
     for ``"twofold"``; fewer where ``blend`` has measured a point already, and a block's candidates
-    run the layers from that block on), two float32 passes over a half per result checked, one over
-    ``batches`` per result, and two target-sized states in memory (each anchor's Trans, :class:`Blend`).
+    run the layers from that block on), one float32 pass over ``batches`` per result (whose
+    per-batch sums also give the check its half; the start's come from the grid's or the repair's
+    float32 pass where one measured it, else one more pass over the half), and two target-sized
+    states in memory (each anchor's Trans, :class:`Blend`).
     Returns (group -> alpha, its float32 loss on ``batches``, passes made)."""
     blend = blend or Blend(li, batches)
     check = check if len(batches) >= 2 else "none"

@@ -48,7 +48,7 @@ from cbd.shape import arch
 from cbd.shape.linit import prune_maps
 from cbd.shape.maps import Alignment, Maps
 from cbd.shape.trans import trans_tensor
-from cbd.train.models import build_model, eval_loss
+from cbd.train.models import batch_sums, build_model, mean_nll
 
 READERS = ("ffn", "q")  # axes whose dropped units are repaired through the tensor that reads them
 # The ridge of a reader that also carries a dropped span of layers: a span's contribution is a
@@ -395,6 +395,7 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
                   stream_ridge: float | None = None,
                   width_expand: str = "clone", depth_expand: str = "identity", guard: bool = True,
                   outputs: Callable[..., list[dict]] | None = None,
+                  check_sums: list[tuple[float, int]] | None = None,
                   ) -> tuple[dict[tuple[int | None, str], Tensor], dict]:
     """The readers of an anchor's pruned units refit *in situ*: on the inputs they get inside the
     pruned target (plain Trans of the anchor), toward the outputs the anchor's own readers give on
@@ -421,6 +422,9 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
 
     ``outputs``: where the anchor's outputs come from (default :func:`anchor_outputs`, computed
     here; a caller may give a cached copy with the same signature and at least those entries).
+    ``check_sums``: a list that receives the kept weights' per-batch sums over ``check`` (plain Trans's
+    where no refit is kept)
+    (:func:`cbd.train.models.batch_sums`), so a caller can score part of ``check`` without a pass.
 
     Returns (``(target layer, layer key) -> tensor`` in the anchor's coordinates for Trans to read,
     as :func:`refits` does; the report: losses before and after, what was refit, whether kept)."""
@@ -454,20 +458,24 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
     check = list(check) if check is not None else batches
     ridges = [ridge] if isinstance(ridge, (int, float)) else list(ridge)
     model = build_model(tgt, plain)  # one model: each ridge's pass resets what it refits
-    loss_plain = eval_loss(model, check, chunked=True)
+    plain_sums = batch_sums(model, check, chunked=True)
+    loss_plain = mean_nll(plain_sums)
     starts = [_layer_calls(model, tgt, b[:, :-1]) for b in batches]  # the same for every ridge
-    tried, best = {}, (loss_plain, None, {})
+    tried, best, best_sums = {}, (loss_plain, None, {}), plain_sums
     stream_of = {lam: lam * STREAM_RIDGE_RATIO if stream_ridge is None else stream_ridge for lam in ridges}
     for lam in ridges:
         per_layer = _sequential(state, spec, tgt, maps, model, plain, starts, todo, spans, ys, readers, lam,
                                 width_expand, depth_expand, final, stream_of[lam])
-        loss = eval_loss(model, check, chunked=True)
+        sums = batch_sums(model, check, chunked=True)
+        loss = mean_nll(sums)
         tried[str(lam)] = round(loss, 5)
         if loss < best[0] or (not guard and best[1] is None):
-            best = (loss, lam, per_layer)
+            best, best_sums = (loss, lam, per_layer), sums
     report = {"refit": sorted({axis.split(".")[0] for _, axis in todo} | ({"depth"} if spans else set())),
               "check_loss_plain": round(loss_plain, 5), "check_loss_by_ridge": tried, "ridge": best[1],
               "kept": best[1] is not None, "check_loss": best[0]}
+    if check_sums is not None:
+        check_sums[:] = best_sums
     if final and best[1] is not None:  # the residual stream's readers and the final norm were refit at
         report["stream_ridge"] = stream_of[best[1]]
     return best[2], report

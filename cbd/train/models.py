@@ -147,6 +147,26 @@ def evaluate(model: nn.Module, batches: Sequence[Tensor], *, chunked: bool = Fal
     return total / count
 
 
+def batch_sums(model: nn.Module, batches: Sequence[Tensor], *, chunked: bool = False) -> list[tuple[float, int]]:
+    """Each batch's (summed next-token NLL, target tokens), float32, eval mode: what :func:`nll_sum`
+    adds up, kept per batch so a caller can score any subset of the batches without another pass
+    (:func:`mean_nll` of a subset is :func:`eval_loss` of that subset, bit for bit)."""
+    device = next(model.parameters()).device
+    return [nll_sum(model, [b], device, chunked=chunked) for b in batches]
+
+
+def mean_nll(sums: Iterable[tuple[float, int]]) -> float:
+    """Mean NLL per token from per-batch sums, added in order from 0.0 as :func:`nll_sum` adds them
+    (so the same float :func:`evaluate` returns for those batches)."""
+    total, count = 0.0, 0
+    for nll, n in sums:
+        total += nll
+        count += n
+    if count == 0:
+        raise ValueError("mean_nll() got no tokens")
+    return total / count
+
+
 def eval_loss(model: PreTrainedModel, batches: Iterable[torch.Tensor], *, chunked: bool = False) -> float:
     """Mean next-token cross-entropy in nats/token over (B, T+1) token batches."""
     return evaluate(model, list(batches), chunked=chunked)
