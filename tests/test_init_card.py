@@ -30,6 +30,7 @@ from cbd.inits.calibration import (
 )
 from cbd.inits.run import linit_for
 from cbd.run import run_plan
+from cbd.shape import arch
 from cbd.shape.linit import alpha_group
 from cbd.train.models import eval_loss, mean_nll, random_state, state_loss
 
@@ -229,6 +230,16 @@ def test_anchor_outputs_are_cached_beside_the_chain_and_give_the_same_repair(ran
                                                                                 for k in a[t]) for t in a)
 
     assert same(repaired(), first) and files[0].stat().st_mtime_ns == stamp  # read, not rewritten
+    # with the outputs cached, the repair reads (and, the anchor being rotated, rotates) only the
+    # tensors of the layers the target keeps and the global ones, never a dropped layer's
+    li = linit_for(plan, random_chain, cbd_home / "chains")
+    kept, read, was = set(li.maps_big.layers.idx), [], li.big.read
+    assert len(kept) < li.big.spec.num_hidden_layers  # this target drops layers of a0
+    li.big.read = lambda n: read.append(n) or was(n)
+    repair_terms(li, names, random_chain, cbd_home / "chains")
+    assert same(li.replaced, first)
+    layers = {arch.split_name(n)[0] for n in read}
+    assert read and layers - {None} <= kept, sorted(layers - {None} - kept)
     # a refit global tensor (the final norm, where the residual width is pruned) is read through Trans
     # like a layer's: the target's norm is the refit weight gathered by the residual map
     li = linit_for(plan, random_chain, cbd_home / "chains")

@@ -309,7 +309,7 @@ def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifes
             continue
         if tokens is None:
             tokens, check = calibration_tokens(manifest, chains_root), validation_batches(manifest, chains_root)
-        state = {n: anchor.read(n) for n in arch.param_names(anchor.spec)}
+        state = _Lazy(anchor.read, arch.param_names(anchor.spec))
         ridge = anchor_ridge(manifest, names[term], chains_root) if names.get(term) else None
         sums: list[tuple[float, int]] = []
         per_layer, report = insitu_refits(anchor.spec, state, li.target, maps, list(tokens.split(4)), check=check,
@@ -326,6 +326,32 @@ def repair_terms(li: LInit, names: dict[str, str | None], manifest: ChainManifes
             if losses is not None and sums:
                 losses[1.0 if term == "small" else 0.0] = sums
     return {"repair": {"method": "ridge, in situ", "terms": done}} if done else {}
+
+
+class _Lazy(Mapping):
+    """An anchor's state dict whose tensors are read on first use and kept: the repair reads only
+    the layers the target keeps (and the readers around a dropped span) when the anchor's outputs
+    are cached, so a re-parametrised anchor (:mod:`cbd.repair.carry`, each read a rotation of the
+    whole tensor) is not rotated where nothing reads it."""
+
+    def __init__(self, read, names: list[str]):
+        self._read, self._names, self._got = read, dict.fromkeys(names), {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._got:
+            if name not in self._names:
+                raise KeyError(name)
+            self._got[name] = self._read(name)
+        return self._got[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class _Known(torch.nn.Module):
