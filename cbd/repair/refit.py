@@ -422,9 +422,9 @@ def insitu_refits(spec: ModelSpec, state: Mapping[str, Tensor], tgt: ModelSpec, 
 
     ``outputs``: where the anchor's outputs come from (default :func:`anchor_outputs`, computed
     here; a caller may give a cached copy with the same signature and at least those entries).
-    ``check_sums``: a list that receives the kept weights' per-batch sums over ``check`` (plain Trans's
-    where no refit is kept)
-    (:func:`cbd.train.models.batch_sums`), so a caller can score part of ``check`` without a pass.
+    ``check_sums``: a list that receives the per-batch sums over ``check`` of what is returned (the
+    kept refit, or plain Trans where none is kept; :func:`cbd.train.models.batch_sums`), so a caller
+    can score part of ``check`` without another pass.
 
     Returns (``(target layer, layer key) -> tensor`` in the anchor's coordinates for Trans to read,
     as :func:`refits` does; the report: losses before and after, what was refit, whether kept)."""
