@@ -16,7 +16,10 @@ so peak RSS is that configuration's own and no anchor statistics are warm:
   a first run of it filled (``cbd.inits.calibration.anchor_cache``; the rows above run with it off);
 - ``default, warm worker``: the same request a second time in one process, the second timed: what
   a worker that has served the chain before spends (anchors loaded and verified, batches read,
-  the shape's random-init loss known).
+  the shape's random-init loss known);
+- ``default, unseen shape, warm process``: three requests in one process, each with the FFN 64 wider
+  than the one before (as ``bench/miss_path.py``'s rounds), the third timed: a warm worker asked for
+  a shape it has not seen (the card measures a new random init).
 
 With ``--baseline DIR`` (a checkout of an earlier commit: ``git worktree add --detach DIR REV``)
 each configuration also runs on that code just before ours, on the same chain: ``x_baseline`` is
@@ -58,6 +61,7 @@ CONFIGS = {
 }
 WARM = "default, anchor outputs cached"  # the same request again, the repair's anchor pass read from its cache
 WORKER = "default, warm worker"  # the same request a second time in one process: anchors loaded, batches and card known
+NEW_SHAPE = "default, unseen shape, warm process"  # a third request in one process, each with the FFN 64 wider (as miss_path)
 
 CHILD = r"""
 import json, resource, sys, time
@@ -68,9 +72,11 @@ from cbd.core.request import InitRequest
 from cbd.run import run_plan
 chain, body, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
 repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+widen = int(sys.argv[5]) if len(sys.argv) > 5 else 0  # each repeat's FFN this much wider: a shape the process has not seen
 m = load_manifest(chain)
-plan = make_plan(InitRequest(chain=chain, **body), m)
 for k in range(repeats):  # the last run is measured (the others warm the process, as a worker's earlier jobs)
+    arch = dict(body["architecture"], intermediate_size=body["architecture"]["intermediate_size"] + k * widen)
+    plan = make_plan(InitRequest(chain=chain, **(body | {"architecture": arch})), m)
     stages, t0 = [], time.perf_counter()
     run_plan(plan, artifacts_root=out / str(k),
              progress=lambda p: stages.append((round(time.perf_counter() - t0, 3), p.get("stage"))))
@@ -98,15 +104,18 @@ def main() -> None:
         if args.only and args.only not in tname:
             continue
         base = None
-        for cname, extra in [*CONFIGS.items(), (WARM, {}), (WORKER, {})]:
+        for cname, extra in [*CONFIGS.items(), (WARM, {}), (WORKER, {}), (NEW_SHAPE, {})]:
             if args.configs and not any(c in cname for c in args.configs.split(",")):
                 continue
             body = {"architecture": arch, **extra}
-            before = _child(args.chain, body, args.baseline, repeats=2 if cname == WORKER else 1) \
+            runs = {"repeats": 2 if cname == WORKER else 3 if cname == NEW_SHAPE else 1,
+                    "widen": 64 if cname == NEW_SHAPE else 0}
+            cache = cname in (WARM, WORKER, NEW_SHAPE)  # the baseline's the same (it ran with the cache off before)
+            before = _child(args.chain, body, args.baseline, cache=cache, **runs) \
                 if args.baseline and cname != WARM else None
             if cname == WARM:  # fill the cache (not timed), then the measured run reads it
                 _child(args.chain, body, None, cache=True)
-            got = _child(args.chain, body, None, cache=cname in (WARM, WORKER), repeats=2 if cname == WORKER else 1)
+            got = _child(args.chain, body, None, cache=cache, **runs)
             base = got if cname == "linit+write" else base
             row = {"target": tname, "config": cname, **got,
                    "x_linit_write": round(got["wall_s"] / base["wall_s"], 2) if base is not None else None}
@@ -124,13 +133,13 @@ def main() -> None:
     (args.json or DATA / f"request-cost-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
-def _child(chain: str, body: dict, code: Path | None, *, cache: bool = False, repeats: int = 1) -> dict:
+def _child(chain: str, body: dict, code: Path | None, *, cache: bool = False, repeats: int = 1, widen: int = 0) -> dict:
     """One configuration in a fresh process (``code``: the checkout whose cbd it imports; ``cache``:
     the anchor output cache of ``cbd.inits.calibration.anchor_cache`` on, else off: a cold miss)."""
     env = os.environ | ({"PYTHONPATH": str(code.resolve())} if code else {})
     env |= {} if cache else {"CBD_ANCHOR_CACHE_MAX_BYTES": "0"}
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, "-c", CHILD, chain, json.dumps(body), tmp, str(repeats)], capture_output=True,
+        r = subprocess.run([sys.executable, "-c", CHILD, chain, json.dumps(body), tmp, str(repeats), str(widen)], capture_output=True,
                            text=True, check=True, env=env, cwd=code or Path(__file__).resolve().parent.parent)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
