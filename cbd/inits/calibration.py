@@ -442,7 +442,7 @@ class Blend:
             if isinstance(got, (int, float)):
                 self.cache[(False, self.key(a))] = float(got)
             elif len(got) == len(self.batches):
-                self.sums |= {(self.key(a), tokens_digest(b)): v for b, v in zip(self.batches, got, strict=True)}
+                self.sums |= dict(zip(self._sum_keys(a, self.batches), got, strict=True))
 
     @staticmethod
     def _value(alpha: Alpha, group: str) -> float:
@@ -472,8 +472,7 @@ class Blend:
     def _float32(self, alpha: Alpha, batches: list[torch.Tensor]) -> float:
         """The float32 loss at ``alpha`` over ``batches``: :func:`eval_loss`'s, bit for bit (the
         per-batch sums added in order), running only the batches not yet measured at ``alpha``."""
-        key = self.key(alpha)
-        keys = [(key, tokens_digest(b)) for b in batches]
+        keys = self._sum_keys(alpha, batches)
         todo = [(k, b) for k, b in zip(keys, batches, strict=True) if k not in self.sums]
         if todo:
             self.set(alpha)
@@ -482,12 +481,17 @@ class Blend:
             self.passes += 1
         return mean_nll(self.sums[k] for k in keys)
 
+    def _sum_keys(self, alpha: Alpha, batches: list[torch.Tensor]) -> list[tuple]:
+        """Where each batch's float32 sums at ``alpha`` are kept in :attr:`sums`."""
+        key = self.key(alpha)
+        return [(key, tokens_digest(b)) for b in batches]
+
     def loss(self, alpha: Alpha, *, search: bool = False) -> float:
         half = self.bf16 and search
         key = (half, self.key(alpha))
         if key in self.cache:
             return self.cache[key]
-        if not half and (not search or all((key[1], tokens_digest(b)) in self.sums for b in self.batches)):
+        if not half and (not search or all(k in self.sums for k in self._sum_keys(alpha, self.batches))):
             return self._float32(alpha, self.batches)  # a float32 search point already measured in full
         self.set(alpha)
         self.cache[key] = self._search_pass(alpha, half)
