@@ -64,6 +64,7 @@ EXTRA = {  # between the first anchor and the source
              # default's upper pair target, here between tiny's a1 and the source (--only, --name upper)
              "upper pair (24x512)": TARGETS["default"]["upper pair (24x512)"]},
     "default": {},
+    "default-seed1": {},
 }
 
 
