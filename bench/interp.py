@@ -74,6 +74,55 @@ def heldout(manifest, seed: int, *, batches: int, seq_len: int) -> dict[str, lis
             for name in chain_corpora(manifest.recipe)}
 
 
+def experiment_main(script: str, doc: str, one_target, stem: str, default_chain: str = "default", **fields) -> None:
+    """The command line of an experiment over the paired targets (``--chain``, ``--seeds``, ``--only``,
+    ``--json``): :func:`each_target` with ``one_target``, written to ``docs/data/<stem>-<chain>.json``
+    with the command that made it (quoted as a shell would need it) and ``fields``."""
+    import os
+    import shlex
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--chain", default=default_chain)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only", nargs="+", help="target names (whole)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rows = each_target(args.chain, args.seeds, args.only, one_target)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    out = {"command": (f"OMP_NUM_THREADS={threads} " if threads else "") + f"python bench/{script} "
+           + shlex.join(sys.argv[1:]), "chain": args.chain, "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"),
+           **fields, "rows": rows}
+    (args.json or DATA / f"{stem}-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def service_init(chain: str, manifest, shape: dict):
+    """The default request's init of a paired target, as the service prepares it: (plan, LInit, its
+    global alpha, what the calibration measured, the alpha it hands out: per block or global); None
+    where one anchor serves the target."""
+    plan = make_plan(InitRequest(chain=chain, architecture=shape), manifest)
+    if plan.small is None or plan.big is None or plan.small == plan.big:
+        return None
+    li, alpha, calib = prepare(plan, manifest, progress=lambda _: None)
+    return plan, li, alpha, calib, calib.get("alphas") or alpha
+
+
+def each_target(chain: str, seeds: int, only: list[str] | None, one_target) -> list[dict]:
+    """``one_target(chain, manifest, name, shape, windows, val)`` for each of the chain's paired
+    targets (``only``: whole names), on ``seeds`` seeds of held-out windows (2 x 4 x 128 tokens per
+    domain) and the chain's validation batch; the rows it returns, None skipped."""
+    manifest = load_manifest(chain)
+    windows = [heldout(manifest, s, batches=2, seq_len=128) for s in range(seeds)]
+    val = validation_batches(manifest)
+    rows = []
+    for tname, shape in TARGETS[chain].items():
+        if only and tname not in only:
+            continue
+        row = one_target(chain, manifest, tname, shape, windows, val)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
 def score(target, state, windows: list[dict[str, list[torch.Tensor]]]) -> dict:
     model = build_model(target, state)
     per_seed = [{d: eval_loss(model, b) for d, b in w.items()} for w in windows]

@@ -29,30 +29,21 @@ every corpus (seeds of windows) beside the service's init and the best single an
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from cbd.core.manifest import load_manifest
-from cbd.core.plan import make_plan
-from cbd.core.request import InitRequest
 from cbd.errors import ForwardDone
-from cbd.inits.calibration import _Lazy, anchor_cache, calibration_tokens, validation_batches
-from cbd.inits.run import prepare
+from cbd.inits.calibration import _Lazy, anchor_cache, calibration_tokens
 from cbd.repair.refit import Fit, _layer_calls, _run_layer, _spd_solve, dropped_spans, reader_keys
 from cbd.shape import arch
 from cbd.train.models import build_model, eval_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.interp import heldout, paired, score  # noqa: E402
-from bench.quality import DATA, TARGETS  # noqa: E402
+from bench.interp import experiment_main, paired, score, service_init  # noqa: E402
 
 RIDGES = (0.1, 0.3, 1.0)
 
@@ -156,35 +147,16 @@ def writer_refit(li, model, batches, ys, ridge: float, axes=("q", "ffn")) -> dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--chain", default="default")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--only", nargs="+", help="target names (whole)")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    manifest = load_manifest(args.chain)
-    windows = [heldout(manifest, s, batches=2, seq_len=128) for s in range(args.seeds)]
-    val = validation_batches(manifest)
-    rows = []
-    for tname, shape in TARGETS[args.chain].items():
-        if args.only and tname not in args.only:
-            continue
-        row = one_target(args.chain, manifest, tname, shape, windows, val)
-        if row is not None:
-            rows.append(row)
-    out = {"command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " python bench/post_refit.py " + shlex.join(sys.argv[1:]), "chain": args.chain,
-           "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"), "ridges": list(RIDGES), "rows": rows}
-    (args.json or DATA / f"post-refit-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
+    experiment_main("post_refit.py", __doc__, one_target, "post-refit", ridges=list(RIDGES))
 
 
 def one_target(chain, manifest, tname: str, shape: dict, windows, val) -> dict | None:
     first, second = val[0::2], val[1::2]
-    plan = make_plan(InitRequest(chain=chain, architecture=shape), manifest)
-    if plan.small is None or plan.big is None or plan.small == plan.big:
-        return None
     t0 = time.perf_counter()
-    li, alpha, calib = prepare(plan, manifest, progress=lambda _: None)
-    service_alpha = calib.get("alphas") or alpha
+    got = service_init(chain, manifest, shape)
+    if got is None:
+        return None
+    plan, li, alpha, calib, service_alpha = got
     state = li.state(service_alpha)
     tokens = calibration_tokens(manifest)
     batches = list(tokens.split(4))
@@ -203,42 +175,31 @@ def one_target(chain, manifest, tname: str, shape: dict, windows, val) -> dict |
     variants = {}
     rms_small, rms_big = writer_rms(plan.target, li.state(1.0), tokens), writer_rms(plan.target, li.state(0.0), tokens)
 
+    def scored(name: str, new: dict, model, note: str, **extra) -> None:
+        v = {"first": eval_loss(model, first, chunked=True), "second": eval_loss(model, second, chunked=True), **extra}
+        v["kept"] = v["first"] < svc["first"] and v["second"] < svc["second"]
+        v["heldout"] = h = score(plan.target, new, windows)
+        variants[name] = v
+        print(f"{tname:26s} {name:16s} val {v['first']:.4f}/{v['second']:.4f} (service {svc['first']:.4f}/"
+              f"{svc['second']:.4f}) held-out {h['mean']:.3f} minus service {h['mean'] - svc_held['mean']:+.3f}"
+              f"{paired(h, svc_held)} minus single {h['mean'] - single['mean']:+.3f}{paired(h, single)} {note}",
+              flush=True)
+
     def a_of(j):
         return float(service_alpha[f"L{j}"]) if isinstance(service_alpha, dict) else float(service_alpha)
     for which in (("q", "ffn"), ("ffn",)):
         want = {k: torch.lerp(rms_big[k], rms_small[k], a_of(k[0])) for k in rms_big if k[1] in which}
         before, got = writer_rms(plan.target, state, tokens, rescale=want)
         new = state | got
-        m = build_model(plan.target, new)
-        v = {"first": eval_loss(m, first, chunked=True), "second": eval_loss(m, second, chunked=True)}
-        v["kept"] = v["first"] < svc["first"] and v["second"] < svc["second"]
-        v["heldout"] = score(plan.target, new, windows)
-        v["shrink"] = {"+".join(which): round(float(torch.cat([before[k] / want[k].clamp_min(1e-12) for k in want]).median()), 4)}
-        name = f"rescale {'+'.join(which)}"
-        variants[name] = v
-        h = v["heldout"]
-        print(f"{tname:26s} {name:16s} val {v['first']:.4f}/{v['second']:.4f} (service {svc['first']:.4f}/"
-              f"{svc['second']:.4f}) held-out {h['mean']:.3f} minus service {h['mean'] - svc_held['mean']:+.3f}"
-              f"{paired(h, svc_held)} minus single {h['mean'] - single['mean']:+.3f}{paired(h, single)} "
-              f"median blend/target rms {v['shrink']}", flush=True)
-    for axes in (("q", "ffn"),):
-        for ridge in RIDGES:
-            m = build_model(plan.target, state)
-            t1 = time.perf_counter()
-            got = writer_refit(li, m, batches, ys, ridge, axes)
-            secs = time.perf_counter() - t1
-            new = state | got
-            v = {"first": eval_loss(m, first, chunked=True), "second": eval_loss(m, second, chunked=True),
-                 "seconds": round(secs, 2)}
-            v["kept"] = v["first"] < svc["first"] and v["second"] < svc["second"]
-            v["heldout"] = score(plan.target, new, windows)
-            name = f"{'+'.join(axes)} ridge {ridge}"
-            variants[name] = v
-            h = v["heldout"]
-            print(f"{tname:26s} {name:16s} val {v['first']:.4f}/{v['second']:.4f} (service {svc['first']:.4f}/"
-                  f"{svc['second']:.4f}) held-out {h['mean']:.3f} minus service {h['mean'] - svc_held['mean']:+.3f}"
-                  f"{paired(h, svc_held)} minus single {h['mean'] - single['mean']:+.3f}{paired(h, single)} "
-                  f"[{secs:.1f} s]", flush=True)
+        shrink = {"+".join(which): round(float(torch.cat([before[k] / want[k].clamp_min(1e-12) for k in want]).median()), 4)}
+        scored(f"rescale {'+'.join(which)}", new, build_model(plan.target, new),
+               f"median blend/target rms {shrink}", shrink=shrink)
+    for ridge in RIDGES:
+        m = build_model(plan.target, state)
+        t1 = time.perf_counter()
+        got = writer_refit(li, m, batches, ys, ridge)
+        secs = time.perf_counter() - t1
+        scored(f"q+ffn ridge {ridge}", state | got, m, f"[{secs:.1f} s]", seconds=round(secs, 2))
     print(f"{tname:26s} service {svc_held['mean']:.3f} single({end:.0f}) {single['mean']:.3f} "
           f"(service-single {svc_held['mean'] - single['mean']:+.3f}{paired(svc_held, single)})", flush=True)
     return {"target": tname, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,

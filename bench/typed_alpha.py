@@ -21,25 +21,18 @@ anchor (the better end of the service's own grid, by validation).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from cbd.core.manifest import load_manifest
-from cbd.core.plan import make_plan
-from cbd.core.request import InitRequest
-from cbd.inits.calibration import layer_blocks, validation_batches
-from cbd.inits.run import prepare
+from cbd.inits.calibration import layer_blocks
 from cbd.shape import arch
 from cbd.train.models import build_model, eval_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.interp import heldout, paired, score  # noqa: E402
-from bench.quality import DATA, TARGETS  # noqa: E402
+from bench.interp import experiment_main, paired, score, service_init  # noqa: E402
 
 OFFSETS = (-0.5, -0.375, -0.25, -0.125, 0.0, 0.125, 0.25, 0.375, 0.5)
 MOVES = (-0.25, -0.125, 0.125, 0.25)
@@ -54,37 +47,17 @@ def kind(name: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--chain", default="default")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--only", nargs="+", help="target names (whole)")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    manifest = load_manifest(args.chain)
-    windows = [heldout(manifest, s, batches=2, seq_len=128) for s in range(args.seeds)]
-    val = validation_batches(manifest)
-    rows = []
-    for tname, shape in TARGETS[args.chain].items():
-        if args.only and tname not in args.only:
-            continue
-        row = one_target(args.chain, manifest, tname, shape, windows, val)
-        if row is not None:
-            rows.append(row)
-    out = {"command": "python bench/typed_alpha.py " + " ".join(sys.argv[1:]), "chain": args.chain,
-           "seeds": args.seeds, "date": time.strftime("%Y-%m-%d"), "offsets": list(OFFSETS), "moves": list(MOVES),
-           "rows": rows}
-    (args.json or DATA / f"typed-alpha-{args.chain}.json").write_text(json.dumps(out, indent=1) + "\n")
+    experiment_main("typed_alpha.py", __doc__, one_target, "typed-alpha", offsets=list(OFFSETS), moves=list(MOVES))
 
 
 def one_target(chain, manifest, tname: str, shape: dict, windows, val) -> dict | None:
     """The service's init of one target and the two typed variants, scored; None for a single anchor."""
     first, second = val[0::2], val[1::2]
-    plan = make_plan(InitRequest(chain=chain, architecture=shape), manifest)
-    if plan.small is None or plan.big is None or plan.small == plan.big:
-        return None
     t0 = time.perf_counter()
-    li, alpha, calib = prepare(plan, manifest, progress=lambda _: None)
-    service = calib.get("alphas") or alpha
+    got = service_init(chain, manifest, shape)
+    if got is None:
+        return None
+    plan, li, alpha, calib, service = got
     n_layers = plan.target.num_hidden_layers
     per_layer = {g: (service[g] if isinstance(service, dict) else float(service))
                  for g in ["outer"] + [f"L{j}" for j in range(n_layers)]}
