@@ -151,6 +151,8 @@ def main() -> None:
 
 
 def one_target(chain, manifest, tname: str, shape: dict, windows, val) -> dict | None:
+    """The service's init of one target, each correction of it, and the best single anchor, scored;
+    None where one anchor serves the target."""
     first, second = val[0::2], val[1::2]
     t0 = time.perf_counter()
     got = service_init(chain, manifest, shape)
