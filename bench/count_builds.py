@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent.parent / "docs" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.interp import DATA, default_and_best_single  # noqa: E402
+
 TARGETS = ("depth only (12x256)", "width only (16x192)", "both (14x320)", "small, both axes (10x192)",
            "upper pair (24x512)")
 BAR = 0.05
@@ -40,10 +43,7 @@ def from_interp(path: Path) -> dict[str, list[float]]:
     rows = json.loads(path.read_text())["rows"]
     out = {}
     for t in TARGETS:
-        by = {r["method"]: r for r in rows if r["target"] == t}
-        ends = [by["single small (alpha 1), repair ridge"], by["single big (alpha 0), repair ridge"]]
-        single = min(ends, key=lambda r: r["validation_loss"])
-        dflt = by["blocks alpha, repair ridge"]
+        dflt, single = default_and_best_single([r for r in rows if r["target"] == t])
         out[t] = [a - b for a, b in zip(dflt["per_seed_mean"], single["per_seed_mean"], strict=True)]
     return out
 

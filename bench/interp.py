@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
 import sys
 import time
@@ -78,9 +80,6 @@ def experiment_main(script: str, doc: str, one_target, stem: str, default_chain:
     """The command line of an experiment over the paired targets (``--chain``, ``--seeds``, ``--only``,
     ``--json``): :func:`each_target` with ``one_target``, written to ``docs/data/<stem>-<chain>.json``
     with the command that made it (quoted as a shell would need it) and ``fields``."""
-    import os
-    import shlex
-
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--chain", default=default_chain)
     ap.add_argument("--seeds", type=int, default=3)
@@ -107,9 +106,10 @@ def service_init(chain: str, manifest, shape: dict):
 
 
 def each_target(chain: str, seeds: int, only: list[str] | None, one_target) -> list[dict]:
-    """``one_target(chain, manifest, name, shape, windows, val)`` for each of the chain's paired
-    targets (``only``: whole names), on ``seeds`` seeds of held-out windows (2 x 4 x 128 tokens per
-    domain) and the chain's validation batch; the rows it returns, None skipped."""
+    """``one_target(tname, manifest, init, windows, val)`` for each of the chain's paired targets
+    (``only``: whole names) that two anchors serve, ``init`` the service's (:func:`service_init`), on
+    ``seeds`` seeds of held-out windows (2 x 4 x 128 tokens per domain) and the chain's validation
+    batch; the rows it returns, each with the ``seconds`` it took, the service's init included."""
     manifest = load_manifest(chain)
     windows = [heldout(manifest, s, batches=2, seq_len=128) for s in range(seeds)]
     val = validation_batches(manifest)
@@ -117,10 +117,20 @@ def each_target(chain: str, seeds: int, only: list[str] | None, one_target) -> l
     for tname, shape in TARGETS[chain].items():
         if only and tname not in only:
             continue
-        row = one_target(chain, manifest, tname, shape, windows, val)
-        if row is not None:
-            rows.append(row)
+        t0 = time.perf_counter()
+        init = service_init(chain, manifest, shape)
+        if init is not None:
+            rows.append(one_target(tname, manifest, init, windows, val) | {"seconds": round(time.perf_counter() - t0, 1)})
     return rows
+
+
+def default_and_best_single(rows: list[dict]) -> tuple[dict | None, dict | None]:
+    """Of one target's rows in an interp file: the service's init (``blocks alpha, repair ridge``) and
+    the best single anchor (the single-anchor row with the lowest validation loss, the end of the
+    grid the service would pick alone); None where the file has none."""
+    dflt = next((r for r in rows if r["method"] == "blocks alpha, repair ridge"), None)
+    singles = [r for r in rows if r["method"].startswith("single") and "validation_loss" in r]
+    return dflt, min(singles, key=lambda r: r["validation_loss"]) if singles else None
 
 
 def score(target, state, windows: list[dict[str, list[torch.Tensor]]]) -> dict:
@@ -257,7 +267,7 @@ def report(chain: str, tag: str | None = None) -> str:
             val = f"{r['validation_loss']:.3f}" if "validation_loss" in r else ""
             lines.append(f"| {t} | {pair} | {name} | {val} | {r['mean']:.3f} ± {r['std']:.3f} | "
                          + " | ".join(f"{r['by_domain'][x]:.3f}" if x in r["by_domain"] else "" for x in domains) + " |")
-        dflt = next((r for r in rows if r["method"] == "blocks alpha, repair ridge"), None)
+        dflt, best_single = default_and_best_single(rows)
         if dflt is None:  # one anchor: held to that anchor's own loss
             one_anchor = next((r for r in rows if r["method"].startswith("single anchor")
                                and r["method"].endswith("repair ridge")), None)
@@ -266,8 +276,6 @@ def report(chain: str, tag: str | None = None) -> str:
             continue
         if refs and dflt.get("big") == next(iter(refs)):  # between the first anchor and the source
             minus_anchor(t, dflt, dflt["big"], "the source")
-        best_single = min((r for r in rows if r["method"].startswith("single") and "validation_loss" in r),
-                          key=lambda r: r["validation_loss"])
         old = next((r for r in rows if r["method"] in ("global alpha, repair none, plain blend",
                                                        "global alpha, repair none")), None)
         plain = next((r for r in rows if r["method"] == "blocks alpha, repair ridge, plain blend"), None)

@@ -43,7 +43,7 @@ from cbd.shape import arch
 from cbd.train.models import build_model, eval_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.interp import experiment_main, paired, score, service_init  # noqa: E402
+from bench.interp import experiment_main, paired, score  # noqa: E402
 
 RIDGES = (0.1, 0.3, 1.0)
 
@@ -150,15 +150,10 @@ def main() -> None:
     experiment_main("post_refit.py", __doc__, one_target, "post-refit", ridges=list(RIDGES))
 
 
-def one_target(chain, manifest, tname: str, shape: dict, windows, val) -> dict | None:
-    """The service's init of one target, each correction of it, and the best single anchor, scored;
-    None where one anchor serves the target."""
+def one_target(tname: str, manifest, init, windows, val) -> dict:
+    """The service's init of one target, each correction of it, and the best single anchor, scored."""
     first, second = val[0::2], val[1::2]
-    t0 = time.perf_counter()
-    got = service_init(chain, manifest, shape)
-    if got is None:
-        return None
-    plan, li, alpha, calib, service_alpha = got
+    plan, li, alpha, calib, service_alpha = init
     state = li.state(service_alpha)
     tokens = calibration_tokens(manifest)
     batches = list(tokens.split(4))
@@ -206,8 +201,7 @@ def one_target(chain, manifest, tname: str, shape: dict, windows, val) -> dict |
           f"(service-single {svc_held['mean'] - single['mean']:+.3f}{paired(svc_held, single)})", flush=True)
     return {"target": tname, "shape": list(plan.target.shape), "small": plan.small, "big": plan.big,
             "service_alphas": service_alpha, "service_val": svc, "service": svc_held,
-            "best_single": {"alpha": end, **single}, "variants": variants,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "best_single": {"alpha": end, **single}, "variants": variants}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ anchor (the better end of the service's own grid, by validation).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from cbd.shape import arch
 from cbd.train.models import build_model, eval_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.interp import experiment_main, paired, score, service_init  # noqa: E402
+from bench.interp import experiment_main, paired, score  # noqa: E402
 
 OFFSETS = (-0.5, -0.375, -0.25, -0.125, 0.0, 0.125, 0.25, 0.375, 0.5)
 MOVES = (-0.25, -0.125, 0.125, 0.25)
@@ -50,14 +49,10 @@ def main() -> None:
     experiment_main("typed_alpha.py", __doc__, one_target, "typed-alpha", offsets=list(OFFSETS), moves=list(MOVES))
 
 
-def one_target(chain, manifest, tname: str, shape: dict, windows, val) -> dict | None:
-    """The service's init of one target and the two typed variants, scored; None for a single anchor."""
+def one_target(tname: str, manifest, init, windows, val) -> dict:
+    """The service's init of one target and the two typed variants, scored."""
     first, second = val[0::2], val[1::2]
-    t0 = time.perf_counter()
-    got = service_init(chain, manifest, shape)
-    if got is None:
-        return None
-    plan, li, alpha, calib, service = got
+    plan, li, alpha, calib, service = init
     n_layers = plan.target.num_hidden_layers
     per_layer = {g: (service[g] if isinstance(service, dict) else float(service))
                  for g in ["outer"] + [f"L{j}" for j in range(n_layers)]}
@@ -136,8 +131,7 @@ def one_target(chain, manifest, tname: str, shape: dict, windows, val) -> dict |
            "grid": {f"{a},{m}": round(v, 5) for (a, m), v in grid.items()},
            "blocks_offsets": {f"B{k}.{kd}": v for (k, kd), v in current.items()},
            "service_first_half": round(grid[zero], 5), "service_second_half": round(service_second, 5),
-           "service": svc, "best_single": {"alpha": end, **single}, "variants": results,
-           "seconds": round(time.perf_counter() - t0, 1)}
+           "service": svc, "best_single": {"alpha": end, **single}, "variants": results}
     print(f"{tname:26s} service {svc['mean']:.3f}  single({end:.0f}) {single['mean']:.3f} "
           f"(service-single {svc['mean'] - single['mean']:+.3f}{paired(svc, single)})", flush=True)
     for vname, r in results.items():
